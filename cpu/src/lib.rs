@@ -1,0 +1,184 @@
+//! morph86-cpu: x86 architectural state and the reference interpreter.
+//!
+//! The interpreter is the reference semantics of morph86: every instruction works here
+//! first, the JIT falls back to it, and the test suite checks it against the
+//! SingleStepTests vectors and against the host CPU.
+//!
+//! Layout:
+//! - [`state`]: the architectural registers (`CpuState`, `#[repr(C)]` for the JIT);
+//! - [`flags`]: lazy arithmetic flags;
+//! - [`exception`]: exceptions as values (`Res<T>`);
+//! - `memory`: segment checks and paging-aware loads and stores;
+//! - `decode`: iced-x86 decoding and the decoded-instruction cache;
+//! - `interp`: instruction semantics, one file per group;
+//! - `interrupts`, `segmentation`, `tasks`: delivery of interrupts and exceptions,
+//!   descriptor loads, task switches;
+//! - [`fpu`]: the x87.
+#![deny(missing_docs)]
+
+pub mod decode;
+pub mod exception;
+pub mod flags;
+pub mod fpu;
+mod interp;
+pub mod interrupts;
+mod memory;
+pub mod segmentation;
+pub mod state;
+pub mod tasks;
+
+pub use exception::{Exception, Res};
+pub use state::{CpuState, SegReg, Segment};
+
+use morph86_mmu::{IoBus, Mmu, NullIo, PagingRegs};
+
+/// The interrupt controller as the CPU sees it: the INTR line and the acknowledge cycle.
+pub trait InterruptSource: Send {
+    /// Whether INTR is asserted.
+    fn pending(&mut self) -> bool;
+    /// The INTA cycle: returns the vector of the highest-priority pending interrupt.
+    fn acknowledge(&mut self) -> u8;
+}
+
+/// What happened in one call of [`Cpu::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEvent {
+    /// An instruction (or an interrupt delivery) completed.
+    Ok,
+    /// The CPU is halted (HLT) and nothing woke it.
+    Halted,
+    /// A fault happened while delivering a double fault: the CPU shuts down, which a PC
+    /// turns into a reset.
+    TripleFault,
+}
+
+/// Counters for `--stats` and the benchmark notes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuStats {
+    /// Instructions retired.
+    pub instructions: u64,
+    /// Decoded-instruction cache hits.
+    pub decode_hits: u64,
+    /// Decoded-instruction cache misses.
+    pub decode_misses: u64,
+    /// Exceptions delivered.
+    pub exceptions: u64,
+    /// External interrupts delivered.
+    pub interrupts: u64,
+}
+
+/// One x86 CPU with its memory and I/O buses.
+pub struct Cpu {
+    /// Architectural state.
+    pub s: CpuState,
+    /// Memory (physical map, paging, TLB).
+    pub mmu: Mmu,
+    /// Port I/O.
+    pub io: Box<dyn IoBus>,
+    /// The interrupt controller, if any.
+    pub intr: Option<Box<dyn InterruptSource>>,
+    /// Counters.
+    pub stats: CpuStats,
+    pub(crate) dcache: decode::DecodeCache,
+    /// EIP of the instruction being executed (faults restart here).
+    pub(crate) start_rip: u64,
+    /// Time-stamp counter base: the TSC reads as `instructions + tsc_offset`.
+    pub tsc_offset: u64,
+}
+
+impl Cpu {
+    /// A CPU in its RESET state over the given memory, with an empty I/O bus.
+    pub fn new(mmu: Mmu) -> Self {
+        let mut c = Cpu {
+            s: CpuState::default(),
+            mmu,
+            io: Box::new(NullIo),
+            intr: None,
+            stats: CpuStats::default(),
+            dcache: decode::DecodeCache::new(),
+            start_rip: 0,
+            tsc_offset: 0,
+        };
+        c.sync_paging();
+        c
+    }
+
+    /// RESET: architectural state back to power-on values (memory untouched).
+    pub fn reset(&mut self) {
+        self.s.reset();
+        self.sync_paging();
+    }
+
+    /// Pushes CR0/CR3/CR4/EFER to the MMU (which flushes its TLB as needed). Call after
+    /// changing any of them directly in `s`.
+    pub fn sync_paging(&mut self) {
+        self.mmu.set_paging_regs(PagingRegs {
+            cr0: self.s.cr0,
+            cr3: self.s.cr3,
+            cr4: self.s.cr4,
+            efer: self.s.efer,
+        });
+    }
+
+    /// Executes one instruction, or delivers one pending interrupt.
+    pub fn step(&mut self) -> StepEvent {
+        if self.s.inhibit_irq {
+            self.s.inhibit_irq = false;
+        } else if self.s.eflags_raw & state::IF != 0 {
+            if let Some(intr) = self.intr.as_mut() {
+                if intr.pending() {
+                    let v = intr.acknowledge();
+                    self.s.halted = false;
+                    self.stats.interrupts += 1;
+                    return self.deliver_event(v, interrupts::IntKind::External, None);
+                }
+            }
+        }
+        if self.s.halted {
+            return StepEvent::Halted;
+        }
+        self.start_rip = self.s.rip;
+        let tf = self.s.eflags_raw & state::TF != 0;
+        let r = match self.fetch_decode() {
+            Ok(i) => self.execute(&i),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                self.stats.instructions += 1;
+                if tf && !self.s.inhibit_irq {
+                    // Single-step trap after the instruction (DR6.BS).
+                    self.s.dr[6] |= 1 << 14;
+                    return self.deliver_event(
+                        exception::vec::DB,
+                        interrupts::IntKind::Exception,
+                        None,
+                    );
+                }
+                StepEvent::Ok
+            }
+            Err(e) => {
+                self.s.rip = self.start_rip;
+                self.raise(e)
+            }
+        }
+    }
+
+    /// Runs up to `n` instructions; stops early on HLT or a triple fault.
+    pub fn run(&mut self, n: u64) -> StepEvent {
+        for _ in 0..n {
+            match self.step() {
+                StepEvent::Ok => {}
+                ev => return ev,
+            }
+        }
+        StepEvent::Ok
+    }
+
+    /// Delivers an exception raised by an instruction (whose state has been rolled back
+    /// to the instruction start), applying the double- and triple-fault rules.
+    pub fn raise(&mut self, e: Exception) -> StepEvent {
+        self.stats.exceptions += 1;
+        self.deliver_event(e.vector, interrupts::IntKind::Exception, e.error_code)
+    }
+}

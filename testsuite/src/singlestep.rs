@@ -1,0 +1,308 @@
+//! Runner for the SingleStepTests vectors (`../shared/conformance/README.md`).
+//!
+//! Each test gives registers and memory bytes before one instruction, and the registers
+//! that changed and memory bytes that must hold afterwards. We load the state into a
+//! real-mode CPU with 16 MiB of RAM, run until the `HLT` that follows the instruction
+//! (or the one planted at an exception handler), and compare. Flags bits 12-15 and the
+//! flags that iced-x86 says the instruction leaves undefined are masked.
+
+use flate2::read::GzDecoder;
+use iced_x86::{Decoder, DecoderOptions, RflagsBits};
+use morph86_cpu::state::{reg, SegReg, Segment};
+use morph86_cpu::{Cpu, StepEvent};
+use morph86_mmu::{Mmu, PhysMem};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+/// Registers of one test state (all present in `initial`, only changed ones in `final`).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub ax: Option<u16>,
+    pub bx: Option<u16>,
+    pub cx: Option<u16>,
+    pub dx: Option<u16>,
+    pub cs: Option<u16>,
+    pub ss: Option<u16>,
+    pub ds: Option<u16>,
+    pub es: Option<u16>,
+    pub sp: Option<u16>,
+    pub bp: Option<u16>,
+    pub si: Option<u16>,
+    pub di: Option<u16>,
+    pub ip: Option<u16>,
+    pub flags: Option<u16>,
+}
+
+/// A machine state: registers and memory bytes.
+#[derive(Debug, Deserialize, Clone)]
+pub struct State {
+    /// Registers.
+    pub regs: Regs,
+    /// `[physical address, byte]` pairs.
+    pub ram: Vec<(u32, u8)>,
+}
+
+/// One test vector.
+#[derive(Debug, Deserialize, Clone)]
+pub struct Test {
+    /// Index within the form.
+    pub idx: u64,
+    /// Disassembly.
+    pub name: String,
+    /// Instruction bytes (with prefixes).
+    pub bytes: Vec<u8>,
+    /// State before.
+    pub initial: State,
+    /// What must hold after.
+    #[serde(rename = "final")]
+    pub final_: State,
+    /// Identifier used by the revocation list.
+    pub hash: String,
+}
+
+/// The outcome of one test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything matched.
+    Pass,
+    /// Something differed; the text says what.
+    Fail(String),
+}
+
+/// Runs tests on one reusable machine.
+pub struct Runner {
+    cpu: Cpu,
+    /// Maximum instructions per test (REP strings with CX = 0xffff need many).
+    pub step_limit: u64,
+}
+
+const FLAG_MASK_REAL: u16 = 0xf000;
+
+fn rflags_to_eflags(r: u32) -> u16 {
+    let mut f = 0u16;
+    let map = [
+        (RflagsBits::OF, 1 << 11),
+        (RflagsBits::SF, 1 << 7),
+        (RflagsBits::ZF, 1 << 6),
+        (RflagsBits::AF, 1 << 4),
+        (RflagsBits::CF, 1 << 0),
+        (RflagsBits::PF, 1 << 2),
+        (RflagsBits::DF, 1 << 10),
+        (RflagsBits::IF, 1 << 9),
+    ];
+    for (b, e) in map {
+        if r & b != 0 {
+            f |= e;
+        }
+    }
+    f
+}
+
+impl Default for Runner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Runner {
+    /// A runner with a fresh 16 MiB machine.
+    pub fn new() -> Self {
+        let phys = PhysMem::new(16 << 20).expect("16 MiB of RAM");
+        Runner {
+            cpu: Cpu::new(Mmu::new(phys)),
+            step_limit: 300_000,
+        }
+    }
+
+    /// The flags the instruction in `bytes` leaves undefined, as EFLAGS bits.
+    pub fn undefined_flags(bytes: &[u8]) -> u16 {
+        let mut d = Decoder::with_ip(16, bytes, 0, DecoderOptions::NONE);
+        let i = d.decode();
+        rflags_to_eflags(i.rflags_undefined())
+    }
+
+    /// Runs one test.
+    pub fn run(&mut self, t: &Test) -> Outcome {
+        let c = &mut self.cpu;
+        c.reset();
+        let r = &t.initial.regs;
+        let g = |v: Option<u16>| v.unwrap_or(0) as u64;
+        c.s.gpr[reg::RAX] = g(r.ax);
+        c.s.gpr[reg::RBX] = g(r.bx);
+        c.s.gpr[reg::RCX] = g(r.cx);
+        c.s.gpr[reg::RDX] = g(r.dx);
+        c.s.gpr[reg::RSP] = g(r.sp);
+        c.s.gpr[reg::RBP] = g(r.bp);
+        c.s.gpr[reg::RSI] = g(r.si);
+        c.s.gpr[reg::RDI] = g(r.di);
+        c.s.rip = g(r.ip);
+        c.s.set_eflags(g(r.flags) as u32);
+        let mut code = Segment::real(r.cs.unwrap_or(0));
+        code.attrs |= morph86_cpu::state::ATTR_CODE;
+        c.s.seg[SegReg::Cs as usize] = code;
+        c.s.seg[SegReg::Ss as usize] = Segment::real(r.ss.unwrap_or(0));
+        c.s.seg[SegReg::Ds as usize] = Segment::real(r.ds.unwrap_or(0));
+        c.s.seg[SegReg::Es as usize] = Segment::real(r.es.unwrap_or(0));
+        c.s.idtr.limit = 0x3ff;
+        let mut touched: Vec<u32> = Vec::with_capacity(t.initial.ram.len() + t.final_.ram.len());
+        for &(a, b) in &t.initial.ram {
+            c.mmu.phys.write(a as u64, &[b]);
+            touched.push(a);
+        }
+        touched.extend(t.final_.ram.iter().map(|x| x.0));
+        // Run until HLT.
+        let mut ev = StepEvent::Ok;
+        let mut steps = 0u64;
+        let exc0 = c.stats.exceptions;
+        while !c.s.halted && steps < self.step_limit && c.stats.exceptions - exc0 < 4 {
+            ev = c.step();
+            if ev == StepEvent::TripleFault {
+                break;
+            }
+            steps += 1;
+        }
+        let mut diffs = Vec::new();
+        if ev == StepEvent::TripleFault {
+            diffs.push("triple fault".to_string());
+        } else if !c.s.halted {
+            diffs.push(format!(
+                "did not reach HLT ({steps} steps, {} exceptions)",
+                c.stats.exceptions - exc0
+            ));
+        }
+        let f = &t.final_.regs;
+        let want = |fin: Option<u16>, ini: Option<u16>| fin.or(ini).unwrap_or(0);
+        let checks: [(&str, u16, u16); 13] = [
+            ("ax", want(f.ax, r.ax), c.s.gpr[reg::RAX] as u16),
+            ("bx", want(f.bx, r.bx), c.s.gpr[reg::RBX] as u16),
+            ("cx", want(f.cx, r.cx), c.s.gpr[reg::RCX] as u16),
+            ("dx", want(f.dx, r.dx), c.s.gpr[reg::RDX] as u16),
+            ("sp", want(f.sp, r.sp), c.s.gpr[reg::RSP] as u16),
+            ("bp", want(f.bp, r.bp), c.s.gpr[reg::RBP] as u16),
+            ("si", want(f.si, r.si), c.s.gpr[reg::RSI] as u16),
+            ("di", want(f.di, r.di), c.s.gpr[reg::RDI] as u16),
+            ("ip", want(f.ip, r.ip), c.s.rip as u16),
+            (
+                "cs",
+                want(f.cs, r.cs),
+                c.s.seg[SegReg::Cs as usize].selector,
+            ),
+            (
+                "ss",
+                want(f.ss, r.ss),
+                c.s.seg[SegReg::Ss as usize].selector,
+            ),
+            (
+                "ds",
+                want(f.ds, r.ds),
+                c.s.seg[SegReg::Ds as usize].selector,
+            ),
+            (
+                "es",
+                want(f.es, r.es),
+                c.s.seg[SegReg::Es as usize].selector,
+            ),
+        ];
+        for (name, w, got) in checks {
+            if w != got {
+                diffs.push(format!("{name}: want {w:#06x} got {got:#06x}"));
+            }
+        }
+        let mask = !(FLAG_MASK_REAL | Self::undefined_flags(&t.bytes));
+        let wf = want(f.flags, r.flags);
+        let gf = c.s.eflags() as u16;
+        if wf & mask != gf & mask {
+            diffs.push(format!(
+                "flags: want {wf:#06x} got {gf:#06x} (compared bits {mask:#06x}, differ {:#06x})",
+                (wf ^ gf) & mask
+            ));
+        }
+        for &(a, b) in &t.final_.ram {
+            let mut got = [0u8];
+            c.mmu.phys.read(a as u64, &mut got);
+            if got[0] != b {
+                diffs.push(format!("ram[{a:#07x}]: want {b:#04x} got {:#04x}", got[0]));
+            }
+        }
+        for a in touched {
+            c.mmu.phys.write(a as u64, &[0]);
+        }
+        if diffs.is_empty() {
+            Outcome::Pass
+        } else {
+            Outcome::Fail(diffs.join("; "))
+        }
+    }
+}
+
+/// Reads the revocation list (hashes of known-bad tests) next to a vector folder.
+pub fn revoked(dir: &Path) -> HashSet<String> {
+    let mut set = HashSet::new();
+    for cand in [
+        dir.join("revocation_list.txt"),
+        dir.join("../revocation_list.txt"),
+    ] {
+        if let Ok(s) = std::fs::read_to_string(&cand) {
+            for l in s.lines() {
+                let l = l.trim();
+                if !l.is_empty() && !l.starts_with('#') {
+                    set.insert(l.to_string());
+                }
+            }
+        }
+    }
+    set
+}
+
+/// Loads every test of one `.jsonl.gz` (or `.jsonl`) file.
+pub fn load_file(path: &Path) -> std::io::Result<Vec<Test>> {
+    let f = std::fs::File::open(path)?;
+    let rd: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(GzDecoder::new(f)))
+    } else {
+        Box::new(BufReader::new(f))
+    };
+    let mut out = Vec::new();
+    for line in rd.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Test>(&line) {
+            Ok(t) => out.push(t),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where the 80286 and the 386-and-later CPU that morph86 models behave differently, by
+/// the manuals: returns the reason when test `t` of form `form` is such a case.
+/// These tests still count as failed; the runner lists them apart.
+pub fn known_286_difference(form: &str, t: &Test, failure: &str) -> Option<&'static str> {
+    let _ = (form, failure);
+    if t.bytes.len() > 10 {
+        return Some(
+            "the 80286 limits instructions to 10 bytes and raises #UD past that; \
+             the 386 and later allow 15 (Intel SDM vol. 3, 22.29 'Instruction length')",
+        );
+    }
+    None
+}
+
+/// Totals of a run, per form.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Passed tests per form.
+    pub per_form: BTreeMap<String, (u64, u64)>,
+    /// Failures that are 286-vs-386 differences: (form, idx, name, reason).
+    pub differences: Vec<(String, u64, String, &'static str)>,
+}
