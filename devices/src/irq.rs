@@ -1,0 +1,255 @@
+//! Interrupt wiring: [`IrqLine`] handles that devices drive, and the
+//! [`InterruptController`] the machine asks for INTR and the INTA vector.
+//!
+//! The PIC pair lives behind one mutex inside the controller. Several devices may share
+//! one IRQ line (wired-OR, as PCI INTx lines do): each [`IrqLine`] made by
+//! [`InterruptController::line`] is a separate source, and the PIC input is high while
+//! any source drives it high.
+//!
+//! Lock order: a device holding its own lock may raise/lower its IRQ line (which takes
+//! the controller lock); the controller never calls out to devices while holding it.
+//! INTR is mirrored in an atomic so the run loop can test it without locking.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use morph86_mmu::BusDevice;
+
+use crate::bus::{lock, SharedDevice};
+use crate::pic::PicPair;
+
+/// Number of IRQ inputs on the PIC pair.
+pub const NUM_IRQS: usize = 16;
+
+struct Inner {
+    pic: PicPair,
+    /// Per IRQ, one bit per source currently driving the line high.
+    sources: [u32; NUM_IRQS],
+    /// Per IRQ, sources handed out so far.
+    next_source: [u8; NUM_IRQS],
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    intr: AtomicBool,
+}
+
+impl Shared {
+    fn publish(&self, inner: &Inner) {
+        self.intr.store(inner.pic.intr(), Ordering::SeqCst);
+    }
+}
+
+/// The machine-facing side of the PIC pair (cheap to clone).
+#[derive(Clone)]
+pub struct InterruptController {
+    shared: Arc<Shared>,
+}
+
+impl Default for InterruptController {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InterruptController {
+    /// A controller with a PIC pair in its power-on state.
+    pub fn new() -> Self {
+        InterruptController {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    pic: PicPair::new(),
+                    sources: [0; NUM_IRQS],
+                    next_source: [0; NUM_IRQS],
+                }),
+                intr: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// A new source driving IRQ `irq` (0-15), initially low.
+    pub fn line(&self, irq: u8) -> IrqLine {
+        let irq = irq & 15;
+        let mut g = lock(&self.shared.inner);
+        let n = g.next_source[irq as usize];
+        if n >= 32 {
+            log::warn!("irq: more than 32 sources on IRQ {irq}; sharing the last one");
+        } else {
+            g.next_source[irq as usize] = n + 1;
+        }
+        IrqLine {
+            shared: self.shared.clone(),
+            irq,
+            bit: 1 << n.min(31),
+        }
+    }
+
+    /// Whether INTR is asserted (lock-free).
+    pub fn pending(&self) -> bool {
+        self.shared.intr.load(Ordering::SeqCst)
+    }
+
+    /// The INTA cycle: the vector of the highest-priority request (spurious IRQ7/15 if
+    /// the request went away).
+    pub fn acknowledge(&self) -> u8 {
+        let mut g = lock(&self.shared.inner);
+        let v = g.pic.acknowledge();
+        self.shared.publish(&g);
+        v
+    }
+
+    /// The PIC ports as a bus device; register it with origin 0 at 0x20-0x21,
+    /// 0xa0-0xa1 and 0x4d0-0x4d1.
+    pub fn ports(&self) -> SharedDevice {
+        Arc::new(Mutex::new(PicPorts {
+            shared: self.shared.clone(),
+        }))
+    }
+
+    /// Runs `f` on the PIC pair (inspection, debugging).
+    pub fn with_pic<R>(&self, f: impl FnOnce(&mut PicPair) -> R) -> R {
+        let mut g = lock(&self.shared.inner);
+        let r = f(&mut g.pic);
+        self.shared.publish(&g);
+        r
+    }
+}
+
+struct PicPorts {
+    shared: Arc<Shared>,
+}
+
+impl BusDevice for PicPorts {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let mut g = lock(&self.shared.inner);
+        g.pic.read(offset, data);
+        self.shared.publish(&g);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut g = lock(&self.shared.inner);
+        g.pic.write(offset, data);
+        self.shared.publish(&g);
+    }
+}
+
+/// One source driving one IRQ input. Cloning gives another handle to the same source.
+#[derive(Clone)]
+pub struct IrqLine {
+    shared: Arc<Shared>,
+    irq: u8,
+    bit: u32,
+}
+
+impl std::fmt::Debug for IrqLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IrqLine(IRQ{})", self.irq)
+    }
+}
+
+impl IrqLine {
+    /// The IRQ number this line drives.
+    pub fn irq(&self) -> u8 {
+        self.irq
+    }
+
+    /// Drives the line to `level`.
+    pub fn set(&self, level: bool) {
+        let mut g = lock(&self.shared.inner);
+        let s = &mut g.sources[self.irq as usize];
+        if level {
+            *s |= self.bit;
+        } else {
+            *s &= !self.bit;
+        }
+        let wire = *s != 0;
+        g.pic.set_irq(self.irq, wire);
+        self.shared.publish(&g);
+    }
+
+    /// Drives the line high.
+    pub fn raise(&self) {
+        self.set(true);
+    }
+
+    /// Drives the line low.
+    pub fn lower(&self) {
+        self.set(false);
+    }
+
+    /// A low-high-low pulse: one edge for an edge-triggered input.
+    pub fn pulse(&self) {
+        self.set(false);
+        self.set(true);
+        self.set(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(c: &InterruptController) {
+        let p = c.ports();
+        let mut d = p.lock().unwrap();
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x08),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x70),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0x00),
+            (0xa1, 0x00),
+        ] {
+            d.write(port, &[v]);
+        }
+    }
+
+    #[test]
+    fn line_pulse_reaches_intr_and_vector() {
+        let c = InterruptController::new();
+        init(&c);
+        let l = c.line(1);
+        assert!(!c.pending());
+        l.pulse();
+        assert!(c.pending());
+        assert_eq!(c.acknowledge(), 0x09);
+        assert!(!c.pending());
+        c.ports().lock().unwrap().write(0x20, &[0x20]);
+        let k = c.line(8);
+        k.raise();
+        assert!(c.pending());
+        assert_eq!(c.acknowledge(), 0x70);
+    }
+
+    #[test]
+    fn shared_level_line_is_wired_or() {
+        let c = InterruptController::new();
+        init(&c);
+        c.ports().lock().unwrap().write(0x4d0, &[0b0010_0000]); // IRQ5 level
+        let a = c.line(5);
+        let b = c.line(5);
+        a.raise();
+        b.raise();
+        a.lower();
+        assert!(c.pending(), "b still drives IRQ5");
+        b.lower();
+        assert!(!c.pending());
+    }
+
+    #[test]
+    fn many_sources_do_not_panic() {
+        let c = InterruptController::new();
+        let lines: Vec<_> = (0..40).map(|_| c.line(3)).collect();
+        for l in &lines {
+            l.raise();
+        }
+        for l in &lines {
+            l.lower();
+        }
+        c.line(200).pulse();
+        c.line(2).pulse();
+    }
+}
