@@ -1,6 +1,14 @@
-//! The x87 floating-point unit.
+//! The x87 floating-point unit: register file, control/status/tag words and the
+//! software extended-precision arithmetic ([`softfloat`]) the interpreter uses. No host
+//! floating-point instruction is used, so results are the same on any host.
 //!
-//! TODO(fpu helper): arithmetic, conversions, transcendentals, exceptions.
+//! The interpreter side (decoding of D8-DF and WAIT, memory operands, #NM/#MF) is in
+//! `interp/fpu.rs`.
+
+pub mod softfloat;
+pub mod transcendental;
+
+pub use softfloat::{Ctx, Kind};
 
 /// An 80-bit extended-precision value as stored in an x87 register.
 #[repr(C)]
@@ -11,6 +19,61 @@ pub struct F80 {
     /// Sign (bit 15) and biased exponent (bits 0-14).
     pub se: u16,
 }
+
+// Status word bits (Intel SDM vol. 1, figure 8-4).
+/// SW bit 0: invalid operation.
+pub const SW_IE: u16 = 1 << 0;
+/// SW bit 1: denormal operand.
+pub const SW_DE: u16 = 1 << 1;
+/// SW bit 2: zero divide.
+pub const SW_ZE: u16 = 1 << 2;
+/// SW bit 3: overflow.
+pub const SW_OE: u16 = 1 << 3;
+/// SW bit 4: underflow.
+pub const SW_UE: u16 = 1 << 4;
+/// SW bit 5: precision.
+pub const SW_PE: u16 = 1 << 5;
+/// SW bit 6: stack fault.
+pub const SW_SF: u16 = 1 << 6;
+/// SW bit 7: error summary status.
+pub const SW_ES: u16 = 1 << 7;
+/// SW bit 8: condition code C0.
+pub const SW_C0: u16 = 1 << 8;
+/// SW bit 9: condition code C1.
+pub const SW_C1: u16 = 1 << 9;
+/// SW bit 10: condition code C2.
+pub const SW_C2: u16 = 1 << 10;
+/// SW bits 11-13: TOP.
+pub const SW_TOP: u16 = 7 << 11;
+/// SW bit 14: condition code C3.
+pub const SW_C3: u16 = 1 << 14;
+/// SW bit 15: FPU busy (mirrors ES on 387 and later).
+pub const SW_B: u16 = 1 << 15;
+/// The six exception flags.
+pub const SW_EXC: u16 = 0x3f;
+/// All four condition codes.
+pub const SW_CC: u16 = SW_C0 | SW_C1 | SW_C2 | SW_C3;
+
+// Control word bits (Intel SDM vol. 1, figure 8-6).
+/// CW bits 0-5: exception masks (same positions as the SW flags).
+pub const CW_MASKS: u16 = 0x3f;
+/// CW bits 8-9: precision control.
+pub const CW_PC: u16 = 3 << 8;
+/// CW bits 10-11: rounding control.
+pub const CW_RC: u16 = 3 << 10;
+/// CW bit 12: infinity control (no effect on a 387+, but kept).
+pub const CW_X: u16 = 1 << 12;
+/// CW bit 6 always reads as 1 on a 387+.
+pub const CW_BIT6: u16 = 1 << 6;
+
+/// Tag value: valid.
+pub const TAG_VALID: u16 = 0;
+/// Tag value: zero.
+pub const TAG_ZERO: u16 = 1;
+/// Tag value: special (NaN, infinity, denormal, unsupported).
+pub const TAG_SPECIAL: u16 = 2;
+/// Tag value: empty.
+pub const TAG_EMPTY: u16 = 3;
 
 /// x87 registers and environment.
 #[repr(C)]
@@ -52,3 +115,118 @@ impl Default for FpuState {
         }
     }
 }
+
+/// The tag a value gets when written to a register.
+pub fn tag_of(v: F80) -> u16 {
+    match v.kind() {
+        Kind::Zero => TAG_ZERO,
+        Kind::Finite if !v.is_denormal() => TAG_VALID,
+        _ => TAG_SPECIAL,
+    }
+}
+
+impl FpuState {
+    /// FNINIT: control word 0x37f, status 0, all registers empty, pointers cleared.
+    pub fn init(&mut self) {
+        let regs = self.regs;
+        *self = FpuState::default();
+        self.regs = regs;
+    }
+    /// TOP field of the status word.
+    pub fn top(&self) -> usize {
+        ((self.sw >> 11) & 7) as usize
+    }
+    /// Sets TOP.
+    pub fn set_top(&mut self, t: usize) {
+        self.sw = (self.sw & !SW_TOP) | (((t & 7) as u16) << 11);
+    }
+    /// Physical register number of ST(i).
+    pub fn phys(&self, i: usize) -> usize {
+        (self.top() + i) & 7
+    }
+    /// Tag of physical register `r`.
+    pub fn tag(&self, r: usize) -> u16 {
+        (self.tw >> (2 * r)) & 3
+    }
+    /// Sets the tag of physical register `r`.
+    pub fn set_tag(&mut self, r: usize, t: u16) {
+        self.tw = (self.tw & !(3 << (2 * r))) | ((t & 3) << (2 * r));
+    }
+    /// Whether ST(i) is empty.
+    pub fn empty(&self, i: usize) -> bool {
+        self.tag(self.phys(i)) == TAG_EMPTY
+    }
+    /// Value of ST(i) (whatever the tag).
+    pub fn st(&self, i: usize) -> F80 {
+        self.regs[self.phys(i)]
+    }
+    /// Writes ST(i) and its tag.
+    pub fn set_st(&mut self, i: usize, v: F80) {
+        let r = self.phys(i);
+        self.regs[r] = v;
+        self.set_tag(r, tag_of(v));
+    }
+    /// Pushes a value (TOP decremented, then ST(0) written).
+    pub fn push(&mut self, v: F80) {
+        let t = self.top().wrapping_sub(1) & 7;
+        self.set_top(t);
+        self.set_st(0, v);
+    }
+    /// Pops: ST(0) tagged empty, TOP incremented.
+    pub fn pop(&mut self) {
+        let r = self.phys(0);
+        self.set_tag(r, TAG_EMPTY);
+        self.set_top(self.top() + 1);
+    }
+    /// Recomputes ES and B from the exception flags and masks.
+    pub fn update_es(&mut self) {
+        if self.sw & SW_EXC & !self.cw != 0 {
+            self.sw |= SW_ES | SW_B;
+        } else {
+            self.sw &= !(SW_ES | SW_B);
+        }
+    }
+    /// Whether an unmasked exception is pending: the FERR# output of the FPU. A PC
+    /// routes it to IRQ 13 when CR0.NE is clear; the platform polls this after each
+    /// instruction (or on a change) and raises IRQ 13 while it is true.
+    pub fn ferr(&self) -> bool {
+        self.sw & SW_ES != 0
+    }
+    /// The abridged (FXSAVE) tag byte: bit r set when register r is not empty.
+    pub fn abridged_tag(&self) -> u8 {
+        let mut t = 0u8;
+        for r in 0..8 {
+            if self.tag(r) != TAG_EMPTY {
+                t |= 1 << r;
+            }
+        }
+        t
+    }
+    /// Rebuilds the full tag word from an abridged tag byte and the register contents.
+    pub fn set_abridged_tag(&mut self, t: u8) {
+        for r in 0..8 {
+            let tag = if t & (1 << r) != 0 {
+                tag_of(self.regs[r])
+            } else {
+                TAG_EMPTY
+            };
+            self.set_tag(r, tag);
+        }
+    }
+    /// The tag word as FSTENV/FSAVE store it: non-empty tags recomputed from contents.
+    pub fn full_tag(&self) -> u16 {
+        let mut tw = 0u16;
+        for r in 0..8 {
+            let t = if self.tag(r) == TAG_EMPTY {
+                TAG_EMPTY
+            } else {
+                tag_of(self.regs[r])
+            };
+            tw |= t << (2 * r);
+        }
+        tw
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod host_tests;

@@ -1,13 +1,1245 @@
-//! Instruction group: fpu.
+//! Instruction group: the x87 (escape opcodes D8-DF, WAIT) and FXSAVE/FXRSTOR.
+//!
+//! Order of work in every instruction: #NM checks (CR0.EM / CR0.TS / CR0.MP), then the
+//! pending-exception check of waiting instructions (#MF when CR0.NE, otherwise the
+//! FERR# line stays asserted for the platform's IRQ 13 and the instruction proceeds as
+//! if IGNNE# were active), then all memory reads, then the arithmetic in a [`Ctx`],
+//! then memory writes (probed first), and only then the FPU state is changed. So a
+//! segment or page fault leaves the FPU untouched.
 
-use crate::exception::Res;
+use crate::exception::{vec, Exception, Res};
+use crate::fpu::softfloat::{self, Ctx, Kind, C1, DE, IE, SF};
+use crate::fpu::*;
+use crate::state::{SegReg, CR0_EM, CR0_MP, CR0_NE, CR0_TS, CR4_OSFXSR};
 use crate::Cpu;
-use iced_x86::Instruction;
+use iced_x86::{Instruction, MemorySize, Mnemonic, OpKind, Register};
+use morph86_mmu::Access;
+use std::cmp::Ordering;
+
+/// Reserved MXCSR bits (bits 16-31): loading a 1 there is #GP(0). MXCSR_MASK = 0xFFFF.
+const MXCSR_RESERVED: u32 = 0xffff_0000;
+/// MXCSR_MASK reported in the FXSAVE image (DAZ supported).
+const MXCSR_MASK: u32 = 0x0000_ffff;
+
+/// Binary arithmetic operations of D8/DC/DE/DA.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arith {
+    Add,
+    Mul,
+    Sub,
+    Subr,
+    Div,
+    Divr,
+}
+
+/// A stack fault of the given direction (overflow sets C1) as IE|SF flags.
+fn stack_fault(overflow: bool) -> u16 {
+    IE | SF | if overflow { C1 } else { 0 }
+}
+
+fn sti(r: Register) -> usize {
+    (r as usize).wrapping_sub(Register::ST0 as usize) & 7
+}
 
 impl Cpu {
     /// Executes the instruction if it belongs to this group.
     pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> Option<Res<()>> {
-        let _ = i;
-        None
+        use Mnemonic::*;
+        let m = i.mnemonic();
+        // (is x87, is waiting, is a control instruction that leaves FIP/FOP alone)
+        let (waiting, control) = match m {
+            Wait => return Some(self.fpu_wait()),
+            Fxsave | Fxrstor => return Some(self.fpu_fxsave_rstor(i, m == Fxrstor)),
+            Fninit | Fnclex | Fnstsw | Fnstcw | Fnstenv | Fnsave | Fneni | Fndisi | Fnsetpm => {
+                (false, true)
+            }
+            Finit | Fclex | Fstsw | Fstcw | Fstenv | Fsave | Feni | Fdisi | Fsetpm | Fldcw
+            | Fldenv | Frstor => (true, true),
+            Fisttp | Frstpm | Fnstdw | Fnstsg | Fstdw | Fstsg | Ftstp | Frint2 | Frichop
+            | Frinear => return Some(Err(Exception::ud())),
+            F2xm1 | Fabs | Fadd | Faddp | Fbld | Fbstp | Fchs | Fcmovb | Fcmovbe | Fcmove
+            | Fcmovnb | Fcmovnbe | Fcmovne | Fcmovnu | Fcmovu | Fcom | Fcomi | Fcomip | Fcomp
+            | Fcompp | Fcos | Fdecstp | Fdiv | Fdivp | Fdivr | Fdivrp | Ffree | Ffreep | Fiadd
+            | Ficom | Ficomp | Fidiv | Fidivr | Fild | Fimul | Fincstp | Fist | Fistp | Fisub
+            | Fisubr | Fld | Fld1 | Fldl2e | Fldl2t | Fldlg2 | Fldln2 | Fldpi | Fldz | Fmul
+            | Fmulp | Fnop | Fpatan | Fprem | Fprem1 | Fptan | Frndint | Fscale | Fsin
+            | Fsincos | Fsqrt | Fst | Fstp | Fstpnce | Fsub | Fsubp | Fsubr | Fsubrp | Ftst
+            | Fucom | Fucomi | Fucomip | Fucomp | Fucompp | Fxam | Fxch | Fxtract | Fyl2x
+            | Fyl2xp1 => (true, false),
+            _ => return None,
+        };
+        Some(self.fpu_run(i, m, waiting, control))
     }
+
+    /// #NM and pending-exception checks, then the instruction, then FIP/FDP/FOP.
+    fn fpu_run(&mut self, i: &Instruction, m: Mnemonic, waiting: bool, control: bool) -> Res<()> {
+        if self.s.cr0 & (CR0_EM | CR0_TS) != 0 {
+            return Err(Exception::nm());
+        }
+        if waiting {
+            self.fpu_check_pending()?;
+        }
+        self.fpu_exec(i, m)?;
+        if !control {
+            self.fpu_update_pointers(i);
+        }
+        Ok(())
+    }
+
+    /// A waiting instruction found an unmasked exception pending: #MF when CR0.NE; with
+    /// CR0.NE clear FERR# (see [`FpuState::ferr`]) drives IRQ 13 and we go on.
+    fn fpu_check_pending(&mut self) -> Res<()> {
+        if self.s.fpu.ferr() && self.s.cr0 & CR0_NE != 0 {
+            return Err(Exception::new(vec::MF));
+        }
+        Ok(())
+    }
+
+    /// Whether the FPU asserts FERR#: an unmasked exception is pending. The PC platform
+    /// raises IRQ 13 while this is true and CR0.NE is clear.
+    pub fn ferr(&self) -> bool {
+        self.s.fpu.ferr()
+    }
+
+    /// WAIT/FWAIT: #NM if CR0.TS and CR0.MP, then the pending-exception check.
+    fn fpu_wait(&mut self) -> Res<()> {
+        if self.s.cr0 & CR0_TS != 0 && self.s.cr0 & CR0_MP != 0 {
+            return Err(Exception::nm());
+        }
+        self.fpu_check_pending()
+    }
+
+    /// Records FCS:FIP, FOP and (for memory operands) FDS:FDP of the last
+    /// non-control instruction.
+    fn fpu_update_pointers(&mut self, i: &Instruction) {
+        let cs = self.s.seg[SegReg::Cs as usize];
+        let fop = self.fpu_opcode(cs.base.wrapping_add(self.start_rip) & 0xffff_ffff);
+        let f = &mut self.s.fpu;
+        f.fip = self.start_rip as u32;
+        f.fcs = cs.selector;
+        f.fop = fop;
+        if (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory) {
+            let seg = self.mem_seg(i);
+            let off = self.ea(i);
+            let f = &mut self.s.fpu;
+            f.fdp = off;
+            f.fds = self.s.seg[seg as usize].selector;
+        }
+    }
+
+    /// The 11-bit FOP of the instruction at linear `lin`: low 3 bits of the escape
+    /// opcode and the ModR/M byte.
+    fn fpu_opcode(&mut self, lin: u64) -> u16 {
+        let mut b = [0u8; 15];
+        let user = self.user();
+        if self.mmu.read(lin, &mut b, Access::Fetch, user).is_err()
+            && self
+                .mmu
+                .read(lin, &mut b[..4], Access::Fetch, user)
+                .is_err()
+        {
+            return 0;
+        }
+        let mut k = 0;
+        while k < 14 {
+            match b[k] {
+                0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3
+                | 0x9b => k += 1,
+                _ => break,
+            }
+        }
+        if (0xd8..=0xdf).contains(&b[k]) {
+            (((b[k] & 7) as u16) << 8) | b[k + 1] as u16
+        } else {
+            0
+        }
+    }
+
+    // ----- memory helpers -------------------------------------------------------
+
+    fn fpu_mem_off(&self, i: &Instruction, delta: u32) -> u32 {
+        let off = self.ea(i).wrapping_add(delta);
+        if self.addr_size(i) == 2 {
+            off & 0xffff
+        } else {
+            off
+        }
+    }
+
+    /// Reads `buf.len()` bytes of the memory operand starting `delta` bytes in.
+    fn fpu_read_bytes(&mut self, i: &Instruction, delta: u32, buf: &mut [u8]) -> Res<()> {
+        let off = self.fpu_mem_off(i, delta);
+        let lin = self.seg_linear(self.mem_seg(i), off, buf.len() as u32, false)?;
+        let user = self.user();
+        self.read_lin_bytes(lin, buf, user)
+    }
+
+    /// Writes `data` to the memory operand starting `delta` bytes in; both pages are
+    /// checked before any byte is written.
+    fn fpu_write_bytes(&mut self, i: &Instruction, delta: u32, data: &[u8]) -> Res<()> {
+        let off = self.fpu_mem_off(i, delta);
+        let lin = self.seg_linear(self.mem_seg(i), off, data.len() as u32, true)?;
+        let user = self.user();
+        self.mmu
+            .probe_write(lin, data.len() as u64, user)
+            .map_err(|pf| self.page_fault(pf))?;
+        self.write_lin_bytes(lin, data, user)
+    }
+
+    /// Reads the floating-point, integer or BCD memory operand and converts it to
+    /// extended (exactly). Flags from the conversion go to `ctx`.
+    fn fpu_load_mem(&mut self, i: &Instruction, ctx: &mut Ctx) -> Res<F80> {
+        let seg = self.mem_seg(i);
+        let off = self.ea(i);
+        Ok(match i.memory_size() {
+            MemorySize::Float32 => {
+                let v = self.read_mem(seg, off, 4)? as u32;
+                ctx.from_f32(v)
+            }
+            MemorySize::Float64 => {
+                let v = self.read_mem(seg, off, 8)?;
+                ctx.from_f64(v)
+            }
+            MemorySize::Float80 => {
+                let mut b = [0u8; 10];
+                self.fpu_read_bytes(i, 0, &mut b)?;
+                f80_from_bytes(&b)
+            }
+            MemorySize::Int16 => {
+                let v = self.read_mem(seg, off, 2)? as u16 as i16;
+                ctx.from_int(v as i64)
+            }
+            MemorySize::Int32 => {
+                let v = self.read_mem(seg, off, 4)? as u32 as i32;
+                ctx.from_int(v as i64)
+            }
+            MemorySize::Int64 => {
+                let v = self.read_mem(seg, off, 8)? as i64;
+                ctx.from_int(v)
+            }
+            MemorySize::Bcd => {
+                let mut b = [0u8; 10];
+                self.fpu_read_bytes(i, 0, &mut b)?;
+                bcd_to_f80(&b)
+            }
+            ms => {
+                log::warn!("fpu: unexpected memory size {ms:?}");
+                return Err(Exception::ud());
+            }
+        })
+    }
+
+    /// Merges a context's flags into the status word: exception flags are sticky, C1
+    /// takes the context's value; ES/B recomputed.
+    fn fpu_commit(&mut self, ctx: &Ctx) {
+        let f = &mut self.s.fpu;
+        f.sw |= ctx.flags & (SW_EXC | SW_SF);
+        f.sw = (f.sw & !SW_C1) | (ctx.flags & C1);
+        f.update_es();
+    }
+
+    /// Sets C0-C3 (given as SW bits).
+    fn fpu_set_cc(&mut self, cc: u16) {
+        let f = &mut self.s.fpu;
+        f.sw = (f.sw & !SW_CC) | (cc & SW_CC);
+    }
+
+    // ----- the instructions ------------------------------------------------------
+
+    fn fpu_exec(&mut self, i: &Instruction, m: Mnemonic) -> Res<()> {
+        use Mnemonic::*;
+        match m {
+            Fninit | Finit => {
+                self.s.fpu.init();
+                Ok(())
+            }
+            Fnclex | Fclex => {
+                self.s.fpu.sw &= !(SW_EXC | SW_SF | SW_ES | SW_B);
+                Ok(())
+            }
+            Fnop | Fneni | Fndisi | Fnsetpm | Feni | Fdisi | Fsetpm => Ok(()),
+            Fnstsw | Fstsw => {
+                let v = self.s.fpu.sw;
+                if i.op_kind(0) == OpKind::Register {
+                    self.reg_write(Register::AX, v as u64);
+                    Ok(())
+                } else {
+                    self.write_op(i, 0, v as u64)
+                }
+            }
+            Fnstcw | Fstcw => {
+                let v = self.s.fpu.cw;
+                self.write_op(i, 0, v as u64)
+            }
+            Fldcw => {
+                let v = self.read_op(i, 0)? as u16;
+                self.s.fpu.cw = (v & 0x1f3f) | CW_BIT6;
+                self.s.fpu.update_es();
+                Ok(())
+            }
+            Fnstenv | Fstenv => self.fpu_stenv(i, false),
+            Fnsave | Fsave => self.fpu_stenv(i, true),
+            Fldenv => self.fpu_ldenv(i, false),
+            Frstor => self.fpu_ldenv(i, true),
+            Fld => self.fpu_fld(i),
+            Fild | Fbld => self.fpu_fld(i),
+            Fld1 | Fldl2t | Fldl2e | Fldpi | Fldlg2 | Fldln2 | Fldz => {
+                self.fpu_const(m);
+                Ok(())
+            }
+            Fst | Fstp | Fstpnce => self.fpu_fst(i, m != Fst),
+            Fist | Fistp => self.fpu_fist(i, m == Fistp),
+            Fbstp => self.fpu_fbstp(i),
+            Fadd | Faddp | Fiadd => self.fpu_arith(i, Arith::Add, m == Faddp),
+            Fmul | Fmulp | Fimul => self.fpu_arith(i, Arith::Mul, m == Fmulp),
+            Fsub | Fsubp | Fisub => self.fpu_arith(i, Arith::Sub, m == Fsubp),
+            Fsubr | Fsubrp | Fisubr => self.fpu_arith(i, Arith::Subr, m == Fsubrp),
+            Fdiv | Fdivp | Fidiv => self.fpu_arith(i, Arith::Div, m == Fdivp),
+            Fdivr | Fdivrp | Fidivr => self.fpu_arith(i, Arith::Divr, m == Fdivrp),
+            Fcom | Fcomp | Fcompp | Ficom | Ficomp | Fucom | Fucomp | Fucompp | Ftst => {
+                let pops = match m {
+                    Fcomp | Ficomp | Fucomp => 1,
+                    Fcompp | Fucompp => 2,
+                    _ => 0,
+                };
+                self.fpu_fcom(i, pops, matches!(m, Fucom | Fucomp | Fucompp), m == Ftst)
+            }
+            Fcomi | Fcomip | Fucomi | Fucomip => self.fpu_fcomi(
+                i,
+                matches!(m, Fcomip | Fucomip),
+                matches!(m, Fucomi | Fucomip),
+            ),
+            Fxam => {
+                self.fpu_fxam();
+                Ok(())
+            }
+            Fchs | Fabs => {
+                self.fpu_unary(|_, v| {
+                    Some(if m == Fchs {
+                        v.with_sign(!v.sign())
+                    } else {
+                        v.with_sign(false)
+                    })
+                });
+                Ok(())
+            }
+            Fsqrt => {
+                self.fpu_unary(|c, v| c.sqrt(v));
+                Ok(())
+            }
+            Frndint => {
+                self.fpu_unary(|c, v| c.round_int(v));
+                Ok(())
+            }
+            Fxch => {
+                let j = sti(i.op_register(1));
+                self.fpu_fxch(j);
+                Ok(())
+            }
+            Ffree | Ffreep => {
+                let j = sti(i.op_register(0));
+                let f = &mut self.s.fpu;
+                let r = f.phys(j);
+                f.set_tag(r, TAG_EMPTY);
+                if m == Ffreep {
+                    f.pop();
+                }
+                Ok(())
+            }
+            Fincstp | Fdecstp => {
+                let f = &mut self.s.fpu;
+                let t = if m == Fincstp {
+                    f.top() + 1
+                } else {
+                    f.top() + 7
+                };
+                f.set_top(t);
+                f.sw &= !SW_C1;
+                Ok(())
+            }
+            Fcmovb | Fcmove | Fcmovbe | Fcmovu | Fcmovnb | Fcmovne | Fcmovnbe | Fcmovnu => {
+                let s = &self.s;
+                let c = match m {
+                    Fcmovb => s.get_cf(),
+                    Fcmove => s.get_zf(),
+                    Fcmovbe => s.get_cf() || s.get_zf(),
+                    Fcmovu => s.get_pf(),
+                    Fcmovnb => !s.get_cf(),
+                    Fcmovne => !s.get_zf(),
+                    Fcmovnbe => !(s.get_cf() || s.get_zf()),
+                    _ => !s.get_pf(),
+                };
+                let j = sti(i.op_register(1));
+                self.fpu_fcmov(j, c);
+                Ok(())
+            }
+            Fscale => {
+                self.fpu_binary01(|c, a, b| c.scale(a, b));
+                Ok(())
+            }
+            Fprem | Fprem1 => {
+                self.fpu_fprem(m == Fprem1);
+                Ok(())
+            }
+            Fxtract => {
+                self.fpu_fxtract();
+                Ok(())
+            }
+            Fsin | Fcos => {
+                self.fpu_trig(m == Fsin);
+                Ok(())
+            }
+            Fsincos | Fptan => {
+                self.fpu_sincos_tan(m == Fptan);
+                Ok(())
+            }
+            F2xm1 => {
+                self.fpu_f2xm1();
+                Ok(())
+            }
+            Fpatan | Fyl2x | Fyl2xp1 => {
+                self.fpu_binary_pop(m);
+                Ok(())
+            }
+            _ => Err(Exception::ud()),
+        }
+    }
+
+    /// FLD/FILD/FBLD: push a memory operand or ST(i).
+    fn fpu_fld(&mut self, i: &Instruction) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let v = if i.op_kind(0) == OpKind::Memory {
+            self.fpu_load_mem(i, &mut ctx)?
+        } else {
+            let j = sti(i.op_register(0));
+            if self.s.fpu.empty(j) {
+                ctx.flags |= stack_fault(false);
+                F80::INDEFINITE
+            } else {
+                self.s.fpu.st(j)
+            }
+        };
+        self.fpu_push_value(ctx, v);
+        Ok(())
+    }
+
+    /// Pushes `v` computed under `ctx`, with the stack-overflow check.
+    fn fpu_push_value(&mut self, mut ctx: Ctx, v: F80) {
+        let mut v = v;
+        if !self.s.fpu.empty(7) {
+            ctx.flags = (ctx.flags & !(SW_EXC | C1)) | stack_fault(true);
+            v = F80::INDEFINITE;
+        }
+        if !ctx.pre_fault() {
+            self.s.fpu.push(v);
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ: the constant rounded to 64
+    /// bits per RC (no PE).
+    fn fpu_const(&mut self, m: Mnemonic) {
+        use Mnemonic::*;
+        let ctx = Ctx::new(self.s.fpu.cw);
+        let (sig, exp): (u128, i32) = match m {
+            Fld1 => (1 << 127, 0),
+            Fldz => (0, 0),
+            Fldl2t => (0xd49a_784b_cd1b_8afe_492b_f6ff_4daf_db4d, 1),
+            Fldl2e => (0xb8aa_3b29_5c17_f0bb_be87_fed0_691d_3e89, 0),
+            Fldpi => (0xc90f_daa2_2168_c234_c4c6_628b_80dc_1cd1, 1),
+            Fldlg2 => (0x9a20_9a84_fbcf_f798_8f89_59ac_0b7c_9178, -2),
+            _ => (0xb172_17f7_d1cf_79ab_c9e3_b398_03f2_f6af, -1),
+        };
+        let v = if sig == 0 {
+            F80::ZERO
+        } else {
+            let mut c = ctx;
+            c.cw |= CW_MASKS;
+            c.round_ext(false, exp, sig, false)
+        };
+        self.fpu_push_value(ctx, v);
+    }
+
+    /// FST/FSTP to memory or ST(i).
+    fn fpu_fst(&mut self, i: &Instruction, pop: bool) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let empty = self.s.fpu.empty(0);
+        let src = if empty {
+            ctx.flags |= stack_fault(false);
+            F80::INDEFINITE
+        } else {
+            self.s.fpu.st(0)
+        };
+        if empty && !ctx.masked(IE) {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
+        if i.op_kind(0) == OpKind::Memory {
+            let seg = self.mem_seg(i);
+            let off = self.ea(i);
+            match i.memory_size() {
+                MemorySize::Float32 => {
+                    if let Some(v) = ctx.to_f32(src) {
+                        self.write_mem(seg, off, 4, v as u64)?;
+                    }
+                }
+                MemorySize::Float64 => {
+                    if let Some(v) = ctx.to_f64(src) {
+                        self.write_mem(seg, off, 8, v)?;
+                    }
+                }
+                _ => {
+                    self.fpu_write_bytes(i, 0, &f80_to_bytes(src))?;
+                }
+            }
+            if ctx.pre_fault() {
+                self.fpu_commit(&ctx);
+                return Ok(());
+            }
+            // Unmasked OE/UE on a memory store: nothing stored, but the pop happens? No:
+            // the instruction is treated as not completed.
+            if ctx.flags & (softfloat::OE | softfloat::UE) & !ctx.cw != 0 {
+                self.fpu_commit(&ctx);
+                return Ok(());
+            }
+        } else {
+            let j = sti(i.op_register(0));
+            self.s.fpu.set_st(j, src);
+        }
+        if pop {
+            self.s.fpu.pop();
+        }
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// FIST/FISTP m16/m32/m64.
+    fn fpu_fist(&mut self, i: &Instruction, pop: bool) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let size = i.memory_size().size() as u32;
+        let v = if self.s.fpu.empty(0) {
+            ctx.flags |= stack_fault(false);
+            if ctx.masked(IE) {
+                Some(i64::MIN >> (64 - size * 8))
+            } else {
+                None
+            }
+        } else {
+            ctx.to_int(self.s.fpu.st(0), size * 8)
+        };
+        let Some(v) = v else {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        };
+        let seg = self.mem_seg(i);
+        let off = self.ea(i);
+        self.write_mem(seg, off, size, v as u64)?;
+        if pop {
+            self.s.fpu.pop();
+        }
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// FBSTP m80bcd.
+    fn fpu_fbstp(&mut self, i: &Instruction) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let indefinite = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
+        let bytes = if self.s.fpu.empty(0) {
+            ctx.flags |= stack_fault(false);
+            indefinite
+        } else {
+            let v = self.s.fpu.st(0);
+            match ctx.to_int(v, 64) {
+                Some(n) if n != i64::MIN || v.kind() == Kind::Finite => {
+                    let mag = n.unsigned_abs();
+                    if mag >= 1_000_000_000_000_000_000 {
+                        ctx.flags = (ctx.flags & !(softfloat::PE | C1)) | IE;
+                        indefinite
+                    } else {
+                        let mut b = [0u8; 10];
+                        let mut x = mag;
+                        for byte in b.iter_mut().take(9) {
+                            let lo = (x % 10) as u8;
+                            x /= 10;
+                            let hi = (x % 10) as u8;
+                            x /= 10;
+                            *byte = lo | (hi << 4);
+                        }
+                        b[9] = if v.sign() { 0x80 } else { 0 };
+                        b
+                    }
+                }
+                _ => {
+                    ctx.flags |= IE;
+                    indefinite
+                }
+            }
+        };
+        if ctx.flags & IE != 0 && !ctx.masked(IE) {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
+        self.fpu_write_bytes(i, 0, &bytes)?;
+        self.s.fpu.pop();
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// D8/DC/DE/DA arithmetic.
+    fn fpu_arith(&mut self, i: &Instruction, op: Arith, pop: bool) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        // Operand indices: destination, then the two sources (None = memory).
+        let (dst, b_mem) = if i.op_count() >= 2 && i.op_kind(1) == OpKind::Register {
+            (sti(i.op_register(0)), None)
+        } else {
+            let mut c2 = Ctx::new(self.s.fpu.cw);
+            let v = self.fpu_load_mem(i, &mut c2)?;
+            ctx.flags |= c2.flags;
+            (0, Some(v))
+        };
+        let src = if b_mem.is_some() {
+            0
+        } else {
+            sti(i.op_register(1))
+        };
+        let f = &self.s.fpu;
+        let r = if f.empty(dst) || (b_mem.is_none() && f.empty(src)) {
+            ctx.flags = stack_fault(false);
+            if ctx.masked(IE) {
+                Some(F80::INDEFINITE)
+            } else {
+                None
+            }
+        } else {
+            let a = f.st(dst);
+            let b = b_mem.unwrap_or_else(|| f.st(src));
+            // A memory SNaN was quieted on conversion; it still signals IE.
+            let signalled = ctx.flags & IE != 0;
+            let (x, y) = match op {
+                Arith::Subr | Arith::Divr => (b, a),
+                _ => (a, b),
+            };
+            let mut r = match op {
+                Arith::Add => ctx.add(x, y, false),
+                Arith::Sub | Arith::Subr => ctx.add(x, y, true),
+                Arith::Mul => ctx.mul(x, y),
+                Arith::Div | Arith::Divr => ctx.div(x, y),
+            };
+            if signalled {
+                ctx.flags |= IE;
+                if !ctx.masked(IE) {
+                    r = None;
+                }
+            }
+            r
+        };
+        if let Some(v) = r {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(dst, v);
+                if pop {
+                    self.s.fpu.pop();
+                }
+            }
+        }
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// FCOM family and FTST: C3 C2 C0 = 000 (>), 001 (<), 100 (=), 111 (unordered).
+    fn fpu_fcom(&mut self, i: &Instruction, pops: u32, quiet: bool, tst: bool) -> Res<()> {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let mem = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory);
+        let b = if tst {
+            Some(F80::ZERO)
+        } else if mem {
+            let v = self.fpu_load_mem(i, &mut ctx)?;
+            Some(v)
+        } else {
+            None
+        };
+        let j = if b.is_some() {
+            0
+        } else if i.op_count() >= 2 {
+            sti(i.op_register(1))
+        } else {
+            1
+        };
+        let f = &self.s.fpu;
+        let ord = if f.empty(0) || (b.is_none() && f.empty(j)) {
+            ctx.flags = stack_fault(false);
+            None
+        } else {
+            let a = f.st(0);
+            let bv = b.unwrap_or_else(|| f.st(j));
+            // FCOM with a memory SNaN: IE comes from the comparison itself.
+            ctx.flags &= !IE;
+            ctx.compare(a, bv, quiet)
+        };
+        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
+        let cc = match ord {
+            Some(Ordering::Greater) => 0,
+            Some(Ordering::Less) => SW_C0,
+            Some(Ordering::Equal) => SW_C3,
+            None => SW_C0 | SW_C2 | SW_C3,
+        };
+        ctx.flags &= !C1;
+        self.fpu_set_cc(cc);
+        for _ in 0..pops {
+            self.s.fpu.pop();
+        }
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// FCOMI/FCOMIP/FUCOMI/FUCOMIP: ZF PF CF = 000 (>), 001 (<), 100 (=), 111.
+    fn fpu_fcomi(&mut self, i: &Instruction, pop: bool, quiet: bool) -> Res<()> {
+        use crate::state::{AF, CF, OF, PF, SF as EF_SF, ZF};
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let j = sti(i.op_register(1));
+        let f = &self.s.fpu;
+        let ord = if f.empty(0) || f.empty(j) {
+            ctx.flags = stack_fault(false);
+            None
+        } else {
+            ctx.compare(f.st(0), f.st(j), quiet)
+        };
+        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
+        let fl = match ord {
+            Some(Ordering::Greater) => 0,
+            Some(Ordering::Less) => CF,
+            Some(Ordering::Equal) => ZF,
+            None => ZF | PF | CF,
+        };
+        self.s.set_arith_flags(CF | PF | AF | ZF | EF_SF | OF, fl);
+        ctx.flags &= !C1;
+        if pop {
+            self.s.fpu.pop();
+        }
+        self.fpu_commit(&ctx);
+        Ok(())
+    }
+
+    /// FXAM: classify ST(0) into C3 C2 C0, sign into C1.
+    fn fpu_fxam(&mut self) {
+        let f = &self.s.fpu;
+        let v = f.st(0);
+        let c1 = if v.sign() { SW_C1 } else { 0 };
+        let cc = if f.empty(0) {
+            SW_C3 | SW_C0
+        } else {
+            match v.kind() {
+                Kind::Unsupported => 0,
+                Kind::QNan | Kind::SNan => SW_C0,
+                Kind::Inf => SW_C2 | SW_C0,
+                Kind::Zero => SW_C3,
+                Kind::Finite if v.is_denormal() => SW_C3 | SW_C2,
+                Kind::Finite => SW_C2,
+            }
+        };
+        self.fpu_set_cc(cc | c1);
+    }
+
+    /// ST(0) = op(ST(0)).
+    fn fpu_unary(&mut self, op: impl FnOnce(&mut Ctx, F80) -> Option<F80>) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let r = if self.s.fpu.empty(0) {
+            ctx.flags = stack_fault(false);
+            ctx.masked(IE).then_some(F80::INDEFINITE)
+        } else {
+            op(&mut ctx, self.s.fpu.st(0))
+        };
+        if let Some(v) = r {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(0, v);
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// ST(0) = op(ST(0), ST(1)) (FSCALE).
+    fn fpu_binary01(&mut self, op: impl FnOnce(&mut Ctx, F80, F80) -> Option<F80>) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &self.s.fpu;
+        let r = if f.empty(0) || f.empty(1) {
+            ctx.flags = stack_fault(false);
+            ctx.masked(IE).then_some(F80::INDEFINITE)
+        } else {
+            op(&mut ctx, f.st(0), f.st(1))
+        };
+        if let Some(v) = r {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(0, v);
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FXCH ST(j).
+    fn fpu_fxch(&mut self, j: usize) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &mut self.s.fpu;
+        let (e0, ej) = (f.empty(0), f.empty(j));
+        if e0 || ej {
+            ctx.flags = stack_fault(false);
+            if !ctx.masked(IE) {
+                self.fpu_commit(&ctx);
+                return;
+            }
+        }
+        let a = if e0 { F80::INDEFINITE } else { f.st(0) };
+        let b = if ej { F80::INDEFINITE } else { f.st(j) };
+        f.set_st(0, b);
+        f.set_st(j, a);
+        self.fpu_commit(&ctx);
+    }
+
+    /// FCMOVcc ST(0), ST(j).
+    fn fpu_fcmov(&mut self, j: usize, cond: bool) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &mut self.s.fpu;
+        if f.empty(0) || f.empty(j) {
+            ctx.flags = stack_fault(false);
+            if ctx.masked(IE) {
+                f.set_st(0, F80::INDEFINITE);
+            }
+        } else if cond {
+            let v = f.st(j);
+            f.set_st(0, v);
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FPREM / FPREM1.
+    fn fpu_fprem(&mut self, ieee: bool) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &self.s.fpu;
+        if f.empty(0) || f.empty(1) {
+            ctx.flags = stack_fault(false);
+            if ctx.masked(IE) {
+                self.s.fpu.set_st(0, F80::INDEFINITE);
+            }
+            self.fpu_set_cc(self.s.fpu.sw & SW_C1);
+            self.fpu_commit(&ctx);
+            return;
+        }
+        let (a, b) = (f.st(0), f.st(1));
+        let r = ctx.prem(a, b, ieee);
+        if let Some((v, q, partial)) = r {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(0, v);
+                let mut cc = 0;
+                if partial {
+                    cc |= SW_C2;
+                } else {
+                    if q & 1 != 0 {
+                        ctx.flags |= C1;
+                    }
+                    if q & 2 != 0 {
+                        cc |= SW_C3;
+                    }
+                    if q & 4 != 0 {
+                        cc |= SW_C0;
+                    }
+                }
+                self.fpu_set_cc(cc);
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FXTRACT: ST(0) = exponent, then push the significand.
+    fn fpu_fxtract(&mut self) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &self.s.fpu;
+        if f.empty(0) {
+            ctx.flags = stack_fault(false);
+            if ctx.masked(IE) {
+                self.s.fpu.set_st(0, F80::INDEFINITE);
+                self.fpu_push_value(ctx, F80::INDEFINITE);
+            } else {
+                self.fpu_commit(&ctx);
+            }
+            return;
+        }
+        if !f.empty(7) {
+            ctx.flags = stack_fault(true);
+            if ctx.masked(IE) {
+                self.s.fpu.set_st(0, F80::INDEFINITE);
+                self.s.fpu.push(F80::INDEFINITE);
+            }
+            self.fpu_commit(&ctx);
+            return;
+        }
+        if let Some((e, s)) = ctx.xtract(f.st(0)) {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(0, e);
+                self.s.fpu.push(s);
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FSIN / FCOS.
+    fn fpu_trig(&mut self, sin: bool) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        if self.s.fpu.empty(0) {
+            ctx.flags = stack_fault(false);
+            if ctx.masked(IE) {
+                self.s.fpu.set_st(0, F80::INDEFINITE);
+            }
+            self.fpu_set_cc(0);
+            self.fpu_commit(&ctx);
+            return;
+        }
+        let v = self.s.fpu.st(0);
+        match ctx.sin_cos(v) {
+            None => self.fpu_set_cc(SW_C2),
+            Some(None) => self.fpu_set_cc(0),
+            Some(Some((s, c))) => {
+                self.fpu_set_cc(0);
+                if !ctx.pre_fault() {
+                    self.s.fpu.set_st(0, if sin { s } else { c });
+                }
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// FSINCOS / FPTAN: ST(0) = sin or tan, then push cos or 1.0.
+    fn fpu_sincos_tan(&mut self, tan: bool) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &self.s.fpu;
+        if f.empty(0) || !f.empty(7) {
+            let ovf = !f.empty(0);
+            ctx.flags = stack_fault(ovf);
+            if ctx.masked(IE) {
+                self.s.fpu.set_st(0, F80::INDEFINITE);
+                self.s.fpu.push(F80::INDEFINITE);
+            }
+            self.fpu_set_cc(0);
+            self.fpu_commit(&ctx);
+            return;
+        }
+        let v = f.st(0);
+        let r = if tan { ctx.tan(v) } else { ctx.sin_cos(v) };
+        match r {
+            None => self.fpu_set_cc(SW_C2),
+            Some(None) => self.fpu_set_cc(0),
+            Some(Some((x, y))) => {
+                self.fpu_set_cc(0);
+                if !ctx.pre_fault() {
+                    self.s.fpu.set_st(0, x);
+                    self.s.fpu.push(y);
+                }
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    /// F2XM1.
+    fn fpu_f2xm1(&mut self) {
+        self.fpu_unary(|c, v| c.f2xm1(v));
+    }
+
+    /// FPATAN, FYL2X, FYL2XP1: ST(1) = op(ST(1), ST(0)), pop.
+    fn fpu_binary_pop(&mut self, m: Mnemonic) {
+        let mut ctx = Ctx::new(self.s.fpu.cw);
+        let f = &self.s.fpu;
+        let r = if f.empty(0) || f.empty(1) {
+            ctx.flags = stack_fault(false);
+            ctx.masked(IE).then_some(F80::INDEFINITE)
+        } else {
+            let (x, y) = (f.st(0), f.st(1));
+            match m {
+                Mnemonic::Fpatan => ctx.atan2(y, x),
+                Mnemonic::Fyl2x => ctx.yl2x(y, x),
+                _ => ctx.yl2xp1(y, x),
+            }
+        };
+        if let Some(v) = r {
+            if !ctx.pre_fault() {
+                self.s.fpu.set_st(1, v);
+                self.s.fpu.pop();
+            }
+        }
+        self.fpu_commit(&ctx);
+    }
+
+    // ----- environment, save/restore ---------------------------------------------
+
+    /// Whether environments use the real-mode layout (real and V86 mode).
+    fn fpu_real_layout(&self) -> bool {
+        !self.s.protected() || self.s.v86()
+    }
+
+    /// The 14- or 28-byte environment image.
+    fn fpu_env_image(&self, size32: bool) -> Vec<u8> {
+        let f = &self.s.fpu;
+        let real = self.fpu_real_layout();
+        let tw = f.full_tag();
+        let mut w: Vec<u32> = Vec::with_capacity(7);
+        if real {
+            let ip = if self.s.v86() || !self.s.protected() {
+                ((f.fcs as u32) << 4).wrapping_add(f.fip)
+            } else {
+                f.fip
+            };
+            let dp = ((f.fds as u32) << 4).wrapping_add(f.fdp);
+            if size32 {
+                w.extend_from_slice(&[
+                    0xffff_0000 | f.cw as u32,
+                    0xffff_0000 | f.sw as u32,
+                    0xffff_0000 | tw as u32,
+                    0xffff_0000 | (ip & 0xffff),
+                    ((ip >> 16) << 12) | (f.fop as u32 & 0x7ff),
+                    0xffff_0000 | (dp & 0xffff),
+                    (dp >> 16) << 12,
+                ]);
+            } else {
+                w.extend_from_slice(&[
+                    f.cw as u32,
+                    f.sw as u32,
+                    tw as u32,
+                    ip & 0xffff,
+                    (((ip >> 16) & 0xf) << 12) | (f.fop as u32 & 0x7ff),
+                    dp & 0xffff,
+                    ((dp >> 16) & 0xf) << 12,
+                ]);
+            }
+        } else if size32 {
+            w.extend_from_slice(&[
+                0xffff_0000 | f.cw as u32,
+                0xffff_0000 | f.sw as u32,
+                0xffff_0000 | tw as u32,
+                f.fip,
+                f.fcs as u32 | ((f.fop as u32 & 0x7ff) << 16),
+                f.fdp,
+                0xffff_0000 | f.fds as u32,
+            ]);
+        } else {
+            w.extend_from_slice(&[
+                f.cw as u32,
+                f.sw as u32,
+                tw as u32,
+                f.fip & 0xffff,
+                f.fcs as u32,
+                f.fdp & 0xffff,
+                f.fds as u32,
+            ]);
+        }
+        if size32 {
+            w.iter().flat_map(|x| x.to_le_bytes()).collect()
+        } else {
+            w.iter().flat_map(|x| (*x as u16).to_le_bytes()).collect()
+        }
+    }
+
+    /// FNSTENV / FNSAVE.
+    fn fpu_stenv(&mut self, i: &Instruction, save: bool) -> Res<()> {
+        let size32 = matches!(
+            i.memory_size(),
+            MemorySize::FpuEnv28 | MemorySize::FpuState108
+        );
+        let mut img = self.fpu_env_image(size32);
+        if save {
+            for k in 0..8 {
+                img.extend_from_slice(&f80_to_bytes(self.s.fpu.st(k)));
+            }
+        }
+        self.fpu_write_bytes(i, 0, &img)?;
+        if save {
+            self.s.fpu.init();
+        } else {
+            self.s.fpu.cw |= CW_MASKS;
+            self.s.fpu.update_es();
+        }
+        Ok(())
+    }
+
+    /// FLDENV / FRSTOR.
+    fn fpu_ldenv(&mut self, i: &Instruction, rstor: bool) -> Res<()> {
+        let size32 = matches!(
+            i.memory_size(),
+            MemorySize::FpuEnv28 | MemorySize::FpuState108
+        );
+        let envlen = if size32 { 28 } else { 14 };
+        let total = envlen + if rstor { 80 } else { 0 };
+        let mut b = vec![0u8; total];
+        self.fpu_read_bytes(i, 0, &mut b)?;
+        let word = |k: usize| -> u32 {
+            if size32 {
+                u32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]])
+            } else {
+                u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32
+            }
+        };
+        let real = self.fpu_real_layout();
+        let f = &mut self.s.fpu;
+        f.cw = (word(0) as u16 & 0x1f3f) | CW_BIT6;
+        f.sw = word(1) as u16;
+        let tw = word(2) as u16;
+        if real {
+            let hi = if size32 { 0xffff } else { 0xf };
+            f.fip = (word(3) & 0xffff) | (((word(4) >> 12) & hi) << 16);
+            f.fop = (word(4) & 0x7ff) as u16;
+            f.fcs = 0;
+            f.fdp = (word(5) & 0xffff) | (((word(6) >> 12) & hi) << 16);
+            f.fds = 0;
+        } else if size32 {
+            f.fip = word(3);
+            f.fcs = word(4) as u16;
+            f.fop = ((word(4) >> 16) & 0x7ff) as u16;
+            f.fdp = word(5);
+            f.fds = word(6) as u16;
+        } else {
+            f.fip = word(3);
+            f.fcs = word(4) as u16;
+            f.fdp = word(5);
+            f.fds = word(6) as u16;
+        }
+        if rstor {
+            let top = f.top();
+            for k in 0..8 {
+                let o = envlen + 10 * k;
+                let mut r = [0u8; 10];
+                r.copy_from_slice(&b[o..o + 10]);
+                f.regs[(top + k) & 7] = f80_from_bytes(&r);
+            }
+        }
+        for r in 0..8 {
+            let t = if (tw >> (2 * r)) & 3 == TAG_EMPTY {
+                TAG_EMPTY
+            } else {
+                tag_of(f.regs[r])
+            };
+            f.set_tag(r, t);
+        }
+        f.update_es();
+        Ok(())
+    }
+
+    /// FXSAVE / FXRSTOR m512.
+    fn fpu_fxsave_rstor(&mut self, i: &Instruction, rstor: bool) -> Res<()> {
+        if self.s.cr0 & (CR0_EM | CR0_TS) != 0 {
+            return Err(Exception::nm());
+        }
+        if i.op_kind(0) != OpKind::Memory {
+            return Err(Exception::ud());
+        }
+        let seg = self.mem_seg(i);
+        let off = self.ea(i);
+        let lin = self.seg_linear(seg, off, 512, rstor)?;
+        if lin & 15 != 0 {
+            return Err(Exception::gp(0));
+        }
+        let sse = self.s.cr4 & CR4_OSFXSR != 0;
+        if rstor {
+            let mut b = vec![0u8; 512];
+            self.fpu_read_bytes(i, 0, &mut b)?;
+            let rd32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            let rd16 = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+            if sse && rd32(24) & MXCSR_RESERVED != 0 {
+                return Err(Exception::gp(0));
+            }
+            let f = &mut self.s.fpu;
+            f.cw = (rd16(0) & 0x1f3f) | CW_BIT6;
+            f.sw = rd16(2);
+            f.fop = rd16(6) & 0x7ff;
+            f.fip = rd32(8);
+            f.fcs = rd16(12);
+            f.fdp = rd32(16);
+            f.fds = rd16(20);
+            for k in 0..8 {
+                let o = 32 + 16 * k;
+                let mut r = [0u8; 10];
+                r.copy_from_slice(&b[o..o + 10]);
+                let p = (f.top() + k) & 7;
+                f.regs[p] = f80_from_bytes(&r);
+            }
+            f.set_abridged_tag(b[4]);
+            f.update_es();
+            if sse {
+                self.s.sse.mxcsr = rd32(24);
+                for k in 0..8 {
+                    let o = 160 + 16 * k;
+                    let lo = u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+                    let hi = u64::from_le_bytes(b[o + 8..o + 16].try_into().unwrap_or([0; 8]));
+                    self.s.sse.xmm[k] = [lo, hi];
+                }
+            }
+            return Ok(());
+        }
+        let f = &self.s.fpu;
+        let mut b = [0u8; 288];
+        b[0..2].copy_from_slice(&f.cw.to_le_bytes());
+        b[2..4].copy_from_slice(&f.sw.to_le_bytes());
+        b[4] = f.abridged_tag();
+        b[6..8].copy_from_slice(&f.fop.to_le_bytes());
+        b[8..12].copy_from_slice(&f.fip.to_le_bytes());
+        b[12..14].copy_from_slice(&f.fcs.to_le_bytes());
+        b[16..20].copy_from_slice(&f.fdp.to_le_bytes());
+        b[20..22].copy_from_slice(&f.fds.to_le_bytes());
+        b[24..28].copy_from_slice(&self.s.sse.mxcsr.to_le_bytes());
+        b[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+        for k in 0..8 {
+            let o = 32 + 16 * k;
+            b[o..o + 10].copy_from_slice(&f80_to_bytes(f.st(k)));
+        }
+        for k in 0..8 {
+            let o = 160 + 16 * k;
+            b[o..o + 8].copy_from_slice(&self.s.sse.xmm[k][0].to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&self.s.sse.xmm[k][1].to_le_bytes());
+        }
+        if sse {
+            self.fpu_write_bytes(i, 0, &b)
+        } else {
+            // Without CR4.OSFXSR, MXCSR and the XMM registers are not saved.
+            self.mmu
+                .probe_write(lin, 512, self.s.cpl == 3)
+                .map_err(|pf| self.page_fault(pf))?;
+            self.fpu_write_bytes(i, 0, &b[..24])?;
+            self.fpu_write_bytes(i, 32, &b[32..160])
+        }
+    }
+}
+
+/// Decodes 10 little-endian bytes as an extended value.
+pub(crate) fn f80_from_bytes(b: &[u8; 10]) -> F80 {
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&b[..8]);
+    F80 {
+        mant: u64::from_le_bytes(m),
+        se: u16::from_le_bytes([b[8], b[9]]),
+    }
+}
+
+/// Encodes an extended value as 10 little-endian bytes.
+pub(crate) fn f80_to_bytes(v: F80) -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b[..8].copy_from_slice(&v.mant.to_le_bytes());
+    b[8..].copy_from_slice(&v.se.to_le_bytes());
+    b
+}
+
+/// FBLD: 18 packed BCD digits and a sign byte, converted exactly. Invalid digits give
+/// an undefined result on hardware; here they are taken at face value.
+pub(crate) fn bcd_to_f80(b: &[u8; 10]) -> F80 {
+    let mut v: u64 = 0;
+    for k in (0..9).rev() {
+        v = v * 10 + (b[k] >> 4) as u64;
+        v = v * 10 + (b[k] & 15) as u64;
+    }
+    let sign = b[9] & 0x80 != 0;
+    if v == 0 {
+        return F80::zero(sign);
+    }
+    let lz = v.leading_zeros();
+    F80::new(sign, (softfloat::BIAS + 63 - lz as i32) as u16, v << lz)
 }
