@@ -3,6 +3,10 @@
 
 pub mod bus;
 pub mod clock;
+pub mod control;
+pub mod debug;
 pub mod irq;
 pub mod pic;
 pub mod pit;
+pub mod port92;
+pub mod rtc;

@@ -759,7 +759,7 @@ mod tests {
         r.at(1);
         r.out(0x43, 0b1100_1000);
         let s = r.inb(0x42);
-        assert_eq!(s & 0x3f, 0b11_011_1);
+        assert_eq!(s & 0x3f, 0b0011_0111);
         assert_ne!(s & STATUS_OUT, 0);
         assert_eq!(r.inb(0x42), 0x00);
         assert_eq!(r.inb(0x42), 0x10);
