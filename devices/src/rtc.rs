@@ -331,7 +331,7 @@ impl Rtc {
         if self.reg(REG_B) & B_24H != 0 {
             self.enc(h)
         } else {
-            let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+            let h12 = if h.is_multiple_of(12) { 12 } else { h % 12 };
             self.enc(h12) | if h >= 12 { HOUR_PM } else { 0 }
         }
     }
@@ -489,7 +489,7 @@ impl Rtc {
             return false;
         }
         let phase = self.guest_ns(now).rem_euclid(NS);
-        phase >= NS - UIP_BEFORE_NS || phase < UIP_AFTER_NS
+        !(UIP_AFTER_NS..NS - UIP_BEFORE_NS).contains(&phase)
     }
 
     fn read_data(&mut self) -> u8 {
