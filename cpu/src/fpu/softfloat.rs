@@ -712,12 +712,7 @@ impl Ctx {
             Kind::Zero => return Some(sign_bit),
             Kind::Finite => {}
         }
-        if a.is_denormal() {
-            self.flags |= DE;
-            if !self.masked(DE) {
-                return None;
-            }
-        }
+        // Stores do not signal DE for denormal sources (measured on the host).
         let (s, e, m) = a.unpack();
         match self.round(s, e, (m as u128) << 64, fmt) {
             Rounded::None => None,
@@ -830,12 +825,6 @@ impl Ctx {
             Kind::Finite => {}
             _ => return bad(self),
         }
-        if a.is_denormal() {
-            self.flags |= DE;
-            if !self.masked(DE) {
-                return None;
-            }
-        }
         let (s, e, m) = a.unpack();
         let Some((v, inexact, inc)) = self.round_to_int(s, e, m) else {
             return bad(self);
@@ -928,6 +917,35 @@ impl Ctx {
         }
         let (s, e, m) = a.unpack();
         Some((self.from_int(e as i64), F80::new(s, BIAS as u16, m)))
+    }
+
+    /// FBSTP: rounds per RC to an integer and packs 18 BCD digits. Out of range,
+    /// NaN, infinity → IE and the BCD indefinite (masked) or `None`.
+    pub fn to_bcd(&mut self, a: F80) -> Option<[u8; 10]> {
+        const INDEFINITE: [u8; 10] = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
+        let saved = self.flags;
+        let n = match a.kind() {
+            Kind::Zero => Some(0),
+            Kind::Finite => self.to_int(a, 64),
+            _ => None,
+        };
+        let ok = matches!(n, Some(v) if self.flags & IE == saved & IE
+            && v.unsigned_abs() < 1_000_000_000_000_000_000);
+        if !ok {
+            self.flags = saved | IE;
+            return self.masked(IE).then_some(INDEFINITE);
+        }
+        let mut x = n.unwrap_or(0).unsigned_abs();
+        let mut b = [0u8; 10];
+        for byte in b.iter_mut().take(9) {
+            let lo = (x % 10) as u8;
+            x /= 10;
+            let hi = (x % 10) as u8;
+            x /= 10;
+            *byte = lo | (hi << 4);
+        }
+        b[9] = if a.sign() { 0x80 } else { 0 };
+        Some(b)
     }
 
     /// FPREM (truncating quotient) / FPREM1 (round-to-nearest quotient): (remainder,

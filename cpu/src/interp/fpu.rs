@@ -544,42 +544,17 @@ impl Cpu {
     /// FBSTP m80bcd.
     fn fpu_fbstp(&mut self, i: &Instruction) -> Res<()> {
         let mut ctx = Ctx::new(self.s.fpu.cw);
-        let indefinite = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
         let bytes = if self.s.fpu.empty(0) {
             ctx.flags |= stack_fault(false);
-            indefinite
+            ctx.masked(IE)
+                .then_some([0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff])
         } else {
-            let v = self.s.fpu.st(0);
-            match ctx.to_int(v, 64) {
-                Some(n) if n != i64::MIN || v.kind() == Kind::Finite => {
-                    let mag = n.unsigned_abs();
-                    if mag >= 1_000_000_000_000_000_000 {
-                        ctx.flags = (ctx.flags & !(softfloat::PE | C1)) | IE;
-                        indefinite
-                    } else {
-                        let mut b = [0u8; 10];
-                        let mut x = mag;
-                        for byte in b.iter_mut().take(9) {
-                            let lo = (x % 10) as u8;
-                            x /= 10;
-                            let hi = (x % 10) as u8;
-                            x /= 10;
-                            *byte = lo | (hi << 4);
-                        }
-                        b[9] = if v.sign() { 0x80 } else { 0 };
-                        b
-                    }
-                }
-                _ => {
-                    ctx.flags |= IE;
-                    indefinite
-                }
-            }
+            ctx.to_bcd(self.s.fpu.st(0))
         };
-        if ctx.flags & IE != 0 && !ctx.masked(IE) {
+        let Some(bytes) = bytes.filter(|_| !ctx.pre_fault()) else {
             self.fpu_commit(&ctx);
             return Ok(());
-        }
+        };
         self.fpu_write_bytes(i, 0, &bytes)?;
         self.s.fpu.pop();
         self.fpu_commit(&ctx);
