@@ -1,9 +1,53 @@
 //! Delivery of interrupts and exceptions: real mode (IVT), protected mode (IDT gates,
 //! privilege changes, task gates) and virtual-8086 mode, and the double/triple fault rules.
 
+use crate::descriptor::*;
 use crate::exception::{makes_double_fault, vec, Exception, FaultClass, Res};
+use crate::segmentation::Stk;
 use crate::state::*;
+use crate::tasks::TaskSource;
 use crate::{Cpu, StepEvent};
+
+/// Event bookkeeping between instructions that is not architectural register state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventState {
+    /// The last instruction loaded SS (MOV SS / POP SS): no single-step trap after it.
+    pub(crate) inhibit_trap: bool,
+    /// The last instruction entered a handler (INT n, INT3, INTO, INT1) or switched
+    /// tasks: its single-step trap is not taken.
+    pub(crate) suppress_trap: bool,
+    /// An NMI is waiting to be delivered (see [`Cpu::nmi`]).
+    pub nmi_pending: bool,
+}
+
+/// Vectors that are faults (the saved EIP points at the faulting instruction): their
+/// EFLAGS image is pushed with RF set (SDM vol. 3, 17.3.1.1).
+fn is_fault_vector(v: u8) -> bool {
+    matches!(
+        v,
+        vec::DE
+            | vec::BR
+            | vec::UD
+            | vec::NM
+            | vec::TS
+            | vec::NP
+            | vec::SS
+            | vec::GP
+            | vec::PF
+            | vec::MF
+            | vec::AC
+            | vec::XM
+    )
+}
+
+/// Sets the EXT bit (bit 0) in the error code of a fault raised while delivering an
+/// event external to the program (SDM vol. 3, 6.13). Page faults have no EXT bit.
+fn with_ext(e: Exception, ext: u32) -> Exception {
+    match e.error_code {
+        Some(c) if e.vector != vec::PF => Exception::with_code(e.vector, c | ext),
+        _ => e,
+    }
+}
 
 /// What caused an interrupt: this decides privilege checks, the EXT bit of error codes
 /// and which EIP is pushed.
@@ -33,12 +77,12 @@ impl Cpu {
         code: Option<u32>,
     ) -> StepEvent {
         let mut cur = (vector, kind, code);
-        loop {
-            let rip = self.s.rip;
+        // Delivery is atomic: a failed attempt changed nothing (except after a task
+        // switch committed, whose faults belong to the new task).
+        for _ in 0..8 {
             match self.deliver(cur.0, cur.1, cur.2) {
                 Ok(()) => return StepEvent::Ok,
                 Err(e2) => {
-                    self.s.rip = rip;
                     let first = if cur.1 == IntKind::Exception {
                         Exception::new(cur.0).class()
                     } else {
@@ -56,6 +100,8 @@ impl Cpu {
                 }
             }
         }
+        log::warn!("event delivery keeps faulting: treated as a triple fault");
+        StepEvent::TripleFault
     }
 
     /// Delivers one interrupt or exception through the IVT or IDT. On `Err` the caller
@@ -96,11 +142,171 @@ impl Cpu {
         Ok(())
     }
 
-    /// Protected-mode and V86 delivery through the IDT.
-    ///
-    /// TODO(protected-mode helper): gates, privilege changes, V86 exit, task gates.
+    /// Protected-mode and V86 delivery through the IDT (SDM vol. 3, 6.12 and the INT n
+    /// pseudocode of vol. 2). Atomic: on `Err` nothing has changed, except when a task
+    /// gate's task switch has committed (its later faults belong to the new task).
     fn deliver_protected(&mut self, vector: u8, kind: IntKind, code: Option<u32>) -> Res<()> {
-        let _ = (kind, code);
-        Err(Exception::gp(vector as u32 * 8 + 2))
+        let ext = match kind {
+            IntKind::Software | IntKind::SoftException => 0,
+            _ => 1,
+        };
+        self.deliver_protected_inner(vector, kind, code)
+            .map_err(|e| with_ext(e, ext))
+    }
+
+    fn deliver_protected_inner(&mut self, vector: u8, kind: IntKind, code: Option<u32>) -> Res<()> {
+        let idt_code = vector as u32 * 8 + 2;
+        if vector as u32 * 8 + 7 > self.s.idtr.limit {
+            return Err(Exception::gp(idt_code));
+        }
+        let gd = Descriptor(self.read_sys(self.s.idtr.base + vector as u64 * 8, 8)?);
+        let gtype = match gd.sys_type() {
+            Some(t @ (SYS_INT16 | SYS_INT32 | SYS_TRAP16 | SYS_TRAP32 | SYS_TASK)) => t,
+            _ => return Err(Exception::gp(idt_code)),
+        };
+        let cpl = self.s.cpl;
+        if matches!(kind, IntKind::Software | IntKind::SoftException) && gd.dpl() < cpl {
+            return Err(Exception::gp(idt_code));
+        }
+        if !gd.present() {
+            return Err(Exception::np(idt_code));
+        }
+        if gtype == SYS_TASK {
+            let tsel = gd.gate_selector();
+            let tcode = tsel as u32 & 0xfffc;
+            if tsel & 4 != 0 {
+                return Err(Exception::gp(tcode));
+            }
+            let (taddr, td) = self.read_desc(tsel, Exception::gp)?;
+            if !matches!(td.sys_type(), Some(SYS_TSS16_AVAIL | SYS_TSS32_AVAIL)) {
+                return Err(Exception::gp(tcode));
+            }
+            if !td.present() {
+                return Err(Exception::np(tcode));
+            }
+            return self.task_switch(tsel, taddr, td, TaskSource::Int, code);
+        }
+        let csel = gd.gate_selector();
+        if csel & !3 == 0 {
+            return Err(Exception::gp(0));
+        }
+        let ccode = csel as u32 & 0xfffc;
+        let (caddr, cd) = self.read_desc(csel, Exception::gp)?;
+        if !cd.is_code() || cd.dpl() > cpl {
+            return Err(Exception::gp(ccode));
+        }
+        if !cd.present() {
+            return Err(Exception::np(ccode));
+        }
+        let psize = if gd.sys32() { 4 } else { 2 };
+        let off = gd.gate_offset();
+        let v86 = self.s.v86();
+        let mut fl = self.s.eflags();
+        if kind == IntKind::Exception && is_fault_vector(vector) {
+            fl |= RF;
+        }
+        let cs_sel = self.s.seg[SegReg::Cs as usize].selector;
+        let eip = self.s.rip as u32;
+        let inner = !cd.conforming() && cd.dpl() < cpl;
+        if v86 && (!inner || cd.dpl() != 0) {
+            return Err(Exception::gp(ccode));
+        }
+        if inner {
+            let ndpl = cd.dpl();
+            let (nss, nesp) = self.tss_stack(ndpl)?;
+            let (ssaddr, ssd) = self.check_ss(nss, ndpl, Exception::ts, nss as u32 & 0xfffc)?;
+            let mut st = Stk {
+                seg: ssd.to_segment(nss),
+                sp: nesp,
+                big: ssd.big(),
+                user: false,
+                err: Exception::ss(nss as u32 & 0xfffc),
+            };
+            if v86 {
+                for s in [SegReg::Gs, SegReg::Fs, SegReg::Ds, SegReg::Es] {
+                    let v = self.s.seg[s as usize].selector;
+                    self.stk_push(&mut st, psize, v as u64)?;
+                }
+            }
+            let old_ss = self.s.seg[SegReg::Ss as usize].selector;
+            let old_esp = self.s.gpr[reg::RSP] as u32;
+            self.stk_push(&mut st, psize, old_ss as u64)?;
+            self.stk_push(&mut st, psize, old_esp as u64)?;
+            self.stk_push(&mut st, psize, fl as u64)?;
+            self.stk_push(&mut st, psize, cs_sel as u64)?;
+            self.stk_push(&mut st, psize, eip as u64)?;
+            if let Some(c) = code {
+                self.stk_push(&mut st, psize, c as u64)?;
+            }
+            let off = if psize == 2 { off & 0xffff } else { off };
+            if off > cd.limit() {
+                return Err(Exception::gp(0));
+            }
+            self.mark_accessed(ssaddr, &ssd)?;
+            self.mark_accessed(caddr, &cd)?;
+            if v86 {
+                for s in [SegReg::Gs, SegReg::Fs, SegReg::Ds, SegReg::Es] {
+                    self.null_seg(s, 0);
+                }
+            }
+            self.commit_cs(csel, caddr, &cd, ndpl)?;
+            self.commit_seg(SegReg::Ss, nss, ssaddr, &ssd)?;
+            self.s.set_r32(reg::RSP, st.sp);
+            self.s.rip = off as u64;
+        } else if cd.conforming() || cd.dpl() == cpl {
+            let mut st = self.cur_stack();
+            self.stk_push(&mut st, psize, fl as u64)?;
+            self.stk_push(&mut st, psize, cs_sel as u64)?;
+            self.stk_push(&mut st, psize, eip as u64)?;
+            if let Some(c) = code {
+                self.stk_push(&mut st, psize, c as u64)?;
+            }
+            let off = if psize == 2 { off & 0xffff } else { off };
+            if off > cd.limit() {
+                return Err(Exception::gp(0));
+            }
+            self.commit_cs(csel, caddr, &cd, cpl)?;
+            self.commit_sp(&st);
+            self.s.rip = off as u64;
+        } else {
+            return Err(Exception::gp(ccode));
+        }
+        let mut clear = TF | NT | RF | VM;
+        if matches!(gtype, SYS_INT16 | SYS_INT32) {
+            clear |= IF;
+        }
+        let f = self.s.eflags();
+        self.s.set_eflags(f & !clear);
+        Ok(())
+    }
+
+    /// The inner stack SS:ESP for privilege level `dpl` from the current TSS
+    /// (#TS(TR selector) when the TSS is too short).
+    pub(crate) fn tss_stack(&mut self, dpl: u8) -> Res<(u16, u32)> {
+        let tr = self.s.tr;
+        let tcode = tr.selector as u32 & 0xfffc;
+        if tr.attrs & ATTR_TYPE & 0x8 != 0 {
+            let off = 4 + 8 * dpl as u32;
+            if off + 7 > tr.limit {
+                return Err(Exception::ts(tcode));
+            }
+            let esp = self.read_sys(tr.base + off as u64, 4)? as u32;
+            let ss = self.read_sys(tr.base + off as u64 + 4, 2)? as u16;
+            Ok((ss, esp))
+        } else {
+            let off = 2 + 4 * dpl as u32;
+            if off + 3 > tr.limit {
+                return Err(Exception::ts(tcode));
+            }
+            let sp = self.read_sys(tr.base + off as u64, 2)? as u32;
+            let ss = self.read_sys(tr.base + off as u64 + 2, 2)? as u16;
+            Ok((ss, sp))
+        }
+    }
+
+    /// Raises a non-maskable interrupt: it is delivered before the next instruction
+    /// unless an NMI handler is running (until its IRET) or MOV SS inhibits events.
+    pub fn nmi(&mut self) {
+        self.ev.nmi_pending = true;
     }
 }

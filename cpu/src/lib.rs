@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod decode;
+pub mod descriptor;
 pub mod exception;
 pub mod flags;
 pub mod fpu;
@@ -84,6 +85,8 @@ pub struct Cpu {
     pub(crate) start_rip: u64,
     /// Time-stamp counter base: the TSC reads as `instructions + tsc_offset`.
     pub tsc_offset: u64,
+    /// Pending NMI and trap bookkeeping (interrupts.rs).
+    pub ev: interrupts::EventState,
 }
 
 impl Cpu {
@@ -98,6 +101,7 @@ impl Cpu {
             dcache: decode::DecodeCache::new(),
             start_rip: 0,
             tsc_offset: 0,
+            ev: interrupts::EventState::default(),
         };
         c.sync_paging();
         c
@@ -124,6 +128,11 @@ impl Cpu {
     pub fn step(&mut self) -> StepEvent {
         if self.s.inhibit_irq {
             self.s.inhibit_irq = false;
+        } else if self.ev.nmi_pending && !self.s.nmi_blocked {
+            self.ev.nmi_pending = false;
+            self.s.nmi_blocked = true;
+            self.s.halted = false;
+            return self.deliver_event(exception::vec::NMI, interrupts::IntKind::Nmi, None);
         } else if self.s.eflags_raw & state::IF != 0 {
             if let Some(intr) = self.intr.as_mut() {
                 if intr.pending() {
@@ -139,6 +148,9 @@ impl Cpu {
         }
         self.start_rip = self.s.rip;
         let tf = self.s.eflags_raw & state::TF != 0;
+        let rf = self.s.eflags_raw & state::RF != 0;
+        self.ev.inhibit_trap = false;
+        self.ev.suppress_trap = false;
         let r = match self.fetch_decode() {
             Ok(i) => self.execute(&i),
             Err(e) => Err(e),
@@ -146,7 +158,11 @@ impl Cpu {
         match r {
             Ok(()) => {
                 self.stats.instructions += 1;
-                if tf && !self.s.inhibit_irq {
+                if rf {
+                    // RF lasts for one completed instruction (SDM vol. 3, 17.3.1.1).
+                    self.s.eflags_raw &= !state::RF;
+                }
+                if tf && !self.ev.inhibit_trap && !self.ev.suppress_trap {
                     // Single-step trap after the instruction (DR6.BS).
                     self.s.dr[6] |= 1 << 14;
                     return self.deliver_event(

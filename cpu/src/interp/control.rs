@@ -1,13 +1,570 @@
-//! Instruction group: control.
+//! Instruction group: control — segment register loads (MOV Sreg, POP Sreg, LDS and
+//! friends), far JMP/CALL/RET, INT n / INT3 / INTO / INT1 and IRET, in real, V86 and
+//! protected mode (Intel SDM vol. 2 pseudocode; vol. 3 chapters 5 and 7).
 
-use crate::exception::Res;
+use crate::descriptor::*;
+use crate::exception::{Exception, Res};
+use crate::interrupts::IntKind;
+use crate::state::*;
+use crate::tasks::TaskSource;
 use crate::Cpu;
-use iced_x86::Instruction;
+use iced_x86::{Code, Instruction, Mnemonic, OpKind};
+
+/// EFLAGS bits IRET loads in real mode (SDM IRET pseudocode: `tempEFLAGS AND 257FD5H`).
+const IRET_REAL_MASK: u32 = 0x0025_7fd5;
 
 impl Cpu {
     /// Executes the instruction if it belongs to this group.
     pub(crate) fn exec_control(&mut self, i: &Instruction) -> Option<Res<()>> {
-        let _ = i;
-        None
+        Some(match i.code() {
+            Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 => self.mov_sreg(i),
+            Code::Popw_ES
+            | Code::Popd_ES
+            | Code::Popw_SS
+            | Code::Popd_SS
+            | Code::Popw_DS
+            | Code::Popd_DS
+            | Code::Popw_FS
+            | Code::Popd_FS
+            | Code::Popw_GS
+            | Code::Popd_GS => self.pop_sreg(i),
+            Code::Les_r16_m1616
+            | Code::Les_r32_m1632
+            | Code::Lds_r16_m1616
+            | Code::Lds_r32_m1632
+            | Code::Lss_r16_m1616
+            | Code::Lss_r32_m1632
+            | Code::Lfs_r16_m1616
+            | Code::Lfs_r32_m1632
+            | Code::Lgs_r16_m1616
+            | Code::Lgs_r32_m1632 => self.load_far_ptr(i),
+            Code::Call_ptr1616 | Code::Call_ptr1632 | Code::Jmp_ptr1616 | Code::Jmp_ptr1632 => {
+                let osize = if matches!(i.code(), Code::Call_ptr1616 | Code::Jmp_ptr1616) {
+                    2
+                } else {
+                    4
+                };
+                let off = if i.op0_kind() == OpKind::FarBranch16 {
+                    i.far_branch16() as u32
+                } else {
+                    i.far_branch32()
+                };
+                let call = i.mnemonic() == Mnemonic::Call;
+                self.far_jmp_call(i.far_branch_selector(), off, osize, call)
+            }
+            Code::Call_m1616 | Code::Call_m1632 | Code::Jmp_m1616 | Code::Jmp_m1632 => {
+                let osize = if matches!(i.code(), Code::Call_m1616 | Code::Jmp_m1616) {
+                    2
+                } else {
+                    4
+                };
+                match self.read_far_ptr(i, osize) {
+                    Ok((off, sel)) => {
+                        self.far_jmp_call(sel, off, osize, i.mnemonic() == Mnemonic::Call)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Code::Retfw | Code::Retfd => {
+                self.far_ret(if i.code() == Code::Retfw { 2 } else { 4 }, 0)
+            }
+            Code::Retfw_imm16 | Code::Retfd_imm16 => self.far_ret(
+                if i.code() == Code::Retfw_imm16 { 2 } else { 4 },
+                i.immediate16() as u32,
+            ),
+            Code::Int_imm8 => self.soft_int(i.immediate8(), IntKind::Software),
+            Code::Int3 => self.soft_int(3, IntKind::SoftException),
+            Code::Into => {
+                if self.s.get_of() {
+                    self.soft_int(4, IntKind::SoftException)
+                } else {
+                    Ok(())
+                }
+            }
+            Code::Int1 => self.soft_int(1, IntKind::Icebp),
+            Code::Iretw => self.iret(2),
+            Code::Iretd => self.iret(4),
+            _ => return None,
+        })
+    }
+
+    /// Reads an m16:16 / m16:32 far pointer: (offset, selector).
+    fn read_far_ptr(&mut self, i: &Instruction, osize: u32) -> Res<(u32, u16)> {
+        let seg = self.mem_seg(i);
+        let ea = self.ea(i);
+        let off = self.read_mem(seg, ea, osize)? as u32;
+        let ea2 = if self.addr_size(i) == 2 {
+            (ea + osize) & 0xffff
+        } else {
+            ea.wrapping_add(osize)
+        };
+        let sel = self.read_mem(seg, ea2, 2)? as u16;
+        Ok((off, sel))
+    }
+
+    /// MOV Sreg, r/m16. Loading SS inhibits interrupts and traps for one instruction.
+    fn mov_sreg(&mut self, i: &Instruction) -> Res<()> {
+        let sr = super::operands::sreg_of(i.op0_register());
+        if sr == SegReg::Cs {
+            return Err(Exception::ud());
+        }
+        let v = match i.op1_kind() {
+            OpKind::Memory => {
+                let seg = self.mem_seg(i);
+                let ea = self.ea(i);
+                self.read_mem(seg, ea, 2)? as u16
+            }
+            _ => self.reg_read(i.op1_register()) as u16,
+        };
+        self.load_seg(sr, v)?;
+        if sr == SegReg::Ss {
+            self.inhibit_after_ss();
+        }
+        Ok(())
+    }
+
+    /// POP Sreg (the stack pointer moves by the operand size of the old stack).
+    fn pop_sreg(&mut self, i: &Instruction) -> Res<()> {
+        let sr = super::operands::sreg_of(i.op0_register());
+        let osize = match i.code() {
+            Code::Popw_ES | Code::Popw_SS | Code::Popw_DS | Code::Popw_FS | Code::Popw_GS => 2,
+            _ => 4,
+        };
+        let mut st = self.cur_stack();
+        let v = self.stk_pop(&mut st, osize)? as u16;
+        self.load_seg(sr, v)?;
+        self.commit_sp(&st);
+        if sr == SegReg::Ss {
+            self.inhibit_after_ss();
+        }
+        Ok(())
+    }
+
+    /// LDS, LES, LFS, LGS, LSS r, m16:16/m16:32.
+    fn load_far_ptr(&mut self, i: &Instruction) -> Res<()> {
+        if i.op1_kind() != OpKind::Memory {
+            return Err(Exception::ud());
+        }
+        let osize = i.op0_register().size() as u32;
+        let (off, sel) = self.read_far_ptr(i, osize)?;
+        let sr = match i.mnemonic() {
+            Mnemonic::Les => SegReg::Es,
+            Mnemonic::Lds => SegReg::Ds,
+            Mnemonic::Lss => SegReg::Ss,
+            Mnemonic::Lfs => SegReg::Fs,
+            _ => SegReg::Gs,
+        };
+        self.load_seg(sr, sel)?;
+        self.reg_write(i.op0_register(), off as u64);
+        Ok(())
+    }
+
+    /// MOV SS / POP SS: no interrupt, NMI or single-step trap before the next
+    /// instruction completes (SDM vol. 3, 6.8.3).
+    fn inhibit_after_ss(&mut self) {
+        self.s.inhibit_irq = true;
+        self.ev.inhibit_trap = true;
+    }
+
+    /// Far JMP or CALL to `sel:off` with operand size `osize` (2 or 4).
+    pub(crate) fn far_jmp_call(&mut self, sel: u16, off: u32, osize: u32, call: bool) -> Res<()> {
+        let off = if osize == 2 { off & 0xffff } else { off };
+        if !self.s.protected() || self.s.v86() {
+            let mut st = self.cur_stack();
+            if call {
+                let cs = self.s.seg[SegReg::Cs as usize].selector;
+                self.stk_push(&mut st, osize, cs as u64)?;
+                self.stk_push(&mut st, osize, self.s.rip & 0xffff_ffff)?;
+            }
+            // The new CS keeps the current limit in real mode (64 KiB in V86).
+            if off > self.s.seg[SegReg::Cs as usize].limit {
+                return Err(Exception::gp(0));
+            }
+            self.commit_sp(&st);
+            self.load_cs_realish(sel);
+            self.s.rip = off as u64;
+            return Ok(());
+        }
+        if sel & !3 == 0 {
+            return Err(Exception::gp(0));
+        }
+        let code = sel as u32 & 0xfffc;
+        let (addr, d) = self.read_desc(sel, Exception::gp)?;
+        let cpl = self.s.cpl;
+        let rpl = (sel & 3) as u8;
+        if d.is_code() {
+            if d.conforming() {
+                if d.dpl() > cpl {
+                    return Err(Exception::gp(code));
+                }
+            } else if rpl > cpl || d.dpl() != cpl {
+                return Err(Exception::gp(code));
+            }
+            if !d.present() {
+                return Err(Exception::np(code));
+            }
+            return self.far_same_priv(sel, addr, &d, off, osize, call);
+        }
+        match d.sys_type() {
+            Some(SYS_CALL16 | SYS_CALL32) => {
+                if d.dpl() < cpl || d.dpl() < rpl {
+                    return Err(Exception::gp(code));
+                }
+                if !d.present() {
+                    return Err(Exception::np(code));
+                }
+                self.through_call_gate(&d, call)
+            }
+            Some(SYS_TASK) => {
+                if d.dpl() < cpl || d.dpl() < rpl {
+                    return Err(Exception::gp(code));
+                }
+                if !d.present() {
+                    return Err(Exception::np(code));
+                }
+                let tsel = d.gate_selector();
+                let tcode = tsel as u32 & 0xfffc;
+                if tsel & 4 != 0 {
+                    return Err(Exception::gp(tcode));
+                }
+                let (taddr, td) = self.read_desc(tsel, Exception::gp)?;
+                if !matches!(td.sys_type(), Some(SYS_TSS16_AVAIL | SYS_TSS32_AVAIL)) {
+                    return Err(Exception::gp(tcode));
+                }
+                if !td.present() {
+                    return Err(Exception::np(tcode));
+                }
+                let src = if call {
+                    TaskSource::Call
+                } else {
+                    TaskSource::Jmp
+                };
+                self.task_switch(tsel, taddr, td, src, None)
+            }
+            Some(SYS_TSS16_AVAIL | SYS_TSS32_AVAIL) => {
+                if d.dpl() < cpl || d.dpl() < rpl {
+                    return Err(Exception::gp(code));
+                }
+                if !d.present() {
+                    return Err(Exception::np(code));
+                }
+                let src = if call {
+                    TaskSource::Call
+                } else {
+                    TaskSource::Jmp
+                };
+                self.task_switch(sel, addr, d, src, None)
+            }
+            _ => Err(Exception::gp(code)),
+        }
+    }
+
+    /// Same-privilege far JMP/CALL to a checked code segment.
+    fn far_same_priv(
+        &mut self,
+        sel: u16,
+        addr: u64,
+        d: &Descriptor,
+        off: u32,
+        psize: u32,
+        call: bool,
+    ) -> Res<()> {
+        let mut st = self.cur_stack();
+        if call {
+            let cs = self.s.seg[SegReg::Cs as usize].selector;
+            self.stk_push(&mut st, psize, cs as u64)?;
+            self.stk_push(&mut st, psize, self.s.rip & 0xffff_ffff)?;
+        }
+        if off > d.limit() {
+            return Err(Exception::gp(0));
+        }
+        let cpl = self.s.cpl;
+        self.commit_cs(sel, addr, d, cpl)?;
+        self.commit_sp(&st);
+        self.s.rip = off as u64;
+        Ok(())
+    }
+
+    /// Far JMP/CALL through a (checked, present) call gate.
+    fn through_call_gate(&mut self, gate: &Descriptor, call: bool) -> Res<()> {
+        let cpl = self.s.cpl;
+        let csel = gate.gate_selector();
+        if csel & !3 == 0 {
+            return Err(Exception::gp(0));
+        }
+        let ccode = csel as u32 & 0xfffc;
+        let (caddr, cd) = self.read_desc(csel, Exception::gp)?;
+        if !cd.is_code() || cd.dpl() > cpl {
+            return Err(Exception::gp(ccode));
+        }
+        if !call && !cd.conforming() && cd.dpl() != cpl {
+            return Err(Exception::gp(ccode));
+        }
+        if !cd.present() {
+            return Err(Exception::np(ccode));
+        }
+        let psize = if gate.sys32() { 4 } else { 2 };
+        let off = gate.gate_offset();
+        if !call || cd.conforming() || cd.dpl() == cpl {
+            return self.far_same_priv(csel, caddr, &cd, off, psize, call);
+        }
+        // CALL to a more privileged non-conforming segment: switch to the inner stack
+        // from the TSS (SDM vol. 3, 5.8.5).
+        let ndpl = cd.dpl();
+        let (nss, nesp) = self.tss_stack(ndpl)?;
+        let (ssaddr, ssd) = self.check_ss(nss, ndpl, Exception::ts, 0)?;
+        let mut nst = crate::segmentation::Stk {
+            seg: ssd.to_segment(nss),
+            sp: nesp,
+            big: ssd.big(),
+            user: false,
+            err: Exception::ss(nss as u32 & 0xfffc),
+        };
+        let old = self.cur_stack();
+        let old_ss = self.s.seg[SegReg::Ss as usize].selector;
+        self.stk_push(&mut nst, psize, old_ss as u64)?;
+        self.stk_push(&mut nst, psize, old.sp as u64)?;
+        let n = gate.gate_params();
+        for k in (0..n).rev() {
+            let mut src = old;
+            src.sp = src.moved_by(k * psize);
+            let v = self.stk_pop(&mut src, psize)?;
+            self.stk_push(&mut nst, psize, v)?;
+        }
+        let cs = self.s.seg[SegReg::Cs as usize].selector;
+        self.stk_push(&mut nst, psize, cs as u64)?;
+        self.stk_push(&mut nst, psize, self.s.rip & 0xffff_ffff)?;
+        if off > cd.limit() {
+            return Err(Exception::gp(0));
+        }
+        self.mark_accessed(ssaddr, &ssd)?;
+        self.commit_cs(csel, caddr, &cd, ndpl)?;
+        self.commit_seg(SegReg::Ss, nss, ssaddr, &ssd)?;
+        self.s.set_r32(reg::RSP, nst.sp);
+        self.s.rip = off as u64;
+        Ok(())
+    }
+
+    /// Far RET (RETF, RETF imm16): same privilege or to an outer level.
+    fn far_ret(&mut self, osize: u32, imm: u32) -> Res<()> {
+        let mut st = self.cur_stack();
+        let eip = self.stk_pop(&mut st, osize)? as u32;
+        let sel = self.stk_pop(&mut st, osize)? as u16;
+        let eip = if osize == 2 { eip & 0xffff } else { eip };
+        if !self.s.protected() || self.s.v86() {
+            if eip > self.s.seg[SegReg::Cs as usize].limit {
+                return Err(Exception::gp(0));
+            }
+            st.sp = st.moved_by(imm);
+            self.commit_sp(&st);
+            self.load_cs_realish(sel);
+            self.s.rip = eip as u64;
+            return Ok(());
+        }
+        let (addr, d, rpl) = self.check_return_cs(sel)?;
+        st.sp = st.moved_by(imm);
+        if rpl == self.s.cpl {
+            if eip > d.limit() {
+                return Err(Exception::gp(0));
+            }
+            self.commit_cs(sel, addr, &d, rpl)?;
+            self.commit_sp(&st);
+            self.s.rip = eip as u64;
+            return Ok(());
+        }
+        // Return to an outer privilege level: the caller's SS:ESP follow.
+        let nesp = self.stk_pop(&mut st, osize)? as u32;
+        let nss = self.stk_pop(&mut st, osize)? as u16;
+        let (ssaddr, ssd) = self.check_ss(nss, rpl, Exception::gp, 0)?;
+        if eip > d.limit() {
+            return Err(Exception::gp(0));
+        }
+        self.mark_accessed(ssaddr, &ssd)?;
+        self.commit_cs(sel, addr, &d, rpl)?;
+        self.commit_seg(SegReg::Ss, nss, ssaddr, &ssd)?;
+        let mut nst = self.cur_stack();
+        nst.sp = if osize == 2 {
+            (self.s.gpr[reg::RSP] as u32 & 0xffff_0000) | (nesp & 0xffff)
+        } else {
+            nesp
+        };
+        nst.sp = nst.moved_by(imm);
+        self.commit_sp(&nst);
+        self.s.rip = eip as u64;
+        self.null_outer_segments();
+        Ok(())
+    }
+
+    /// The checks RET and IRET apply to the return CS: not null, RPL >= CPL, code,
+    /// conforming DPL <= RPL or non-conforming DPL = RPL, present.
+    fn check_return_cs(&mut self, sel: u16) -> Res<(u64, Descriptor, u8)> {
+        if sel & !3 == 0 {
+            return Err(Exception::gp(0));
+        }
+        let code = sel as u32 & 0xfffc;
+        let rpl = (sel & 3) as u8;
+        if rpl < self.s.cpl {
+            return Err(Exception::gp(code));
+        }
+        let (addr, d) = self.read_desc(sel, Exception::gp)?;
+        if !d.is_code() {
+            return Err(Exception::gp(code));
+        }
+        if d.conforming() {
+            if d.dpl() > rpl {
+                return Err(Exception::gp(code));
+            }
+        } else if d.dpl() != rpl {
+            return Err(Exception::gp(code));
+        }
+        if !d.present() {
+            return Err(Exception::np(code));
+        }
+        Ok((addr, d, rpl))
+    }
+
+    /// INT n, INT3, INTO, INT1: software interrupts (V86: INT n is IOPL-sensitive).
+    fn soft_int(&mut self, vector: u8, kind: IntKind) -> Res<()> {
+        if self.s.v86() && kind == IntKind::Software && self.s.iopl() < 3 {
+            return Err(Exception::gp(0));
+        }
+        self.deliver(vector, kind, None)?;
+        // The handler starts with TF clear: no single-step trap after INT.
+        self.ev.suppress_trap = true;
+        Ok(())
+    }
+
+    /// Loads EFLAGS from a popped image as IRET does in protected mode, for a return
+    /// from privilege level `cpl` (SDM IRET pseudocode).
+    fn iret_flags(&mut self, v: u32, osize: u32, cpl: u8) {
+        let old = self.s.eflags();
+        let mut m = CF | PF | AF | ZF | SF | TF | DF | OF | NT;
+        if osize == 4 {
+            m |= RF | AC | ID;
+        }
+        if cpl <= self.s.iopl() {
+            m |= IF;
+        }
+        if cpl == 0 {
+            m |= IOPL;
+            if osize == 4 {
+                m |= VIF | VIP;
+            }
+        }
+        self.s.set_eflags((old & !m) | (v & m));
+    }
+
+    /// IRET / IRETD.
+    fn iret(&mut self, osize: u32) -> Res<()> {
+        if self.s.real() {
+            return self.iret_real(osize, false);
+        }
+        if self.s.v86() {
+            if self.s.iopl() < 3 {
+                return Err(Exception::gp(0));
+            }
+            return self.iret_real(osize, true);
+        }
+        if self.s.eflags_raw & NT != 0 {
+            // Return from a nested task through the back link.
+            let link = self.read_sys(self.s.tr.base, 2)? as u16;
+            let lcode = link as u32 & 0xfffc;
+            if link & 4 != 0 {
+                return Err(Exception::ts(lcode));
+            }
+            let (laddr, ld) = self.read_desc(link, Exception::ts)?;
+            if !ld.tss_busy() {
+                return Err(Exception::ts(lcode));
+            }
+            if !ld.present() {
+                return Err(Exception::np(lcode));
+            }
+            self.task_switch(link, laddr, ld, TaskSource::Iret, None)?;
+            self.s.nmi_blocked = false;
+            return Ok(());
+        }
+        let mut st = self.cur_stack();
+        let eip = self.stk_pop(&mut st, osize)? as u32;
+        let sel = self.stk_pop(&mut st, osize)? as u16;
+        let fl = self.stk_pop(&mut st, osize)? as u32;
+        let cpl = self.s.cpl;
+        if osize == 4 && fl & VM != 0 && cpl == 0 {
+            // Return to virtual-8086 mode (SDM vol. 3, 20.3.3).
+            let mut vals = [0u16; 5];
+            let esp = self.stk_pop(&mut st, 4)? as u32;
+            for v in vals.iter_mut() {
+                *v = self.stk_pop(&mut st, 4)? as u16;
+            }
+            let [ss, es, ds, fs, gs] = vals;
+            self.s.set_eflags(fl);
+            let mut cs = Segment::v86(sel);
+            cs.attrs |= ATTR_CODE;
+            self.s.seg[SegReg::Cs as usize] = cs;
+            self.s.seg[SegReg::Ss as usize] = Segment::v86(ss);
+            self.s.seg[SegReg::Es as usize] = Segment::v86(es);
+            self.s.seg[SegReg::Ds as usize] = Segment::v86(ds);
+            self.s.seg[SegReg::Fs as usize] = Segment::v86(fs);
+            self.s.seg[SegReg::Gs as usize] = Segment::v86(gs);
+            self.s.set_r32(reg::RSP, esp);
+            self.s.rip = (eip & 0xffff) as u64;
+            self.s.cpl = 3;
+            self.s.nmi_blocked = false;
+            return Ok(());
+        }
+        let eip = if osize == 2 { eip & 0xffff } else { eip };
+        let (addr, d, rpl) = self.check_return_cs(sel)?;
+        if rpl == cpl {
+            if eip > d.limit() {
+                return Err(Exception::gp(0));
+            }
+            self.commit_cs(sel, addr, &d, rpl)?;
+            self.commit_sp(&st);
+            self.s.rip = eip as u64;
+            self.iret_flags(fl, osize, cpl);
+            self.s.nmi_blocked = false;
+            return Ok(());
+        }
+        let nesp = self.stk_pop(&mut st, osize)? as u32;
+        let nss = self.stk_pop(&mut st, osize)? as u16;
+        let (ssaddr, ssd) = self.check_ss(nss, rpl, Exception::gp, 0)?;
+        if eip > d.limit() {
+            return Err(Exception::gp(0));
+        }
+        self.mark_accessed(ssaddr, &ssd)?;
+        self.commit_cs(sel, addr, &d, rpl)?;
+        self.commit_seg(SegReg::Ss, nss, ssaddr, &ssd)?;
+        if osize == 2 {
+            self.s.set_r16(reg::RSP, nesp as u16);
+        } else {
+            self.s.set_r32(reg::RSP, nesp);
+        }
+        self.s.rip = eip as u64;
+        self.iret_flags(fl, osize, cpl);
+        self.null_outer_segments();
+        self.s.nmi_blocked = false;
+        Ok(())
+    }
+
+    /// IRET in real mode, or in V86 mode with IOPL 3 (IOPL itself then stays).
+    fn iret_real(&mut self, osize: u32, v86: bool) -> Res<()> {
+        let mut st = self.cur_stack();
+        let eip = self.stk_pop(&mut st, osize)? as u32;
+        let sel = self.stk_pop(&mut st, osize)? as u16;
+        let fl = self.stk_pop(&mut st, osize)? as u32;
+        let eip = if osize == 2 { eip & 0xffff } else { eip };
+        if eip > self.s.seg[SegReg::Cs as usize].limit {
+            return Err(Exception::gp(0));
+        }
+        let old = self.s.eflags();
+        let mut m = if osize == 4 { IRET_REAL_MASK } else { 0xffff };
+        if v86 {
+            m &= !IOPL;
+        }
+        self.commit_sp(&st);
+        self.load_cs_realish(sel);
+        self.s.rip = eip as u64;
+        self.s.set_eflags((old & !m) | (fl & m));
+        self.s.nmi_blocked = false;
+        Ok(())
     }
 }
