@@ -526,3 +526,83 @@ fn stores_match_host() {
     );
     assert_eq!(bad, 0);
 }
+
+fn soft_cmp(c: &mut Ctx, a: F80, b: F80, quiet: bool) -> Option<F80> {
+    use std::cmp::Ordering::*;
+    let cc = match c.compare(a, b, quiet) {
+        Some(Greater) => 0,
+        Some(Less) => 0x100,
+        Some(Equal) => 0x4000,
+        None => 0x4500,
+    };
+    // The condition codes are set even when IE/DE are unmasked.
+    c.flags |= cc;
+    Some(a)
+}
+
+#[test]
+fn compares_match_host() {
+    let f: fn(&mut Ctx, F80, F80) -> Option<F80> = |c, a, b| soft_cmp(c, a, b, false);
+    let g: fn(&mut Ctx, F80, F80) -> Option<F80> = |c, a, b| soft_cmp(c, a, b, true);
+    let mut bad = run_binop("fcom", h_com, f, 1000, 41, 0x3f).0;
+    bad += run_binop("fucom", h_ucom, g, 1000, 42, 0x3f).0;
+    bad += run_binop("fcom/u", h_com, f, 300, 43, 0).0;
+    bad += run_binop("fucom/u", h_ucom, g, 300, 44, 0).0;
+    assert_eq!(bad, 0);
+}
+
+macro_rules! host_const {
+    ($name:ident, $insn:literal) => {
+        fn $name(cw: u16) -> (F80, u16) {
+            let mut rb = [0u8; 10];
+            let mut sw: u16 = 0;
+            // SAFETY: writes only `rb` and `sw`; the x87 stack is left empty.
+            unsafe {
+                core::arch::asm!(
+                    "fninit",
+                    "fldcw ({cw})",
+                    $insn,
+                    "fnstsw ({sw})",
+                    "fstpt ({r})",
+                    "fninit",
+                    cw = in(reg) &cw,
+                    r = in(reg) rb.as_mut_ptr(),
+                    sw = in(reg) &mut sw,
+                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                    options(att_syntax, nostack),
+                );
+            }
+            (bf80(&rb), sw)
+        }
+    };
+}
+host_const!(h_fldpi, "fldpi");
+host_const!(h_fldl2t, "fldl2t");
+host_const!(h_fldl2e, "fldl2e");
+host_const!(h_fldlg2, "fldlg2");
+host_const!(h_fldln2, "fldln2");
+host_const!(h_fld1, "fld1");
+host_const!(h_fldz, "fldz");
+
+#[test]
+fn constants_match_host() {
+    let hosts: [fn(u16) -> (F80, u16); 7] = [
+        h_fldpi, h_fldl2t, h_fldl2e, h_fldlg2, h_fldln2, h_fld1, h_fldz,
+    ];
+    let mut bad = 0;
+    for (k, h) in hosts.iter().enumerate() {
+        for rc in 0..4 {
+            for pc in [0, 2, 3] {
+                let cw = cw_of(rc, pc, 0x3f);
+                let (hv, hsw) = h(cw);
+                let sv = super::constant(k, cw);
+                if hv != sv || hsw & CMP_MASK != 0 {
+                    eprintln!("const {k} cw={cw:04x} host {hv:x?} {hsw:04x} soft {sv:x?}");
+                    bad += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(bad, 0);
+}

@@ -125,6 +125,27 @@ pub fn tag_of(v: F80) -> u16 {
     }
 }
 
+/// The constant of FLDPI (0), FLDL2T (1), FLDL2E (2), FLDLG2 (3), FLDLN2 (4), FLD1 (5),
+/// FLDZ (6), rounded to 64 bits by the rounding control of `cw` (as a P6 does; no PE,
+/// precision control ignored).
+pub fn constant(k: usize, cw: u16) -> F80 {
+    // 128-bit significands of the constants and their exponents.
+    const TABLE: [(u128, i32); 6] = [
+        (0xc90f_daa2_2168_c234_c4c6_628b_80dc_1cd1, 1),
+        (0xd49a_784b_cd1b_8afe_492b_f6ff_4daf_db4d, 1),
+        (0xb8aa_3b29_5c17_f0bb_be87_fed0_691d_3e89, 0),
+        (0x9a20_9a84_fbcf_f798_8f89_59ac_0b7c_9178, -2),
+        (0xb172_17f7_d1cf_79ab_c9e3_b398_03f2_f6af, -1),
+        (1 << 127, 0),
+    ];
+    if k >= 6 {
+        return F80::ZERO;
+    }
+    let (sig, exp) = TABLE[k];
+    let mut c = Ctx::new(cw | CW_MASKS);
+    c.round_ext(false, exp, sig, false)
+}
+
 impl FpuState {
     /// FNINIT: control word 0x37f, status 0, all registers empty, pointers cleared.
     pub fn init(&mut self) {

@@ -436,28 +436,20 @@ impl Cpu {
         self.fpu_commit(&ctx);
     }
 
-    /// FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ: the constant rounded to 64
-    /// bits per RC (no PE).
+    /// FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ.
     fn fpu_const(&mut self, m: Mnemonic) {
         use Mnemonic::*;
-        let ctx = Ctx::new(self.s.fpu.cw);
-        let (sig, exp): (u128, i32) = match m {
-            Fld1 => (1 << 127, 0),
-            Fldz => (0, 0),
-            Fldl2t => (0xd49a_784b_cd1b_8afe_492b_f6ff_4daf_db4d, 1),
-            Fldl2e => (0xb8aa_3b29_5c17_f0bb_be87_fed0_691d_3e89, 0),
-            Fldpi => (0xc90f_daa2_2168_c234_c4c6_628b_80dc_1cd1, 1),
-            Fldlg2 => (0x9a20_9a84_fbcf_f798_8f89_59ac_0b7c_9178, -2),
-            _ => (0xb172_17f7_d1cf_79ab_c9e3_b398_03f2_f6af, -1),
+        let k = match m {
+            Fldpi => 0,
+            Fldl2t => 1,
+            Fldl2e => 2,
+            Fldlg2 => 3,
+            Fldln2 => 4,
+            Fld1 => 5,
+            _ => 6,
         };
-        let v = if sig == 0 {
-            F80::ZERO
-        } else {
-            let mut c = ctx;
-            c.cw |= CW_MASKS;
-            c.round_ext(false, exp, sig, false)
-        };
-        self.fpu_push_value(ctx, v);
+        let cw = self.s.fpu.cw;
+        self.fpu_push_value(Ctx::new(cw), constant(k, cw));
     }
 
     /// FST/FSTP to memory or ST(i).
@@ -651,10 +643,6 @@ impl Cpu {
             ctx.flags &= !IE;
             ctx.compare(a, bv, quiet)
         };
-        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
-            self.fpu_commit(&ctx);
-            return Ok(());
-        }
         let cc = match ord {
             Some(Ordering::Greater) => 0,
             Some(Ordering::Less) => SW_C0,
@@ -662,7 +650,13 @@ impl Cpu {
             None => SW_C0 | SW_C2 | SW_C3,
         };
         ctx.flags &= !C1;
+        // The condition codes are written even when IE/DE are unmasked (measured on
+        // the host); the pops are not done then.
         self.fpu_set_cc(cc);
+        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
         for _ in 0..pops {
             self.s.fpu.pop();
         }
