@@ -162,11 +162,11 @@ impl Cpu {
             _ => return Err(Exception::ud()),
         }
         if self.mmu.phys.mark_code(phys) {
-            self.mmu.tlb.flush_all();
+            self.mmu.protect_code_page(phys);
         }
         if let Some(p2) = crossed {
             if self.mmu.phys.mark_code(p2) {
-                self.mmu.tlb.flush_all();
+                self.mmu.protect_code_page(p2);
             }
         } else if self.mmu.phys.kind(phys) != PhysKind::Mmio {
             let idx = DecodeCache::index(phys);

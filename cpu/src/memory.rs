@@ -101,23 +101,36 @@ impl Cpu {
     /// Reads `size` bytes at a linear address with the given privilege.
     #[inline]
     pub fn read_lin(&mut self, lin: u64, size: u32, user: bool) -> Res<u64> {
-        let mut b = [0u8; 8];
-        match self
-            .mmu
-            .read(lin, &mut b[..size as usize], Access::Read, user)
-        {
-            Ok(()) => Ok(u64::from_le_bytes(b)),
-            Err(pf) => Err(self.page_fault(pf)),
-        }
+        let r = match size {
+            1 => self.mmu.read_u8(lin, user).map(u64::from),
+            2 => self.mmu.read_u16(lin, user).map(u64::from),
+            4 => self.mmu.read_u32(lin, user).map(u64::from),
+            8 => self.mmu.read_u64(lin, user),
+            _ => {
+                let mut b = [0u8; 8];
+                let n = (size as usize).min(8);
+                self.mmu
+                    .read(lin, &mut b[..n], Access::Read, user)
+                    .map(|()| u64::from_le_bytes(b))
+            }
+        };
+        r.map_err(|pf| self.page_fault(pf))
     }
 
     /// Writes `size` bytes at a linear address with the given privilege.
     #[inline]
     pub fn write_lin(&mut self, lin: u64, size: u32, v: u64, user: bool) -> Res<()> {
-        let b = v.to_le_bytes();
-        self.mmu
-            .write(lin, &b[..size as usize], user)
-            .map_err(|pf| self.page_fault(pf))
+        let r = match size {
+            1 => self.mmu.write_u8(lin, v as u8, user),
+            2 => self.mmu.write_u16(lin, v as u16, user),
+            4 => self.mmu.write_u32(lin, v as u32, user),
+            8 => self.mmu.write_u64(lin, v, user),
+            _ => {
+                let b = v.to_le_bytes();
+                self.mmu.write(lin, &b[..(size as usize).min(8)], user)
+            }
+        };
+        r.map_err(|pf| self.page_fault(pf))
     }
 
     /// Reads bytes at a linear address into `buf` (FPU environments, FXSAVE areas, TSS).

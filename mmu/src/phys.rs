@@ -11,6 +11,15 @@
 
 use crate::bus::BusDevice;
 use memmap2::MmapMut;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Source of [`PhysMem::epoch`] values: unique across every map in the process, so a
+/// TLB filled from one map can never mistake another map (or a changed one) for it.
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+fn next_epoch() -> u64 {
+    NEXT_EPOCH.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -69,12 +78,15 @@ pub struct PhysMem {
     /// Number of MMIO / ROM / unassigned pages in the map below 4 GiB, precomputed per
     /// page for speed: `special[page] != 0` when the page is not plain RAM.
     special: Vec<u8>,
+    /// Changes whenever a physical address may start to mean something else (new map,
+    /// ROM or MMIO added, A20 gate moved); see [`PhysMem::epoch`].
+    epoch: u64,
 }
 
 impl PhysMem {
     /// Builds a map with `ram_size` bytes of RAM at physical address 0.
     pub fn new(ram_size: u64) -> Result<Self, PhysError> {
-        if ram_size < (1 << 20) || ram_size > MAX_RAM || ram_size % PAGE_SIZE != 0 {
+        if !((1 << 20)..=MAX_RAM).contains(&ram_size) || ram_size & (PAGE_SIZE - 1) != 0 {
             return Err(PhysError::BadRamSize(ram_size));
         }
         let ram = memmap2::MmapOptions::new()
@@ -94,6 +106,7 @@ impl PhysMem {
             code_pages: vec![0; pages],
             dirty_code: Vec::new(),
             special: vec![0; pages],
+            epoch: next_epoch(),
         })
     }
 
@@ -115,6 +128,7 @@ impl PhysMem {
     }
 
     fn mark_special(&mut self, base: u64, len: u64) {
+        self.epoch = next_epoch();
         let first = base / PAGE_SIZE;
         let last = (base.saturating_add(len).saturating_sub(1)) / PAGE_SIZE;
         for p in first..=last {
@@ -125,8 +139,24 @@ impl PhysMem {
     }
 
     /// Opens or closes the A20 gate. Closed, address bit 20 reads as zero (the 8086 wrap).
+    /// Moving the gate changes the epoch, so every TLB over this map is flushed before
+    /// its next use (translations and host pointers depend on the gate).
     pub fn set_a20(&mut self, enabled: bool) {
-        self.a20_mask = if enabled { !0 } else { !(1 << 20) };
+        let mask = if enabled { !0 } else { !(1 << 20) };
+        if mask != self.a20_mask {
+            self.a20_mask = mask;
+            self.epoch = next_epoch();
+        }
+    }
+
+    /// A number that changes whenever a physical address may change meaning: it is
+    /// unique to this map and renewed when ROM or MMIO is added or the A20 gate moves.
+    /// The TLB records the epoch it was filled under and uses no entry (in particular no
+    /// host pointer) from another epoch, which keeps its host pointers sound even if the
+    /// map is replaced wholesale.
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Whether the A20 gate is open.
@@ -179,6 +209,44 @@ impl PhysMem {
             Some(unsafe { self.ram.as_mut_ptr().add(page * PAGE_SIZE as usize) })
         } else {
             None
+        }
+    }
+
+    /// Sets `bits` in the naturally aligned 4-byte (`wide == false`) or 8-byte paging
+    /// entry at `addr` with a locked read-modify-write, as the CPU sets accessed and
+    /// dirty bits, and returns the entry's new value. An entry outside plain RAM (ROM,
+    /// MMIO, nothing) is read and written through the ordinary paths.
+    pub fn atomic_or_entry(&mut self, addr: u64, bits: u64, wide: bool) -> u64 {
+        let addr = addr & self.a20_mask;
+        let size = if wide { 8 } else { 4 };
+        let aligned = addr & (size - 1) == 0;
+        match self.ram_page_ptr(addr) {
+            Some(page) if aligned => {
+                self.note_write(addr);
+                let off = (addr % PAGE_SIZE) as usize;
+                // SAFETY: `page` points to a whole 4 KiB RAM page inside the mapping,
+                // `off + size <= PAGE_SIZE` because `off` is a multiple of `size`, and
+                // the mapping is page aligned, so the pointer is aligned for the atomic
+                // type. Nothing else accesses guest RAM non-atomically at the same time:
+                // all RAM access goes through `&mut self` (or `&mut Mmu`).
+                unsafe {
+                    let p = page.add(off);
+                    if wide {
+                        AtomicU64::from_ptr(p.cast::<u64>()).fetch_or(bits, Ordering::SeqCst) | bits
+                    } else {
+                        (AtomicU32::from_ptr(p.cast::<u32>())
+                            .fetch_or(bits as u32, Ordering::SeqCst)
+                            | bits as u32) as u64
+                    }
+                }
+            }
+            _ => {
+                let mut b = [0u8; 8];
+                self.read(addr, &mut b[..size as usize]);
+                let v = u64::from_le_bytes(b) | bits;
+                self.write(addr, &v.to_le_bytes()[..size as usize]);
+                v
+            }
         }
     }
 

@@ -1,31 +1,323 @@
 //! The software TLB: the shadow of the guest page tables (ARCHITECTURE.md section 3).
 //!
-//! TODO(mmu helper): per-privilege sets, separate read/write/fetch tags, host addends.
-//! This first version caches nothing, which is always correct.
+//! Two direct-mapped sets of [`TLB_SIZE`] entries, indexed by `(linear >> 12) &
+//! (TLB_SIZE - 1)`: set 0 for supervisor accesses, set 1 for user accesses, so a ring
+//! switch needs no flush. Each [`TlbEntry`] holds one tag per access kind (read, write,
+//! fetch) and an addend with `host = linear + addend` for plain RAM pages.
+//!
+//! # Tags
+//! A tag is the 4 KiB-aligned linear page address when the access may go straight to
+//! host memory. Anything else keeps low bits set so the fast compare fails:
+//! - [`TAG_INVALID`] (all ones): no translation cached for this kind of access (not
+//!   present, not allowed, or, for writes, the dirty bit not yet set);
+//! - page | [`TAG_SLOW`]: the translation is valid but the access must take the slow
+//!   path: MMIO, ROM, unassigned memory, or a write to a page holding code.
+//!
+//! # Inline probe (for the JIT)
+//! `base = Tlb::entries_ptr()`; the supervisor set is `base[0..TLB_SIZE]`, the user set
+//! `base[TLB_SIZE..2 * TLB_SIZE]`. For an access of `size` bytes at 32-bit `linear`:
+//! ```text
+//! e = base + ((user << TLB_BITS) | ((linear >> 12) & (TLB_SIZE - 1))) * size_of::<TlbEntry>()
+//! if *(e + TlbEntry::OFFSET_READ) == (linear + size - 1) & !0xfff { host = linear + *(e + OFFSET_ADDEND) }
+//! ```
+//! Comparing against the page of the *last* byte makes page-crossing accesses miss (the
+//! next page never lives in this slot), so an unaligned access needs no extra test.
+//! Entries are only meaningful while [`crate::Mmu::sync_tlb`] has been called since the
+//! last change to the physical map (generated code must be entered after it).
 
 use crate::paging::Translation;
 use crate::Access;
 
+/// log2 of the number of entries per set.
+pub const TLB_BITS: u32 = 10;
+/// Entries per privilege set.
+pub const TLB_SIZE: usize = 1 << TLB_BITS;
+/// Tag of an entry that caches nothing for that access kind (never equals a page).
+pub const TAG_INVALID: u64 = u64::MAX;
+/// Tag bit: the translation is valid but the access must take the slow path.
+pub const TAG_SLOW: u64 = 1;
+/// Mask of the page bits of a linear address.
+pub const PAGE_MASK: u64 = !0xfff;
+
+/// One TLB entry, as generated code reads it.
+#[repr(C, align(32))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlbEntry {
+    /// Tag for data reads.
+    pub read: u64,
+    /// Tag for data writes.
+    pub write: u64,
+    /// Tag for instruction fetches.
+    pub fetch: u64,
+    /// `host address - linear address` (wrapping) for the page; meaningful only when a
+    /// tag matches without [`TAG_SLOW`].
+    pub addend: u64,
+}
+
+impl TlbEntry {
+    /// Byte offset of [`TlbEntry::read`].
+    pub const OFFSET_READ: usize = std::mem::offset_of!(TlbEntry, read);
+    /// Byte offset of [`TlbEntry::write`].
+    pub const OFFSET_WRITE: usize = std::mem::offset_of!(TlbEntry, write);
+    /// Byte offset of [`TlbEntry::fetch`].
+    pub const OFFSET_FETCH: usize = std::mem::offset_of!(TlbEntry, fetch);
+    /// Byte offset of [`TlbEntry::addend`].
+    pub const OFFSET_ADDEND: usize = std::mem::offset_of!(TlbEntry, addend);
+
+    const EMPTY: TlbEntry = TlbEntry {
+        read: TAG_INVALID,
+        write: TAG_INVALID,
+        fetch: TAG_INVALID,
+        addend: 0,
+    };
+
+    /// The tag for `acc`.
+    #[inline(always)]
+    pub fn tag(&self, acc: Access) -> u64 {
+        match acc {
+            Access::Read => self.read,
+            Access::Write => self.write,
+            Access::Fetch => self.fetch,
+        }
+    }
+}
+
+/// What the slow path needs besides the hot entry.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// Linear page the entry maps, or `TAG_INVALID`.
+    page: u64,
+    /// Physical frame (after the A20 gate).
+    phys: u64,
+    /// META_* bits.
+    flags: u8,
+}
+
+const META_GLOBAL: u8 = 1 << 0;
+const META_LARGE: u8 = 1 << 1;
+
+impl Meta {
+    const EMPTY: Meta = Meta {
+        page: TAG_INVALID,
+        phys: 0,
+        flags: 0,
+    };
+}
+
+/// Counters for `--stats`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlbStats {
+    /// Slow-path fills (page walks, or identity fills with paging off).
+    pub fills: u64,
+    /// Full flushes that had something to drop.
+    pub flushes: u64,
+}
+
 /// The software TLB.
-#[derive(Debug, Default)]
-pub struct Tlb {}
+pub struct Tlb {
+    entries: Box<[TlbEntry; 2 * TLB_SIZE]>,
+    meta: Box<[Meta; 2 * TLB_SIZE]>,
+    /// The [`crate::PhysMem::epoch`] the entries were filled under.
+    pub(crate) epoch: u64,
+    /// Some entry was filled since the last full flush.
+    any: bool,
+    /// Some non-global entry was filled since the last flush of non-global entries.
+    nonglobal: bool,
+    /// Some large-page entry was filled since the last full flush.
+    large: bool,
+    /// Counters.
+    pub stats: TlbStats,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Tlb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tlb")
+            .field("epoch", &self.epoch)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Tlb {
     /// An empty TLB.
     pub fn new() -> Self {
-        Tlb {}
+        let entries: Box<[TlbEntry; 2 * TLB_SIZE]> = vec![TlbEntry::EMPTY; 2 * TLB_SIZE]
+            .into_boxed_slice()
+            .try_into()
+            .expect("length is 2 * TLB_SIZE");
+        let meta: Box<[Meta; 2 * TLB_SIZE]> = vec![Meta::EMPTY; 2 * TLB_SIZE]
+            .into_boxed_slice()
+            .try_into()
+            .expect("length is 2 * TLB_SIZE");
+        Tlb {
+            entries,
+            meta,
+            epoch: 0,
+            any: false,
+            nonglobal: false,
+            large: false,
+            stats: TlbStats::default(),
+        }
     }
-    /// Looks up the physical address of `linear` for `acc` with privilege `user`.
+
+    #[inline(always)]
+    fn index(linear: u64, user: bool) -> usize {
+        ((user as usize) << TLB_BITS) | ((linear >> 12) as usize & (TLB_SIZE - 1))
+    }
+
+    /// The entry slot for `linear` in the set for privilege `user`.
+    #[inline(always)]
+    pub fn entry(&self, linear: u64, user: bool) -> &TlbEntry {
+        &self.entries[Self::index(linear, user)]
+    }
+
+    /// Base of the entry arrays (supervisor set, then user set), for generated code.
+    /// The arrays never move while this `Tlb` lives.
+    pub fn entries_ptr(&self) -> *const TlbEntry {
+        self.entries.as_ptr()
+    }
+
+    /// Looks up the physical address of `linear` for `acc` with privilege `user`
+    /// (slow-path entries included).
     #[inline]
-    pub fn lookup(&mut self, _linear: u64, _acc: Access, _user: bool) -> Option<u64> {
-        None
+    pub fn lookup(&self, linear: u64, acc: Access, user: bool) -> Option<u64> {
+        let i = Self::index(linear, user);
+        let page = linear & PAGE_MASK;
+        if self.entries[i].tag(acc) & !TAG_SLOW == page {
+            Some(self.meta[i].phys | (linear & 0xfff))
+        } else {
+            None
+        }
     }
-    /// Records a translation after a walk.
-    pub fn insert(&mut self, _linear: u64, _acc: Access, _user: bool, _t: &Translation) {}
+
+    /// Records a translation for the page of `linear` after a walk made with privilege
+    /// `user`. `t.frame` must already have the A20 gate applied. `host` is the host
+    /// address of the start of the frame if it is plain RAM (then it must point into
+    /// the RAM mapping of the map whose epoch this TLB carries), `code` whether the
+    /// frame holds code (writes must then go the slow way).
+    pub(crate) fn insert(
+        &mut self,
+        linear: u64,
+        user: bool,
+        t: &Translation,
+        host: Option<u64>,
+        code: bool,
+    ) {
+        let i = Self::index(linear, user);
+        let page = linear & PAGE_MASK;
+        let fast = if host.is_some() {
+            page
+        } else {
+            page | TAG_SLOW
+        };
+        let e = &mut self.entries[i];
+        e.read = fast;
+        e.fetch = if t.executable && (!user || t.user) {
+            fast
+        } else {
+            TAG_INVALID
+        };
+        e.write = if t.writable && t.dirty {
+            if code {
+                page | TAG_SLOW
+            } else {
+                fast
+            }
+        } else {
+            TAG_INVALID
+        };
+        e.addend = host.map_or(0, |h| h.wrapping_sub(page));
+        let mut flags = 0;
+        if t.global {
+            flags |= META_GLOBAL;
+        } else {
+            self.nonglobal = true;
+        }
+        if t.large {
+            flags |= META_LARGE;
+            self.large = true;
+        }
+        self.meta[i] = Meta {
+            page,
+            phys: t.frame,
+            flags,
+        };
+        self.any = true;
+    }
+
+    #[inline]
+    fn drop_slot(&mut self, i: usize) {
+        self.entries[i] = TlbEntry::EMPTY;
+        self.meta[i] = Meta::EMPTY;
+    }
+
     /// Drops every entry.
-    pub fn flush_all(&mut self) {}
+    pub fn flush_all(&mut self) {
+        if !self.any {
+            return;
+        }
+        self.stats.flushes += 1;
+        self.entries.fill(TlbEntry::EMPTY);
+        self.meta.fill(Meta::EMPTY);
+        self.any = false;
+        self.nonglobal = false;
+        self.large = false;
+    }
+
     /// Drops every non-global entry.
-    pub fn flush_nonglobal(&mut self) {}
-    /// Drops the entries for the page holding `linear`.
-    pub fn invlpg(&mut self, _linear: u64) {}
+    pub fn flush_nonglobal(&mut self) {
+        if !self.nonglobal {
+            return;
+        }
+        for i in 0..2 * TLB_SIZE {
+            if self.meta[i].flags & META_GLOBAL == 0 {
+                self.drop_slot(i);
+            }
+        }
+        self.nonglobal = false;
+    }
+
+    /// Drops the entries for the page holding `linear`, global or not; when the TLB
+    /// holds pieces of large pages, every piece of a large page holding `linear` too.
+    pub fn invlpg(&mut self, linear: u64) {
+        let page = linear & 0xffff_f000;
+        for user in [false, true] {
+            let i = Self::index(page, user);
+            if self.meta[i].page == page {
+                self.drop_slot(i);
+            }
+        }
+        if self.large {
+            // Pieces of a 4 MiB (or 2 MiB) page are cached per 4 KiB: drop every piece
+            // of a large page in the same 4 MiB region (over-dropping is harmless).
+            for i in 0..2 * TLB_SIZE {
+                let m = self.meta[i];
+                if m.flags & META_LARGE != 0 && (m.page ^ page) >> 22 == 0 {
+                    self.drop_slot(i);
+                }
+            }
+        }
+    }
+
+    /// Makes every write to physical frame `frame` (4 KiB aligned, after A20) take the
+    /// slow path: the frame was just marked as holding code.
+    pub fn drop_write_phys(&mut self, frame: u64) {
+        if !self.any {
+            return;
+        }
+        for i in 0..2 * TLB_SIZE {
+            if self.meta[i].phys == frame && self.meta[i].page != TAG_INVALID {
+                let w = &mut self.entries[i].write;
+                if *w != TAG_INVALID {
+                    *w |= TAG_SLOW;
+                }
+            }
+        }
+    }
 }
