@@ -10,3 +10,5 @@ pub mod pic;
 pub mod pit;
 pub mod port92;
 pub mod rtc;
+pub mod serial;
+pub mod wake;
