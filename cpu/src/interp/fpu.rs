@@ -1212,3 +1212,237 @@ pub(crate) fn bcd_to_f80(b: &[u8; 10]) -> F80 {
     let lz = v.leading_zeros();
     F80::new(sign, (softfloat::BIAS + 63 - lz as i32) as u16, v << lz)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{CF, PF, ZF};
+    use morph86_mmu::{Mmu, PhysMem};
+
+    const CODE: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+
+    fn cpu() -> Cpu {
+        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
+        for s in 0..6 {
+            c.s.seg[s] = crate::state::Segment::real(0);
+        }
+        c.s.cr0 |= CR0_NE;
+        c
+    }
+
+    /// Runs `code` (16-bit real mode) instruction by instruction; returns the result of
+    /// each instruction (stops at the first fault).
+    fn run(c: &mut Cpu, code: &[u8]) -> Res<()> {
+        c.mmu.phys.write(CODE, code);
+        c.dcache.clear();
+        c.s.rip = CODE;
+        while c.s.rip < CODE + code.len() as u64 {
+            c.start_rip = c.s.rip;
+            let i = c.fetch_decode()?;
+            if let Err(e) = c.execute(&i) {
+                c.s.rip = c.start_rip;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn rd(c: &mut Cpu, a: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        c.mmu.phys.read(a, &mut b);
+        b
+    }
+
+    #[test]
+    fn load_add_store() {
+        let mut c = cpu();
+        c.mmu.phys.write(DATA, &0x3fc0_0000u32.to_le_bytes()); // 1.5f
+        c.mmu
+            .phys
+            .write(DATA + 8, &0x4002_0000_0000_0000u64.to_le_bytes()); // 2.25
+                                                                       // fld dword [0x2000]; fadd qword [0x2008]; fstp tword [0x2010]
+        run(
+            &mut c,
+            &[
+                0xd9, 0x06, 0x00, 0x20, 0xdc, 0x06, 0x08, 0x20, 0xdb, 0x3e, 0x10, 0x20,
+            ],
+        )
+        .unwrap();
+        let b = rd(&mut c, DATA + 0x10, 10);
+        // 3.75 = 1.111b * 2^1
+        assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 0xf0, 0x00, 0x40]);
+        assert_eq!(c.s.fpu.top(), 0);
+        assert_eq!(c.s.fpu.tw, 0xffff);
+        assert_eq!(c.s.fpu.sw & SW_EXC, 0);
+        // FOP/FIP/FDP point at the last non-control instruction (FSTP at 0x1008).
+        assert_eq!(c.s.fpu.fip, 0x1008);
+        assert_eq!(c.s.fpu.fop, 0x33e);
+        assert_eq!(c.s.fpu.fdp, 0x2010);
+    }
+
+    #[test]
+    fn stack_overflow_and_underflow() {
+        let mut c = cpu();
+        let code: Vec<u8> = [0xd9, 0xe8].repeat(9); // 9 x fld1
+        run(&mut c, &code).unwrap();
+        let f = c.s.fpu;
+        assert_eq!(f.sw & (SW_IE | SW_SF | SW_C1), SW_IE | SW_SF | SW_C1);
+        assert_eq!(f.st(0), F80::INDEFINITE);
+        assert_eq!(f.top(), 7);
+        // fninit; fstp st1 on empty stack: underflow, C1 = 0.
+        run(&mut c, &[0xdb, 0xe3, 0xdd, 0xd9]).unwrap();
+        assert_eq!(c.s.fpu.sw & (SW_IE | SW_SF | SW_C1), SW_IE | SW_SF);
+    }
+
+    #[test]
+    fn pending_exception_gives_mf_or_ferr() {
+        let mut c = cpu();
+        c.mmu.phys.write(DATA + 0x20, &0x037bu16.to_le_bytes()); // ZE unmasked
+                                                                 // fldcw [0x2020]; fld1; fldz; fdivp st1, st0
+        let setup = [0xd9, 0x2e, 0x20, 0x20, 0xd9, 0xe8, 0xd9, 0xee, 0xde, 0xf9];
+        run(&mut c, &setup).unwrap();
+        assert!(c.ferr());
+        assert_eq!(c.s.fpu.sw & (SW_ZE | SW_ES | SW_B), SW_ZE | SW_ES | SW_B);
+        // Destination untouched, no pop: ST0 = 0, ST1 = 1.
+        assert_eq!(c.s.fpu.top(), 6);
+        let e = run(&mut c, &[0xd9, 0xe8]).unwrap_err();
+        assert_eq!(e.vector, vec::MF);
+        let e = run(&mut c, &[0x9b]).unwrap_err();
+        assert_eq!(e.vector, vec::MF);
+        // Non-waiting: fnstsw ax works.
+        run(&mut c, &[0xdf, 0xe0]).unwrap();
+        assert_eq!(c.s.gpr[0] as u16, c.s.fpu.sw);
+        // Without CR0.NE the instruction proceeds (FERR# → IRQ 13 is the platform's).
+        c.s.cr0 &= !CR0_NE;
+        run(&mut c, &[0xd9, 0xe8]).unwrap();
+        assert!(c.ferr());
+        // fnclex clears it.
+        run(&mut c, &[0xdb, 0xe2]).unwrap();
+        assert!(!c.ferr());
+    }
+
+    #[test]
+    fn device_not_available() {
+        let mut c = cpu();
+        c.s.cr0 |= CR0_TS;
+        assert_eq!(run(&mut c, &[0xd9, 0xe8]).unwrap_err().vector, vec::NM);
+        run(&mut c, &[0x9b]).unwrap(); // WAIT needs MP too
+        c.s.cr0 |= CR0_MP;
+        assert_eq!(run(&mut c, &[0x9b]).unwrap_err().vector, vec::NM);
+        c.s.cr0 &= !(CR0_TS | CR0_MP);
+        c.s.cr0 |= CR0_EM;
+        assert_eq!(run(&mut c, &[0xd9, 0xe8]).unwrap_err().vector, vec::NM);
+        run(&mut c, &[0x9b]).unwrap(); // WAIT ignores EM
+    }
+
+    #[test]
+    fn fault_leaves_state_untouched() {
+        let mut c = cpu();
+        run(&mut c, &[0xd9, 0xe8]).unwrap(); // fld1
+        let before = c.s.fpu;
+        // fld tword [0xfffa]: crosses the real-mode limit → #GP(0).
+        let e = run(&mut c, &[0xdb, 0x2e, 0xfa, 0xff]).unwrap_err();
+        assert_eq!(e, Exception::gp(0));
+        assert_eq!(c.s.fpu, before);
+        // fstp tword [0xfffa] likewise, and no pop.
+        let e = run(&mut c, &[0xdb, 0x3e, 0xfa, 0xff]).unwrap_err();
+        assert_eq!(e, Exception::gp(0));
+        assert_eq!(c.s.fpu, before);
+    }
+
+    #[test]
+    fn env_and_save_round_trip() {
+        let mut c = cpu();
+        // fld1; fldpi; fnstenv [0x2100]
+        run(&mut c, &[0xd9, 0xe8, 0xd9, 0xeb, 0xd9, 0x36, 0x00, 0x21]).unwrap();
+        let env = rd(&mut c, DATA + 0x100, 14);
+        assert_eq!(u16::from_le_bytes([env[0], env[1]]), 0x037f);
+        assert_eq!(u16::from_le_bytes([env[2], env[3]]) & SW_TOP, 6 << 11);
+        // tags: R7 R6 valid, others empty.
+        assert_eq!(u16::from_le_bytes([env[4], env[5]]), 0x0fff);
+        // real mode: FIP is the linear address of FLDPI (0x1002), FOP its opcode.
+        assert_eq!(u16::from_le_bytes([env[6], env[7]]), 0x1002);
+        assert_eq!(u16::from_le_bytes([env[8], env[9]]) & 0x7ff, 0x1eb);
+        let saved = c.s.fpu;
+        // fnsave [0x2200]; (state reset); frstor [0x2200]
+        run(&mut c, &[0xdd, 0x36, 0x00, 0x22]).unwrap();
+        assert_eq!(c.s.fpu.tw, 0xffff);
+        assert_eq!(c.s.fpu.top(), 0);
+        run(&mut c, &[0xdd, 0x26, 0x00, 0x22]).unwrap();
+        assert_eq!(c.s.fpu.regs, saved.regs);
+        assert_eq!(c.s.fpu.tw, saved.tw);
+        assert_eq!(c.s.fpu.sw, saved.sw);
+        assert_eq!(c.s.fpu.cw, saved.cw);
+        // fninit; fldenv [0x2100] restores tags and TOP (registers untouched by fninit).
+        run(&mut c, &[0xdb, 0xe3, 0xd9, 0x26, 0x00, 0x21]).unwrap();
+        assert_eq!(c.s.fpu.tw, saved.tw);
+        assert_eq!(c.s.fpu.top(), 6);
+    }
+
+    #[test]
+    fn fxsave_fxrstor() {
+        let mut c = cpu();
+        c.s.cr4 |= CR4_OSFXSR;
+        c.s.sse.xmm[3] = [0x1122, 0x3344];
+        run(&mut c, &[0xd9, 0xe8]).unwrap(); // fld1
+                                             // fxsave [0x2408] is misaligned → #GP(0)
+        let e = run(&mut c, &[0x0f, 0xae, 0x06, 0x08, 0x24]).unwrap_err();
+        assert_eq!(e, Exception::gp(0));
+        run(&mut c, &[0x0f, 0xae, 0x06, 0x00, 0x24]).unwrap();
+        let img = rd(&mut c, DATA + 0x400, 512);
+        assert_eq!(img[4], 0x80); // abridged tag: R7 in use
+        assert_eq!(u32::from_le_bytes(img[24..28].try_into().unwrap()), 0x1f80);
+        assert_eq!(&img[32..42], &[0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f]);
+        assert_eq!(
+            u64::from_le_bytes(img[208..216].try_into().unwrap()),
+            0x1122
+        );
+        let saved = c.s.fpu;
+        c.s.sse.xmm[3] = [0; 2];
+        run(&mut c, &[0xdb, 0xe3]).unwrap(); // fninit
+        run(&mut c, &[0x0f, 0xae, 0x0e, 0x00, 0x24]).unwrap(); // fxrstor
+        assert_eq!(c.s.fpu.tw, saved.tw);
+        assert_eq!(c.s.fpu.st(0), saved.st(0));
+        assert_eq!(c.s.sse.xmm[3], [0x1122, 0x3344]);
+        // Reserved MXCSR bits → #GP(0), nothing loaded.
+        c.mmu
+            .phys
+            .write(DATA + 0x400 + 24, &0x0001_1f80u32.to_le_bytes());
+        let e = run(&mut c, &[0x0f, 0xae, 0x0e, 0x00, 0x24]).unwrap_err();
+        assert_eq!(e, Exception::gp(0));
+    }
+
+    #[test]
+    fn fcomi_sets_eflags() {
+        let mut c = cpu();
+        // fld1; fldz; fcomi st0, st1  (0 < 1 → CF)
+        run(&mut c, &[0xd9, 0xe8, 0xd9, 0xee, 0xdb, 0xf1]).unwrap();
+        assert_eq!(c.s.eflags() & (ZF | PF | CF), CF);
+        // fxch st1; fcomi st0, st1 (1 > 0 → none)
+        run(&mut c, &[0xd9, 0xc9, 0xdb, 0xf1]).unwrap();
+        assert_eq!(c.s.eflags() & (ZF | PF | CF), 0);
+        // fucomip st0, st0 → equal, pop
+        run(&mut c, &[0xdf, 0xe8]).unwrap();
+        assert_eq!(c.s.eflags() & (ZF | PF | CF), ZF);
+        assert_eq!(c.s.fpu.top(), 7);
+    }
+
+    #[test]
+    fn fprem_quotient_bits() {
+        let mut c = cpu();
+        // 7 rem 2: fld (2) via fld1+fld1+faddp; fild word [0x2030] (7); fprem
+        c.mmu.phys.write(DATA + 0x30, &7u16.to_le_bytes());
+        run(
+            &mut c,
+            &[
+                0xd9, 0xe8, 0xd9, 0xe8, 0xde, 0xc1, 0xdf, 0x06, 0x30, 0x20, 0xd9, 0xf8,
+            ],
+        )
+        .unwrap();
+        // quotient 3 = 011b: C0=0, C3=1, C1=1; remainder 1.
+        let sw = c.s.fpu.sw;
+        assert_eq!(sw & (SW_C0 | SW_C1 | SW_C2 | SW_C3), SW_C3 | SW_C1);
+        assert_eq!(c.s.fpu.st(0), F80::new(false, 0x3fff, 1 << 63));
+    }
+}
