@@ -638,7 +638,7 @@ impl Ctx {
         let sign = v >> 31 != 0;
         let e = ((v >> 23) & 0xff) as i32;
         let f = (v & 0x7f_ffff) as u64;
-        self.from_ieee(sign, e, f, 23, 0xff, 127)
+        self.load_ieee(sign, e, f, 23, 0xff, 127)
     }
 
     /// Loads a double-precision value (exact; SNaN → IE and quieted; denormal → DE).
@@ -646,10 +646,10 @@ impl Ctx {
         let sign = v >> 63 != 0;
         let e = ((v >> 52) & 0x7ff) as i32;
         let f = v & ((1 << 52) - 1);
-        self.from_ieee(sign, e, f, 52, 0x7ff, 1023)
+        self.load_ieee(sign, e, f, 52, 0x7ff, 1023)
     }
 
-    fn from_ieee(&mut self, sign: bool, e: i32, f: u64, fbits: u32, emaxf: i32, bias: i32) -> F80 {
+    fn load_ieee(&mut self, sign: bool, e: i32, f: u64, fbits: u32, emaxf: i32, bias: i32) -> F80 {
         if e == emaxf {
             if f == 0 {
                 return F80::inf(sign);
@@ -680,15 +680,15 @@ impl Ctx {
 
     /// Rounds to single precision. `None`: nothing stored (unmasked exception).
     pub fn to_f32(&mut self, a: F80) -> Option<u32> {
-        self.to_ieee(a, F32_FMT, 23, 127).map(|v| v as u32)
+        self.store_ieee(a, F32_FMT, 23, 127).map(|v| v as u32)
     }
 
     /// Rounds to double precision. `None`: nothing stored (unmasked exception).
     pub fn to_f64(&mut self, a: F80) -> Option<u64> {
-        self.to_ieee(a, F64_FMT, 52, 1023)
+        self.store_ieee(a, F64_FMT, 52, 1023)
     }
 
-    fn to_ieee(&mut self, a: F80, fmt: Fmt, fbits: u32, bias: i32) -> Option<u64> {
+    fn store_ieee(&mut self, a: F80, fmt: Fmt, fbits: u32, bias: i32) -> Option<u64> {
         let total = fbits + 1 + (if fbits == 23 { 8 } else { 11 });
         let sign_bit = (a.sign() as u64) << (total - 1);
         let emaxf: u64 = (bias as u64) * 2 + 1;
