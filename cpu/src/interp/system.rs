@@ -162,8 +162,12 @@ impl Cpu {
                     Ok(())
                 }
             }
-            Mnemonic::Pushf => self.pushf(if i.code() == Code::Pushfw { 2 } else { 4 }),
-            Mnemonic::Popf => self.popf(if i.code() == Code::Popfw { 2 } else { 4 }),
+            Mnemonic::Pushf | Mnemonic::Pushfd => {
+                self.pushf(if i.code() == Code::Pushfw { 2 } else { 4 })
+            }
+            Mnemonic::Popf | Mnemonic::Popfd => {
+                self.popf(if i.code() == Code::Popfw { 2 } else { 4 })
+            }
             Mnemonic::Cli => self.cli_sti(false),
             Mnemonic::Sti => self.cli_sti(true),
             Mnemonic::Lgdt | Mnemonic::Lidt => self.load_dtr(i),
