@@ -336,7 +336,7 @@ fn same_privilege_call_gate_and_int_dpl_check() {
     let ev = to_ring3(&mut c, 0x1_1000, |a| a.int(0x81).unwrap());
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(13) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), 0x81 * 8 + 2);
     assert_eq!(
         rd32(&mut c, top + 4),
@@ -360,7 +360,7 @@ fn trap_gate_from_ring0_keeps_if() {
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(0x82) + 1);
     assert_ne!(c.s.eflags() & IF, 0, "trap gate leaves IF set");
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(top as u32, STACK0 - 12);
     assert_eq!(rd32(&mut c, top), 0x1_0003);
     assert_eq!(rd32(&mut c, top + 4), CODE0 as u32);
@@ -440,7 +440,7 @@ fn v86_io_bitmap() {
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.gpr[reg::RBX] as u16, 7, "IN from an allowed port ran");
     assert_eq!(c.s.rip, handler(13) + 1, "denied port: #GP");
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), 0);
     assert_eq!(rd32(&mut c, top + 4), 5, "EIP of the second IN");
 }
@@ -541,7 +541,7 @@ fn double_fault_from_gp_while_delivering_np() {
     });
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(8) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), 0, "#DF error code");
     assert_eq!(
         rd32(&mut c, top + 4),
@@ -559,7 +559,7 @@ fn not_present_segment_error_code() {
     });
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(11) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), NOTPRESENT as u32, "#NP(selector)");
     assert_eq!(sreg(&c, SegReg::Es), DATA0, "ES unchanged");
 }
@@ -603,7 +603,7 @@ fn external_interrupt_error_codes_have_ext() {
     });
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(11) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), 0x30 * 8 + 2 + 1);
     // STI's shadow: the interrupt came after the first NOP, not before it.
     assert_eq!(rd32(&mut c, top + 4), 0x1_0002);
@@ -621,7 +621,7 @@ fn idt_limit_and_software_int_codes() {
     });
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(13) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(rd32(&mut c, top), 0x40 * 8 + 2);
 }
 
@@ -636,7 +636,7 @@ fn single_step_trap_and_mov_ss_shadow() {
     });
     assert_eq!(ev, StepEvent::Halted);
     assert_eq!(c.s.rip, handler(1) + 1);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     // POPFD set TF: the first trap is after the instruction following it.
     assert_eq!(rd32(&mut c, top), 0x1_0000 + 1 + 7 + 1 + 4);
     assert_ne!(c.s.dr[6] & (1 << 14), 0, "DR6.BS");
@@ -652,7 +652,7 @@ fn single_step_trap_and_mov_ss_shadow() {
         a.nop().unwrap();
     });
     assert_eq!(ev, StepEvent::Halted);
-    let top = c.s.gpr[reg::RSP] as u64;
+    let top = c.s.gpr[reg::RSP];
     assert_eq!(
         rd32(&mut c, top),
         0x1_0000 + 4 + 1 + 7 + 1 + 2 + 1,
