@@ -610,9 +610,11 @@ mod tests {
         assert!(m.mark_code(0x9000));
         m.write_u32(lin(0) + 8, 0x90, false).unwrap();
         assert_eq!(m.phys.take_dirty_code(), vec![0x9000]);
-        // Marked before the fill: the fill itself must keep writes slow.
+        // Marked before the fill: the fill itself must keep writes slow. (The PTE is
+        // dirty by now, so the read fill also caches the write permission.)
         m.flush_all();
         assert!(m.mark_code(0x9000));
+        m.read_u8(lin(0), true).unwrap();
         m.write_u8(lin(0) + 9, 0x90, true).unwrap();
         assert_eq!(m.phys.take_dirty_code(), vec![0x9000]);
         // PhysMem::mark_code + protect_code_page, as the decoder does it.
