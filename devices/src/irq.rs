@@ -8,7 +8,8 @@
 //!
 //! Lock order: a device holding its own lock may raise/lower its IRQ line (which takes
 //! the controller lock); the controller never calls out to devices while holding it.
-//! INTR is mirrored in an atomic so the run loop can test it without locking.
+//! INTR is mirrored in an atomic so the run loop can test it without locking, and a
+//! [`Wakeup`] can be notified when it rises (the wake-up lock is taken last, briefly).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use morph86_mmu::BusDevice;
 
 use crate::bus::{lock, SharedDevice};
 use crate::pic::PicPair;
+use crate::wake::Wakeup;
 
 /// Number of IRQ inputs on the PIC pair.
 pub const NUM_IRQS: usize = 16;
@@ -32,11 +34,18 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     intr: AtomicBool,
+    wake: Mutex<Option<Wakeup>>,
 }
 
 impl Shared {
     fn publish(&self, inner: &Inner) {
-        self.intr.store(inner.pic.intr(), Ordering::SeqCst);
+        let on = inner.pic.intr();
+        let was = self.intr.swap(on, Ordering::SeqCst);
+        if on && !was {
+            if let Some(w) = &*lock(&self.wake) {
+                w.notify();
+            }
+        }
     }
 }
 
@@ -63,6 +72,7 @@ impl InterruptController {
                     next_source: [0; NUM_IRQS],
                 }),
                 intr: AtomicBool::new(false),
+                wake: Mutex::new(None),
             }),
         }
     }
@@ -82,6 +92,12 @@ impl InterruptController {
             irq,
             bit: 1 << n.min(31),
         }
+    }
+
+    /// Notifies `wake` each time INTR becomes asserted, so a halted vCPU sleeping on it
+    /// wakes for interrupts raised from other threads.
+    pub fn set_wakeup(&self, wake: Wakeup) {
+        *lock(&self.shared.wake) = Some(wake);
     }
 
     /// Whether INTR is asserted (lock-free).
@@ -237,6 +253,19 @@ mod tests {
         assert!(c.pending(), "b still drives IRQ5");
         b.lower();
         assert!(!c.pending());
+    }
+
+    #[test]
+    fn rising_intr_notifies_the_wakeup() {
+        let c = InterruptController::new();
+        init(&c);
+        let w = Wakeup::new();
+        c.set_wakeup(w.clone());
+        let l = c.line(4);
+        let t = std::thread::spawn(move || l.raise());
+        assert!(w.wait(Some(std::time::Duration::from_secs(5))));
+        t.join().unwrap();
+        assert!(c.pending());
     }
 
     #[test]

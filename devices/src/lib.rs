@@ -5,6 +5,7 @@ pub mod bus;
 pub mod clock;
 pub mod control;
 pub mod debug;
+pub mod i8042;
 pub mod irq;
 pub mod pic;
 pub mod pit;
