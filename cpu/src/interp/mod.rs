@@ -8,11 +8,14 @@
 //! - When an instruction is entered, EIP already points past it (`self.s.rip`); the
 //!   instruction's own address is `self.start_rip`.
 
+mod bits;
 mod branch;
 mod control;
 mod fpu;
 mod int;
+mod muldiv;
 mod operands;
+mod shift;
 mod string;
 mod system;
 
