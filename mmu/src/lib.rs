@@ -272,21 +272,26 @@ impl Mmu {
         user: bool,
     ) -> Result<(), PageFault> {
         let linear = linear & LIN_MASK;
-        let len = buf.len() as u64;
-        let first = self.translate(linear, acc, user)?;
-        let in_page = PAGE_SIZE - (linear & (PAGE_SIZE - 1));
-        if len <= in_page {
-            self.phys.read(first, buf);
+        let in_page = (PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize;
+        if buf.len() <= in_page {
+            let p = self.translate(linear, acc, user)?;
+            self.phys.read(p, buf);
             return Ok(());
         }
-        let second = self.translate(linear.wrapping_add(in_page) & LIN_MASK, acc, user)?;
-        let (a, b) = buf.split_at_mut(in_page as usize);
-        self.phys.read(first, a);
-        self.phys.read(second, b);
+        // Every page first: a fault must come before any (MMIO) read.
+        self.check_span(linear, buf.len() as u64, acc, user)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let lin = linear.wrapping_add(done as u64) & LIN_MASK;
+            let n = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
+            let p = self.translate(lin, acc, user)?;
+            self.phys.read(p, &mut buf[done..done + n]);
+            done += n;
+        }
         Ok(())
     }
 
-    /// Writes `data` at `linear`; both pages of a page-crossing write are checked first,
+    /// Writes `data` at `linear`; every page of a page-crossing write is checked first,
     /// so a fault leaves memory untouched.
     pub fn write(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), PageFault> {
         self.write_slow(linear, data, user)
@@ -295,31 +300,52 @@ impl Mmu {
     #[inline(never)]
     fn write_slow(&mut self, linear: u64, data: &[u8], user: bool) -> Result<(), PageFault> {
         let linear = linear & LIN_MASK;
-        let len = data.len() as u64;
-        let first = self.translate(linear, Access::Write, user)?;
-        let in_page = PAGE_SIZE - (linear & (PAGE_SIZE - 1));
-        if len <= in_page {
-            self.phys.write(first, data);
+        let in_page = (PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize;
+        if data.len() <= in_page {
+            let p = self.translate(linear, Access::Write, user)?;
+            self.phys.write(p, data);
             return Ok(());
         }
-        let second =
-            self.translate(linear.wrapping_add(in_page) & LIN_MASK, Access::Write, user)?;
-        let (a, b) = data.split_at(in_page as usize);
-        self.phys.write(first, a);
-        self.phys.write(second, b);
+        self.check_span(linear, data.len() as u64, Access::Write, user)?;
+        let mut done = 0;
+        while done < data.len() {
+            let lin = linear.wrapping_add(done as u64) & LIN_MASK;
+            let n = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(data.len() - done);
+            let p = self.translate(lin, Access::Write, user)?;
+            self.phys.write(p, &data[done..done + n]);
+            done += n;
+        }
         Ok(())
+    }
+
+    /// Translates every page of `len` bytes at `linear`, in address order, for `acc`.
+    fn check_span(
+        &mut self,
+        linear: u64,
+        len: u64,
+        acc: Access,
+        user: bool,
+    ) -> Result<(), PageFault> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = linear & !(PAGE_SIZE - 1);
+        let last = (linear + len - 1) & !(PAGE_SIZE - 1);
+        let mut page = first;
+        loop {
+            let lin = if page == first { linear } else { page };
+            self.translate(lin & LIN_MASK, acc, user)?;
+            if page == last {
+                return Ok(());
+            }
+            page += PAGE_SIZE;
+        }
     }
 
     /// Checks that `len` bytes at `linear` may be written, without writing (for
     /// instructions that must fault before changing anything).
     pub fn probe_write(&mut self, linear: u64, len: u64, user: bool) -> Result<(), PageFault> {
-        let linear = linear & LIN_MASK;
-        self.translate(linear, Access::Write, user)?;
-        let in_page = PAGE_SIZE - (linear & (PAGE_SIZE - 1));
-        if len > in_page {
-            self.translate(linear.wrapping_add(in_page) & LIN_MASK, Access::Write, user)?;
-        }
-        Ok(())
+        self.check_span(linear & LIN_MASK, len, Access::Write, user)
     }
 
     typed_access!(read_u8, write_u8, u8, 1, "a byte");
@@ -453,6 +479,29 @@ mod tests {
         assert_eq!((f.linear, f.error_code), (lin(1), PF_U));
         let f = m.probe_write(lin(0) + 0xfff, 2, false).unwrap_err();
         assert_eq!(f.linear, lin(1));
+    }
+
+    #[test]
+    fn long_spans_translate_every_page() {
+        let mut m = mmu();
+        paged(&mut m, 0, 0);
+        // Three linear pages on scattered frames; the third not present at first.
+        map(&mut m, 0, 0x9000, URW);
+        map(&mut m, 1, 0xc000, URW);
+        let data: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+        let f = m.write(lin(0) + 0xc00, &data, false).unwrap_err();
+        assert_eq!((f.linear, f.error_code), (lin(2), PF_W));
+        assert_eq!(r32(&mut m, 0x9c00), 0, "nothing written");
+        map(&mut m, 2, 0xa000, URW);
+        m.write(lin(0) + 0xc00, &data, false).unwrap();
+        let mut back = vec![0u8; 8000];
+        m.read(lin(0) + 0xc00, &mut back, Access::Read, false).unwrap();
+        assert_eq!(back, data);
+        let mut b = [0u8; 1];
+        m.phys.read(0xc000, &mut b);
+        assert_eq!(b[0], data[0x400], "second page at frame 0xc000");
+        m.phys.read(0xa000, &mut b);
+        assert_eq!(b[0], data[0x1400], "third page at frame 0xa000");
     }
 
     #[test]
