@@ -495,7 +495,8 @@ mod tests {
         map(&mut m, 2, 0xa000, URW);
         m.write(lin(0) + 0xc00, &data, false).unwrap();
         let mut back = vec![0u8; 8000];
-        m.read(lin(0) + 0xc00, &mut back, Access::Read, false).unwrap();
+        m.read(lin(0) + 0xc00, &mut back, Access::Read, false)
+            .unwrap();
         assert_eq!(back, data);
         let mut b = [0u8; 1];
         m.phys.read(0xc000, &mut b);
