@@ -431,7 +431,8 @@ mod tests {
             code(walk(&mut m, &r, &[0; 4], l, Access::Write, true)),
             PF_W | PF_U
         );
-        // PTE not present; the PDE's A bit must stay clear.
+        // PTE not present; the PDE's A bit stays clear (morph86's documented choice:
+        // no A/D writes for a walk that faults; the SDM leaves this open).
         w32(&mut m, PD + 4, PT | URW);
         assert_eq!(
             code(walk(&mut m, &r, &[0; 4], l, Access::Write, false)),
