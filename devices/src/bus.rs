@@ -165,7 +165,12 @@ impl IoBus for PortBus {
             let r = &self.ranges[i];
             let mut buf = [0xffu8; 4];
             lock(&r.dev).read((port - r.origin) as u64, &mut buf[..size as usize]);
-            return u32::from_le_bytes(buf);
+            let v = u32::from_le_bytes(buf);
+            return if size == 4 {
+                v
+            } else {
+                v & ((1 << (8 * size)) - 1)
+            };
         }
         if size == 1 {
             return 0xff;

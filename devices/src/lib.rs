@@ -7,6 +7,7 @@ pub mod control;
 pub mod debug;
 pub mod i8042;
 pub mod irq;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod port92;

@@ -1,0 +1,653 @@
+//! PCI: configuration mechanism 1 at 0xcf8 (address) / 0xcfc-0xcff (data), the i440FX
+//! host bridge (8086:1237) at 00:00.0, the PIIX3 PCI-to-ISA bridge (8086:7000) at
+//! 00:01.0 with its PIRQ routing registers, and the PIIX3 reset control register at 0xcf9.
+//!
+//! References: PCI Local Bus Specification 3.0 (section 3.2.2.3.2 "Configuration
+//! Mechanism #1", 6.1 "Configuration Space Organization", 6.2.5 "Base Addresses"), the
+//! 82441FX/82437FX (i440FX) datasheet and the 82371SB (PIIX3) datasheet (4.1.10 PIRQRC,
+//! 4.7.1 "Reset Control Register").
+//!
+//! Adding a device: implement [`PciFunction`] (usually by embedding a [`PciConfig`] and
+//! declaring BARs with [`PciConfig::set_bar`]), then [`PciHost::add`] it at a device /
+//! function number. To follow BAR moves and command-register changes, override
+//! [`PciFunction::config_write`], call the default behaviour
+//! ([`PciConfig::write`]) and look at [`PciConfig::bar_address`] afterwards. Interrupt
+//! routing of INTA#-INTD# goes through [`PciHost::pirq_route`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use morph86_mmu::BusDevice;
+
+use crate::bus::lock;
+use crate::control::{PlatformControl, ResetSource};
+
+/// Configuration address port.
+pub const PORT_CONFIG_ADDRESS: u16 = 0xcf8;
+/// Reset control register port (PIIX3).
+pub const PORT_RESET_CONTROL: u16 = 0xcf9;
+/// Configuration data window.
+pub const PORT_CONFIG_DATA: u16 = 0xcfc;
+
+/// CONFIG_ADDRESS bit 31: enable.
+pub const CA_ENABLE: u32 = 0x8000_0000;
+/// CONFIG_ADDRESS bits 23-16: bus.
+pub const CA_BUS: u32 = 0x00ff_0000;
+/// CONFIG_ADDRESS bits 15-8: device (15-11) and function (10-8).
+pub const CA_DEVFN: u32 = 0x0000_ff00;
+/// CONFIG_ADDRESS bits 7-2: register.
+pub const CA_REG: u32 = 0x0000_00fc;
+
+/// Reset control bit 1: system reset (SRST) - selects a hard reset.
+pub const RC_SRST: u8 = 0b0000_0010;
+/// Reset control bit 2: reset CPU (RCPU), acts on a 0->1 transition.
+pub const RC_RCPU: u8 = 0b0000_0100;
+/// Reset control bit 3: full reset.
+pub const RC_FULL: u8 = 0b0000_1000;
+
+/// Header offsets (PCI 3.0 figure 6-1).
+pub const CFG_VENDOR: u8 = 0x00;
+/// Device ID.
+pub const CFG_DEVICE: u8 = 0x02;
+/// Command register.
+pub const CFG_COMMAND: u8 = 0x04;
+/// Status register.
+pub const CFG_STATUS: u8 = 0x06;
+/// Revision ID; class code in 0x09-0x0b.
+pub const CFG_REVISION: u8 = 0x08;
+/// Cache line size.
+pub const CFG_CACHE_LINE: u8 = 0x0c;
+/// Latency timer.
+pub const CFG_LATENCY: u8 = 0x0d;
+/// Header type (bit 7: multi-function).
+pub const CFG_HEADER_TYPE: u8 = 0x0e;
+/// First base address register.
+pub const CFG_BAR0: u8 = 0x10;
+/// Subsystem vendor ID.
+pub const CFG_SUBSYS_VENDOR: u8 = 0x2c;
+/// Interrupt line.
+pub const CFG_INTERRUPT_LINE: u8 = 0x3c;
+/// Interrupt pin (1 = INTA#).
+pub const CFG_INTERRUPT_PIN: u8 = 0x3d;
+
+/// Command bit 0: I/O space enable.
+pub const CMD_IO: u16 = 0b0000_0000_0000_0001;
+/// Command bit 1: memory space enable.
+pub const CMD_MEM: u16 = 0b0000_0000_0000_0010;
+/// Command bit 2: bus master enable.
+pub const CMD_MASTER: u16 = 0b0000_0000_0000_0100;
+/// Command bit 6: parity error response.
+pub const CMD_PARITY: u16 = 0b0000_0000_0100_0000;
+/// Command bit 8: SERR# enable.
+pub const CMD_SERR: u16 = 0b0000_0001_0000_0000;
+/// Command bit 10: interrupt disable.
+pub const CMD_INTX_DISABLE: u16 = 0b0000_0100_0000_0000;
+/// Status bits cleared by writing 1 (15-11 error bits, 8 master data parity error).
+pub const STATUS_W1C: u16 = 0b1111_1001_0000_0000;
+/// Header type bit 7: multi-function device.
+pub const HEADER_MULTIFUNCTION: u8 = 0b1000_0000;
+/// BAR bit 0: I/O space.
+pub const BAR_IO: u32 = 0b0001;
+/// Memory BAR bit 3: prefetchable.
+pub const BAR_PREFETCH: u32 = 0b1000;
+
+/// PIIX3 PIRQ route control registers PIRQRC[A:D].
+pub const PIIX3_PIRQRC: u8 = 0x60;
+/// PIRQRC bit 7: routing disabled.
+pub const PIRQ_DISABLE: u8 = 0b1000_0000;
+/// PIRQRC bits 3-0: the ISA IRQ.
+pub const PIRQ_IRQ: u8 = 0b0000_1111;
+
+/// The kind of a base address register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarKind {
+    /// I/O space.
+    Io,
+    /// 32-bit memory space.
+    Mem32 {
+        /// Prefetchable.
+        prefetchable: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bar {
+    kind: BarKind,
+    size: u32,
+}
+
+/// A type 0 configuration space with write masks.
+#[derive(Clone)]
+pub struct PciConfig {
+    data: [u8; 256],
+    wmask: [u8; 256],
+    w1c: [u8; 256],
+    bars: [Option<Bar>; 6],
+}
+
+impl std::fmt::Debug for PciConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PciConfig({:04x}:{:04x})", self.get16(0), self.get16(2))
+    }
+}
+
+impl PciConfig {
+    /// A header type 0 function: `class` is base class << 16 | subclass << 8 | prog-if.
+    /// Command, cache line size, latency timer and interrupt line are writable; status
+    /// error bits are write-one-to-clear; everything else is read-only until declared.
+    pub fn new(vendor: u16, device: u16, class: u32, revision: u8, header_type: u8) -> Self {
+        let mut c = PciConfig {
+            data: [0; 256],
+            wmask: [0; 256],
+            w1c: [0; 256],
+            bars: [None; 6],
+        };
+        c.set16(CFG_VENDOR, vendor);
+        c.set16(CFG_DEVICE, device);
+        c.set8(CFG_REVISION, revision);
+        c.set8(0x09, class as u8);
+        c.set8(0x0a, (class >> 8) as u8);
+        c.set8(0x0b, (class >> 16) as u8);
+        c.set8(CFG_HEADER_TYPE, header_type);
+        let cmd = CMD_IO | CMD_MEM | CMD_MASTER | CMD_PARITY | CMD_SERR | CMD_INTX_DISABLE;
+        c.wmask[CFG_COMMAND as usize] = cmd as u8;
+        c.wmask[CFG_COMMAND as usize + 1] = (cmd >> 8) as u8;
+        c.w1c[CFG_STATUS as usize] = STATUS_W1C as u8;
+        c.w1c[CFG_STATUS as usize + 1] = (STATUS_W1C >> 8) as u8;
+        c.wmask[CFG_CACHE_LINE as usize] = 0xff;
+        c.wmask[CFG_LATENCY as usize] = 0xff;
+        c.wmask[CFG_INTERRUPT_LINE as usize] = 0xff;
+        c
+    }
+
+    /// Raw byte at `off` (device side).
+    pub fn get8(&self, off: u8) -> u8 {
+        self.data[off as usize]
+    }
+    /// Raw little-endian word at `off` (device side).
+    pub fn get16(&self, off: u8) -> u16 {
+        u16::from_le_bytes([self.get8(off), self.get8(off.wrapping_add(1))])
+    }
+    /// Raw little-endian dword at `off` (device side).
+    pub fn get32(&self, off: u8) -> u32 {
+        (0..4).fold(0, |v, k| {
+            v | (self.get8(off.wrapping_add(k)) as u32) << (8 * k)
+        })
+    }
+    /// Sets a byte regardless of write masks (device side).
+    pub fn set8(&mut self, off: u8, v: u8) {
+        self.data[off as usize] = v;
+    }
+    /// Sets a word regardless of write masks.
+    pub fn set16(&mut self, off: u8, v: u16) {
+        self.set8(off, v as u8);
+        self.set8(off.wrapping_add(1), (v >> 8) as u8);
+    }
+    /// Sets a dword regardless of write masks.
+    pub fn set32(&mut self, off: u8, v: u32) {
+        for k in 0..4 {
+            self.set8(off.wrapping_add(k), (v >> (8 * k)) as u8);
+        }
+    }
+    /// Makes bytes `off..off+len` guest-writable with `mask` per byte.
+    pub fn set_writable(&mut self, off: u8, len: usize, mask: u8) {
+        for k in 0..len {
+            if let Some(m) = self.wmask.get_mut(off as usize + k) {
+                *m = mask;
+            }
+        }
+    }
+
+    /// Declares BAR `n` (0-5) of `size` bytes (a power of two; at least 4 for I/O and 16
+    /// for memory). Sizing by writing all ones then reads back `!(size - 1)` plus type bits.
+    pub fn set_bar(&mut self, n: usize, kind: BarKind, size: u32) {
+        if n >= 6 || !size.is_power_of_two() {
+            log::error!("pci: bad BAR {n} of size {size:#x} refused");
+            return;
+        }
+        let (low, min) = match kind {
+            BarKind::Io => (BAR_IO, 4),
+            BarKind::Mem32 { prefetchable } => (if prefetchable { BAR_PREFETCH } else { 0 }, 16),
+        };
+        let size = size.max(min);
+        let off = CFG_BAR0 + 4 * n as u8;
+        self.set32(off, low);
+        let mask = !(size - 1) & !(min - 1);
+        for k in 0..4 {
+            self.wmask[off as usize + k] = (mask >> (8 * k)) as u8;
+        }
+        self.bars[n] = Some(Bar { kind, size });
+    }
+
+    /// The base address BAR `n` decodes at, if declared and its space is enabled in the
+    /// command register.
+    pub fn bar_address(&self, n: usize) -> Option<u32> {
+        let bar = (*self.bars.get(n)?)?;
+        let raw = self.get32(CFG_BAR0 + 4 * n as u8);
+        let cmd = self.get16(CFG_COMMAND);
+        match bar.kind {
+            BarKind::Io => (cmd & CMD_IO != 0).then_some(raw & !3),
+            BarKind::Mem32 { .. } => (cmd & CMD_MEM != 0).then_some(raw & !15),
+        }
+    }
+
+    /// The size declared for BAR `n`.
+    pub fn bar_size(&self, n: usize) -> Option<u32> {
+        self.bars.get(n).copied().flatten().map(|b| b.size)
+    }
+
+    /// A guest read of `size` bytes at `off` (bytes past 0xff read as ones).
+    pub fn read(&self, off: u8, size: usize) -> u32 {
+        let mut v = 0u32;
+        for k in 0..size.min(4) {
+            let b = self.data.get(off as usize + k).copied().unwrap_or(0xff);
+            v |= (b as u32) << (8 * k);
+        }
+        v
+    }
+
+    /// A guest write of `size` bytes at `off`, through the write and W1C masks.
+    pub fn write(&mut self, off: u8, size: usize, value: u32) {
+        for k in 0..size.min(4) {
+            let i = off as usize + k;
+            if i >= 256 {
+                break;
+            }
+            let b = (value >> (8 * k)) as u8;
+            let m = self.wmask[i];
+            self.data[i] = (self.data[i] & !m) | (b & m);
+            self.data[i] &= !(b & self.w1c[i]);
+        }
+    }
+}
+
+/// A PCI function as the host bridge sees it.
+pub trait PciFunction: Send {
+    /// Its configuration space.
+    fn config(&self) -> &PciConfig;
+    /// Its configuration space, mutable.
+    fn config_mut(&mut self) -> &mut PciConfig;
+    /// A guest configuration read (override to compute registers on the fly).
+    fn config_read(&mut self, off: u8, size: usize) -> u32 {
+        self.config().read(off, size)
+    }
+    /// A guest configuration write (override to react to BAR or command changes).
+    fn config_write(&mut self, off: u8, size: usize, value: u32) {
+        self.config_mut().write(off, size, value);
+    }
+}
+
+/// A PCI function with nothing but its configuration space (host bridge, ISA bridge).
+#[derive(Debug, Clone)]
+pub struct PlainFunction {
+    /// The configuration space.
+    pub cfg: PciConfig,
+}
+
+impl PciFunction for PlainFunction {
+    fn config(&self) -> &PciConfig {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.cfg
+    }
+}
+
+/// The i440FX host bridge's configuration space (00:00.0).
+pub fn i440fx() -> PlainFunction {
+    let mut cfg = PciConfig::new(0x8086, 0x1237, 0x06_00_00, 0x02, 0x00);
+    cfg.set16(CFG_COMMAND, CMD_MEM | CMD_MASTER);
+    cfg.set16(CFG_STATUS, 0x0280); // fast back-to-back capable, medium DEVSEL
+                                   // PMCCFG, DRAM control, PAM0-6 (0x59-0x5f), DRB (0x60-0x67), SMRAM (0x72) and friends.
+    cfg.set_writable(0x50, 0x30, 0xff);
+    PlainFunction { cfg }
+}
+
+/// The PIIX3 PCI-to-ISA bridge's configuration space (00:01.0, function 0).
+pub fn piix3_isa() -> PlainFunction {
+    let mut cfg = PciConfig::new(0x8086, 0x7000, 0x06_01_00, 0x00, HEADER_MULTIFUNCTION);
+    cfg.set16(CFG_COMMAND, CMD_IO | CMD_MEM | CMD_MASTER);
+    cfg.set16(CFG_STATUS, 0x0200); // medium DEVSEL
+                                   // ISA I/O recovery, X-bus chip select, PIRQ routing, SERIRQ, TOM, APIC base and the
+                                   // rest of the chipset registers: kept, not acted upon (except PIRQRC).
+    cfg.set_writable(0x4c, 0xb4, 0xff);
+    cfg.set_writable(PIIX3_PIRQRC, 4, PIRQ_DISABLE | PIRQ_IRQ);
+    for k in 0..4 {
+        cfg.set8(PIIX3_PIRQRC + k, PIRQ_DISABLE);
+    }
+    cfg.set8(0x4c, 0x4d); // IORT default
+    cfg.set16(0x4e, 0x0003); // XBCS default
+    cfg.set8(0x69, 0x02); // TOM default
+    PlainFunction { cfg }
+}
+
+/// Why [`PciHost::add`] refused a function.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    /// The slot is taken.
+    #[error("PCI device {dev:02x}.{func} is already present")]
+    Occupied {
+        /// Device number.
+        dev: u8,
+        /// Function number.
+        func: u8,
+    },
+    /// Numbers out of range.
+    #[error("PCI device {dev} function {func} is out of range (device 0-31, function 0-7)")]
+    OutOfRange {
+        /// Device number.
+        dev: u8,
+        /// Function number.
+        func: u8,
+    },
+}
+
+/// A function as shared between the host bridge and its owner.
+pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
+/// The host bridge: CONFIG_ADDRESS, the data window, bus 0 and the reset control register.
+pub struct PciHost {
+    address: u32,
+    reset_control: u8,
+    functions: BTreeMap<u8, SharedFunction>,
+    isa_bridge: Arc<Mutex<PlainFunction>>,
+    ctl: PlatformControl,
+}
+
+impl PciHost {
+    /// Bus 0 with the i440FX at 00:00.0 and the PIIX3 ISA bridge at 00:01.0.
+    pub fn new(ctl: PlatformControl) -> Self {
+        let isa = Arc::new(Mutex::new(piix3_isa()));
+        let mut h = PciHost {
+            address: 0,
+            reset_control: 0,
+            functions: BTreeMap::new(),
+            isa_bridge: isa.clone(),
+            ctl,
+        };
+        let host: SharedFunction = Arc::new(Mutex::new(i440fx()));
+        // Both slots are free on a new bus.
+        let _ = h.add(0, 0, host);
+        let _ = h.add(1, 0, isa);
+        h
+    }
+
+    /// Plugs `f` in at bus 0, device `dev`, function `func`.
+    pub fn add(&mut self, dev: u8, func: u8, f: SharedFunction) -> Result<(), PciError> {
+        if dev > 31 || func > 7 {
+            return Err(PciError::OutOfRange { dev, func });
+        }
+        let devfn = dev << 3 | func;
+        if self.functions.contains_key(&devfn) {
+            return Err(PciError::Occupied { dev, func });
+        }
+        self.functions.insert(devfn, f);
+        Ok(())
+    }
+
+    /// The ISA IRQ that PIRQ `n` (0-3 = PIRQA-D) is routed to, if enabled.
+    pub fn pirq_route(&self, n: usize) -> Option<u8> {
+        let r = lock(&self.isa_bridge)
+            .cfg
+            .get8(PIIX3_PIRQRC + (n as u8 & 3));
+        let irq = r & PIRQ_IRQ;
+        // IRQs 0-2, 8 and 13 are reserved in PIRQRC.
+        (r & PIRQ_DISABLE == 0 && !matches!(irq, 0..=2 | 8 | 13)).then_some(irq)
+    }
+
+    /// The PIRQ a device's INTx# pin lands on with the usual swizzle: (pin - 1 + dev) % 4.
+    pub fn swizzle(dev: u8, pin: u8) -> usize {
+        ((pin.max(1) - 1 + dev) % 4) as usize
+    }
+
+    fn target(&self) -> Option<&SharedFunction> {
+        if self.address & CA_ENABLE == 0 || self.address & CA_BUS != 0 {
+            return None;
+        }
+        self.functions
+            .get(&(((self.address & CA_DEVFN) >> 8) as u8))
+    }
+
+    fn data_read(&self, off: u8, size: usize) -> u32 {
+        let reg = (self.address & CA_REG) as u8 + off;
+        match self.target() {
+            Some(f) => lock(f).config_read(reg, size),
+            None => u32::MAX,
+        }
+    }
+
+    fn data_write(&self, off: u8, size: usize, v: u32) {
+        let reg = (self.address & CA_REG) as u8 + off;
+        if let Some(f) = self.target() {
+            lock(f).config_write(reg, size, v);
+        }
+    }
+}
+
+impl BusDevice for PciHost {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let n = data.len().min(4);
+        let v = match (offset, n) {
+            (0, 4) => self.address,
+            (1, 1) => self.reset_control as u32,
+            (4..=7, _) => self.data_read(offset as u8 - 4, n),
+            _ => u32::MAX,
+        };
+        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let n = data.len().min(4);
+        let mut b = [0u8; 4];
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        match (offset, n) {
+            (0, 4) => self.address = v & (CA_ENABLE | CA_BUS | CA_DEVFN | CA_REG),
+            (1, 1) => {
+                let v = v as u8;
+                if v & RC_RCPU != 0 && self.reset_control & RC_RCPU == 0 {
+                    self.ctl.request_reset(ResetSource::ResetControl);
+                }
+                // RCPU does not stay set across the reset it causes.
+                self.reset_control = v & (RC_SRST | RC_FULL);
+            }
+            (4..=7, _) => self.data_write(offset as u8 - 4, n, v),
+            _ => log::debug!("pci: {n}-byte write at {:#x} ignored", 0xcf8 + offset),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{PortBus, Width};
+    use morph86_mmu::IoBus;
+
+    fn bus() -> (PortBus, PlatformControl, Arc<Mutex<PciHost>>) {
+        let ctl = PlatformControl::new();
+        let host = Arc::new(Mutex::new(PciHost::new(ctl.clone())));
+        let mut b = PortBus::new();
+        b.register("pci", 0xcf8, 8, 0xcf8, Width::Any, host.clone())
+            .unwrap();
+        (b, ctl, host)
+    }
+
+    fn cfg_addr(dev: u32, func: u32, reg: u32) -> u32 {
+        0x8000_0000 | dev << 11 | func << 8 | reg
+    }
+
+    fn rd32(b: &mut PortBus, dev: u32, func: u32, reg: u32) -> u32 {
+        b.io_write(0xcf8, 4, cfg_addr(dev, func, reg & !3));
+        b.io_read(0xcfc, 4)
+    }
+
+    #[test]
+    fn finds_host_and_isa_bridges() {
+        let (mut b, _, _) = bus();
+        assert_eq!(rd32(&mut b, 0, 0, 0), 0x1237_8086);
+        assert_eq!(rd32(&mut b, 0, 0, 8) >> 8, 0x06_00_00);
+        assert_eq!(rd32(&mut b, 1, 0, 0), 0x7000_8086);
+        assert_eq!(rd32(&mut b, 1, 0, 8) >> 8, 0x06_01_00);
+        assert_eq!(
+            (rd32(&mut b, 1, 0, 0x0c) >> 16) as u8 & 0x80,
+            0x80,
+            "multi-function"
+        );
+        assert_eq!(rd32(&mut b, 2, 0, 0), 0xffff_ffff, "empty slot");
+        assert_eq!(rd32(&mut b, 1, 1, 0), 0xffff_ffff);
+        // Bus 1 does not exist.
+        b.io_write(0xcf8, 4, 0x8001_0000);
+        assert_eq!(b.io_read(0xcfc, 4), 0xffff_ffff);
+        // Enable bit clear: nothing.
+        b.io_write(0xcf8, 4, 0x0000_0000);
+        assert_eq!(b.io_read(0xcfc, 4), 0xffff_ffff);
+        // The address register reads back (reserved bits 30-24 and 1-0 are zero).
+        b.io_write(0xcf8, 4, 0xffff_ffff);
+        assert_eq!(b.io_read(0xcf8, 4), 0x80ff_fffc);
+    }
+
+    #[test]
+    fn byte_and_word_accesses_anywhere_in_the_window() {
+        let (mut b, _, _) = bus();
+        b.io_write(0xcf8, 4, cfg_addr(0, 0, 0));
+        assert_eq!(b.io_read(0xcfc, 1), 0x86);
+        assert_eq!(b.io_read(0xcfd, 1), 0x80);
+        assert_eq!(b.io_read(0xcfe, 2), 0x1237);
+        assert_eq!(b.io_read(0xcff, 1), 0x12);
+        assert_eq!(b.io_read(0xcfd, 2), 0x3780);
+        // PIRQRC B via a byte write at 0xcfd.
+        b.io_write(0xcf8, 4, cfg_addr(1, 0, 0x60));
+        assert_eq!(b.io_read(0xcfc, 4), 0x8080_8080);
+        b.io_write(0xcfd, 1, 0x0b);
+        assert_eq!(b.io_read(0xcfc, 4), 0x8080_0b80);
+    }
+
+    #[test]
+    fn read_only_fields_and_status_w1c() {
+        let (mut b, _, _) = bus();
+        b.io_write(0xcf8, 4, cfg_addr(1, 0, 0));
+        b.io_write(0xcfc, 4, 0);
+        assert_eq!(b.io_read(0xcfc, 4), 0x7000_8086, "IDs are read-only");
+        let (_, _, host) = bus();
+        let h = host.lock().unwrap();
+        let f = h.functions.get(&8).unwrap().clone();
+        drop(h);
+        f.lock().unwrap().config_mut().set16(CFG_STATUS, 0x8200);
+        let mut g = f.lock().unwrap();
+        g.config_write(CFG_STATUS, 2, 0x8000);
+        assert_eq!(
+            g.config().get16(CFG_STATUS),
+            0x0200,
+            "error bit cleared by 1, DEVSEL kept"
+        );
+        g.config_write(CFG_COMMAND, 2, 0xffff);
+        assert_eq!(g.config().get16(CFG_COMMAND), 0x0547);
+    }
+
+    #[test]
+    fn bar_sizing_with_all_ones() {
+        let mut cfg = PciConfig::new(0x1022, 0x2000, 0x02_00_00, 0x10, 0);
+        cfg.set_bar(0, BarKind::Io, 32);
+        cfg.set_bar(
+            1,
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            4096,
+        );
+        cfg.set_bar(2, BarKind::Mem32 { prefetchable: true }, 1 << 20);
+        cfg.write(0x10, 4, 0xffff_ffff);
+        assert_eq!(cfg.read(0x10, 4), 0xffff_ffe1);
+        cfg.write(0x14, 4, 0xffff_ffff);
+        assert_eq!(cfg.read(0x14, 4), 0xffff_f000);
+        cfg.write(0x18, 4, 0xffff_ffff);
+        assert_eq!(cfg.read(0x18, 4), 0xfff0_0008);
+        assert_eq!(
+            cfg.read(0x1c, 4),
+            0,
+            "undeclared BAR reads 0 and ignores writes"
+        );
+        cfg.write(0x1c, 4, 0xffff_ffff);
+        assert_eq!(cfg.read(0x1c, 4), 0);
+        cfg.write(0x10, 4, 0xc000);
+        cfg.write(0x14, 4, 0xfebf_1000);
+        assert_eq!(cfg.bar_address(0), None, "I/O decoding off");
+        cfg.write(0x04, 2, (CMD_IO | CMD_MEM) as u32);
+        assert_eq!(cfg.bar_address(0), Some(0xc000));
+        assert_eq!(cfg.bar_address(1), Some(0xfebf_1000));
+        assert_eq!(cfg.bar_size(1), Some(4096));
+        assert_eq!(cfg.bar_address(3), None);
+        // Bad BARs are refused, not panicked on.
+        cfg.set_bar(7, BarKind::Io, 16);
+        cfg.set_bar(3, BarKind::Io, 24);
+        assert_eq!(cfg.bar_size(3), None);
+    }
+
+    #[test]
+    fn pirq_routing() {
+        let (mut b, _, host) = bus();
+        assert_eq!(host.lock().unwrap().pirq_route(0), None);
+        b.io_write(0xcf8, 4, cfg_addr(1, 0, 0x60));
+        b.io_write(0xcfc, 4, 0x8009_0b0a);
+        let h = host.lock().unwrap();
+        assert_eq!(h.pirq_route(0), Some(10));
+        assert_eq!(h.pirq_route(1), Some(11));
+        assert_eq!(h.pirq_route(2), Some(9));
+        assert_eq!(h.pirq_route(3), None);
+        assert_eq!(PciHost::swizzle(3, 1), 3);
+        assert_eq!(PciHost::swizzle(3, 2), 0);
+    }
+
+    #[test]
+    fn reset_control_register() {
+        let (mut b, ctl, _) = bus();
+        b.io_write(0xcf9, 1, RC_SRST as u32);
+        assert!(!ctl.take_reset());
+        assert_eq!(b.io_read(0xcf9, 1), RC_SRST as u32);
+        b.io_write(0xcf9, 1, (RC_SRST | RC_RCPU) as u32);
+        assert!(ctl.take_reset());
+        b.io_write(0xcf9, 1, 0x0e);
+        assert!(
+            ctl.take_reset(),
+            "RCPU self-clears, so a second write resets again"
+        );
+    }
+
+    #[test]
+    fn add_refuses_taken_slots() {
+        let mut h = PciHost::new(PlatformControl::new());
+        let f: SharedFunction = Arc::new(Mutex::new(PlainFunction {
+            cfg: PciConfig::new(1, 2, 0, 0, 0),
+        }));
+        assert_eq!(
+            h.add(1, 0, f.clone()),
+            Err(PciError::Occupied { dev: 1, func: 0 })
+        );
+        assert!(h.add(32, 0, f.clone()).is_err());
+        assert!(h.add(3, 0, f).is_ok());
+    }
+
+    #[test]
+    fn random_accesses_never_panic() {
+        let (mut b, ctl, _) = bus();
+        let mut x = 0xabcd_ef01u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let port = 0xcf8 + (x % 8) as u16;
+            let size = [1, 2, 4][((x >> 3) % 3) as usize];
+            if x & 0x1000 != 0 {
+                let v = if x & 0x2000 != 0 {
+                    0x8000_0000 | (x >> 14) & 0xfffc
+                } else {
+                    x.rotate_left(7)
+                };
+                b.io_write(port, size, v);
+            } else {
+                b.io_read(port, size);
+            }
+            ctl.take_reset();
+        }
+    }
+}
