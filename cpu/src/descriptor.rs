@@ -257,3 +257,64 @@ mod tests {
         assert!(!seg_contains(&e, 0x0fff, 2));
     }
 }
+
+/// Helpers for the in-crate unit tests: a CPU in 32-bit protected mode at CPL 0 with a
+/// GDT at [`testing::GDT`].
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Descriptor;
+    use crate::state::*;
+    use crate::Cpu;
+    use morph86_mmu::{Mmu, PhysMem};
+
+    /// GDT base.
+    pub(crate) const GDT: u64 = 0x1000;
+    /// Flat ring-0 code.
+    pub(crate) const CODE0: u16 = 0x08;
+    /// Flat ring-0 data.
+    pub(crate) const DATA0: u16 = 0x10;
+
+    /// Writes a GDT entry.
+    pub(crate) fn set_gdt(c: &mut Cpu, sel: u16, d: Descriptor) {
+        c.mmu
+            .phys
+            .write(GDT + (sel & !7) as u64, &d.0.to_le_bytes());
+    }
+
+    /// Protected mode, CPL 0, flat 32-bit CS/SS/DS/ES, GDT with `extra` entries.
+    pub(crate) fn pm_cpu(extra: &[(u16, Descriptor)]) -> Cpu {
+        let mut c = Cpu::new(Mmu::new(PhysMem::new(2 << 20).unwrap()));
+        let code = Descriptor::segment(0, 0xfffff, 0x9b, 0xc);
+        let data = Descriptor::segment(0, 0xfffff, 0x93, 0xc);
+        set_gdt(&mut c, CODE0, code);
+        set_gdt(&mut c, DATA0, data);
+        for (s, d) in extra {
+            set_gdt(&mut c, *s, *d);
+        }
+        c.s.gdtr = TableReg {
+            base: GDT,
+            limit: 0x1ff,
+        };
+        c.s.cr0 |= CR0_PE;
+        c.s.seg[SegReg::Cs as usize] = code.to_segment(CODE0);
+        for s in [SegReg::Ss, SegReg::Ds, SegReg::Es] {
+            c.s.seg[s as usize] = data.to_segment(DATA0);
+        }
+        c.s.cpl = 0;
+        c.s.gpr[reg::RSP] = 0x8000;
+        c.sync_paging();
+        c
+    }
+
+    /// Runs the 32-bit code `bytes` placed at 0x10000 for one instruction.
+    pub(crate) fn exec(c: &mut Cpu, bytes: &[u8]) -> crate::Res<()> {
+        c.mmu.phys.write(0x10000, bytes);
+        c.s.rip = 0x10000;
+        c.start_rip = 0x10000;
+        let r = c.fetch_decode().and_then(|i| c.execute(&i));
+        if r.is_err() {
+            c.s.rip = c.start_rip;
+        }
+        r
+    }
+}

@@ -285,3 +285,122 @@ impl Segment {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::descriptor::testing::*;
+    use crate::descriptor::Descriptor;
+    use crate::exception::Exception;
+    use crate::state::*;
+
+    const RO_DATA: u16 = 0x18; // read-only data, DPL 0
+    const NP_DATA: u16 = 0x20; // writable data, not present
+    const DATA3: u16 = 0x28; // writable data, DPL 3
+    const XO_CODE: u16 = 0x30; // execute-only code
+    const CONF_CODE: u16 = 0x38; // readable conforming code, DPL 0
+    const TSS: u16 = 0x40; // a system descriptor
+
+    fn cpu() -> crate::Cpu {
+        pm_cpu(&[
+            (RO_DATA, Descriptor::segment(0, 0xffff, 0x90, 0)),
+            (NP_DATA, Descriptor::segment(0, 0xffff, 0x12, 0)),
+            (DATA3, Descriptor::segment(0x1000, 0xffff, 0xf2, 0)),
+            (XO_CODE, Descriptor::segment(0, 0xffff, 0x98, 0)),
+            (CONF_CODE, Descriptor::segment(0, 0xffff, 0x9e, 0)),
+            (TSS, Descriptor::segment(0x3000, 0x67, 0x89, 0)),
+        ])
+    }
+
+    #[test]
+    fn ss_load_rules() {
+        let mut c = cpu();
+        // SDM MOV: null SS -> #GP(0); RPL != CPL, not writable, DPL != CPL -> #GP(sel);
+        // not present -> #SS(sel).
+        assert_eq!(c.load_seg(SegReg::Ss, 0), Err(Exception::gp(0)));
+        assert_eq!(c.load_seg(SegReg::Ss, DATA0 | 1), Err(Exception::gp(0x10)));
+        assert_eq!(c.load_seg(SegReg::Ss, RO_DATA), Err(Exception::gp(0x18)));
+        assert_eq!(c.load_seg(SegReg::Ss, DATA3), Err(Exception::gp(0x28)));
+        assert_eq!(c.load_seg(SegReg::Ss, NP_DATA), Err(Exception::ss(0x20)));
+        assert_eq!(c.load_seg(SegReg::Ss, 0x1f8), Err(Exception::gp(0x1f8)));
+        assert_eq!(c.s.seg[SegReg::Ss as usize].selector, DATA0, "unchanged");
+        c.s.cpl = 3;
+        assert_eq!(c.load_seg(SegReg::Ss, DATA3 | 3), Ok(()));
+        assert_eq!(c.s.seg[SegReg::Ss as usize].base, 0x1000);
+    }
+
+    #[test]
+    fn data_segment_load_rules() {
+        let mut c = cpu();
+        // Beyond the GDT limit (0x1ff) and LDT with a null LDTR: #GP(sel).
+        assert_eq!(c.load_seg(SegReg::Ds, 0x200), Err(Exception::gp(0x200)));
+        assert_eq!(c.load_seg(SegReg::Ds, 0x0c), Err(Exception::gp(0x08 | 4)));
+        assert_eq!(c.load_seg(SegReg::Ds, XO_CODE), Err(Exception::gp(0x30)));
+        assert_eq!(c.load_seg(SegReg::Ds, TSS), Err(Exception::gp(0x40)));
+        assert_eq!(c.load_seg(SegReg::Ds, NP_DATA), Err(Exception::np(0x20)));
+        // A readable conforming code segment is fine at any CPL.
+        c.s.cpl = 3;
+        assert_eq!(c.load_seg(SegReg::Es, CONF_CODE | 3), Ok(()));
+        // DPL 0 data from CPL 3: #GP(sel).
+        assert_eq!(c.load_seg(SegReg::Ds, DATA0 | 3), Err(Exception::gp(0x10)));
+        // Accessed bit: set in memory on load (0xf2 -> 0xf3).
+        assert_eq!(c.load_seg(SegReg::Fs, DATA3 | 3), Ok(()));
+        let mut b = [0u8; 1];
+        c.mmu.phys.read(GDT + DATA3 as u64 + 5, &mut b);
+        assert_eq!(b[0], 0xf3);
+    }
+
+    #[test]
+    fn null_selector_makes_segment_unusable() {
+        let mut c = cpu();
+        assert_eq!(c.load_seg(SegReg::Ds, 3), Ok(()));
+        assert_eq!(c.s.seg[SegReg::Ds as usize].selector, 3);
+        assert_eq!(c.read_mem(SegReg::Ds, 0, 1), Err(Exception::gp(0)));
+    }
+
+    #[test]
+    fn outer_return_nulls_inner_segments() {
+        let mut c = cpu();
+        c.load_seg(SegReg::Es, CONF_CODE).unwrap();
+        c.s.cpl = 3;
+        c.s.seg[SegReg::Fs as usize] = Descriptor::segment(0, 0xffff, 0xf3, 0).to_segment(DATA3);
+        c.null_outer_segments();
+        assert_eq!(
+            c.s.seg[SegReg::Ds as usize].selector,
+            0,
+            "DPL 0 data nulled"
+        );
+        assert_eq!(
+            c.s.seg[SegReg::Es as usize].selector,
+            CONF_CODE,
+            "conforming kept"
+        );
+        assert_eq!(c.s.seg[SegReg::Fs as usize].selector, DATA3, "DPL 3 kept");
+    }
+
+    #[test]
+    fn mov_pop_sreg_and_lss() {
+        let mut c = cpu();
+        // 8E D8: mov ds, eax.
+        c.s.gpr[reg::RAX] = NP_DATA as u64;
+        assert_eq!(exec(&mut c, &[0x8e, 0xd8]), Err(Exception::np(0x20)));
+        // DPL 3 data is usable at CPL 0.
+        c.s.gpr[reg::RAX] = DATA3 as u64;
+        assert_eq!(exec(&mut c, &[0x8e, 0xd8]), Ok(()));
+        assert_eq!(c.s.seg[SegReg::Ds as usize].base, 0x1000);
+        // POP SS (17) with a bad selector leaves ESP alone.
+        c.mmu.phys.write(0x8000, &(RO_DATA as u32).to_le_bytes());
+        assert_eq!(exec(&mut c, &[0x17]), Err(Exception::gp(0x18)));
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000);
+        c.mmu.phys.write(0x8000, &(DATA0 as u32).to_le_bytes());
+        assert_eq!(exec(&mut c, &[0x17]), Ok(()));
+        assert_eq!(c.s.gpr[reg::RSP], 0x8004);
+        assert!(c.s.inhibit_irq && c.ev.inhibit_trap, "POP SS shadow");
+        // LSS esp, [0x9000] (0F B2 25 disp32): offset then selector.
+        c.load_seg(SegReg::Ds, DATA0).unwrap();
+        c.mmu
+            .phys
+            .write(0x9000, &[0x78, 0x56, 0x34, 0x12, 0x10, 0x00]);
+        assert_eq!(exec(&mut c, &[0x0f, 0xb2, 0x25, 0, 0x90, 0, 0]), Ok(()));
+        assert_eq!(c.s.gpr[reg::RSP], 0x1234_5678);
+    }
+}

@@ -825,3 +825,297 @@ fn mtrr_index(n: u32) -> Option<usize> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptor::testing::*;
+
+    const TSS: u16 = 0x18;
+    const TSS_BASE: u64 = 0x3000;
+
+    /// CPL 3, IOPL 0, TR = a 32-bit TSS whose bitmap (at 0x68) allows ports 0x60-0x67
+    /// and 0x3f8 only; the bitmap covers ports 0-0x3ff (0x80 bytes), limit 0x68+0x80.
+    fn io_cpu() -> Cpu {
+        let mut c = pm_cpu(&[(
+            TSS,
+            Descriptor::segment(TSS_BASE as u32, 0x68 + 0x80, 0x8b, 0),
+        )]);
+        c.s.tr = Descriptor::segment(TSS_BASE as u32, 0x68 + 0x80, 0x8b, 0).to_segment(TSS);
+        c.mmu.phys.write(TSS_BASE + 0x66, &0x68u16.to_le_bytes());
+        let mut map = vec![0xffu8; 0x81];
+        map[0x60 / 8] = 0x00;
+        map[0x3f8 / 8] = 0xfe;
+        c.mmu.phys.write(TSS_BASE + 0x68, &map);
+        c.s.cpl = 3;
+        c
+    }
+
+    #[test]
+    fn io_bitmap_rules() {
+        let mut c = io_cpu();
+        assert_eq!(c.io_permission(0x60, 1), Ok(()));
+        assert_eq!(c.io_permission(0x64, 4), Ok(()));
+        assert_eq!(c.io_permission(0x3f8, 1), Ok(()));
+        assert_eq!(
+            c.io_permission(0x3f8, 2),
+            Err(Exception::gp(0)),
+            "0x3f9 denied"
+        );
+        // A word at 0x67 needs the bits of 0x67 and 0x68 (next byte): denied.
+        assert_eq!(c.io_permission(0x67, 2), Err(Exception::gp(0)));
+        assert_eq!(c.io_permission(0x70, 1), Err(Exception::gp(0)));
+        // Beyond the TSS limit: denied.
+        assert_eq!(c.io_permission(0x400, 1), Err(Exception::gp(0)));
+        // CPL <= IOPL: no bitmap check in protected mode ...
+        c.s.eflags_raw |= IOPL;
+        assert_eq!(c.io_permission(0x70, 1), Ok(()));
+        // ... but V86 always uses the bitmap.
+        c.s.eflags_raw |= VM;
+        assert_eq!(c.io_permission(0x70, 1), Err(Exception::gp(0)));
+        assert_eq!(c.io_permission(0x61, 1), Ok(()));
+        // Real mode: always allowed.
+        c.s.eflags_raw &= !VM;
+        c.s.cr0 &= !CR0_PE;
+        c.s.cpl = 0;
+        assert_eq!(c.io_permission(0x70, 1), Ok(()));
+    }
+
+    #[test]
+    fn io_needs_a_32bit_tss() {
+        let mut c = io_cpu();
+        c.s.tr.attrs = (c.s.tr.attrs & !ATTR_TYPE) | SYS_TSS16_BUSY as u32;
+        assert_eq!(c.io_permission(0x60, 1), Err(Exception::gp(0)));
+    }
+
+    #[test]
+    fn cpuid_leaves() {
+        let mut c = pm_cpu(&[]);
+        c.s.gpr[reg::RAX] = 0;
+        c.cpuid();
+        let mut v = Vec::new();
+        for r in [reg::RBX, reg::RDX, reg::RCX] {
+            v.extend_from_slice(&(c.s.gpr[r] as u32).to_le_bytes());
+        }
+        assert_eq!(&v, b"GenuineIntel");
+        c.s.gpr[reg::RAX] = 1;
+        c.cpuid();
+        let edx = c.s.gpr[reg::RDX] as u32;
+        // SDM table 3-11 bit numbers.
+        for bit in [0, 2, 3, 4, 5, 6, 8, 11, 13, 15, 24] {
+            assert_ne!(edx & (1 << bit), 0, "feature bit {bit}");
+        }
+        for bit in [1, 9, 23, 25, 26] {
+            assert_eq!(
+                edx & (1 << bit),
+                0,
+                "VME/APIC/MMX/SSE/SSE2 bit {bit} not reported"
+            );
+        }
+        assert_eq!(c.s.gpr[reg::RAX] as u32 >> 8 & 0xf, 6, "family 6");
+        c.s.gpr[reg::RAX] = 0x8000_0001;
+        c.cpuid();
+        assert_ne!(c.s.gpr[reg::RDX] & (1 << 20), 0, "NX");
+        // Unknown leaf: highest basic leaf's data.
+        c.s.gpr[reg::RAX] = 0x55;
+        c.cpuid();
+        assert_eq!(c.s.gpr[reg::RAX], 1);
+    }
+
+    #[test]
+    fn msr_rules() {
+        let mut c = pm_cpu(&[]);
+        assert_eq!(c.read_msr(0x1234), None);
+        assert_eq!(c.write_msr(0x1234, 0), Err(Exception::gp(0)));
+        // PAT entry type 2 is reserved.
+        assert_eq!(
+            c.write_msr(MSR_PAT, 0x0007_0406_0007_0402),
+            Err(Exception::gp(0))
+        );
+        assert_eq!(c.write_msr(MSR_PAT, 0x0007_0406_0007_0406), Ok(()));
+        assert_eq!(c.read_msr(MSR_PAT), Some(0x0007_0406_0007_0406));
+        // EFER: only NXE (bit 11) on this CPU.
+        assert_eq!(c.write_msr(MSR_EFER, 1 << 8), Err(Exception::gp(0)));
+        assert_eq!(c.write_msr(MSR_EFER, EFER_NXE), Ok(()));
+        assert_eq!(c.s.efer, EFER_NXE);
+        assert_eq!(
+            c.write_msr(MSR_MTRRCAP, 0),
+            Err(Exception::gp(0)),
+            "read-only"
+        );
+        assert_eq!(
+            c.write_msr(0x201, 1),
+            Err(Exception::gp(0)),
+            "PHYSMASK reserved bits"
+        );
+        assert_eq!(c.write_msr(MSR_TSC, 1000), Ok(()));
+        assert_eq!(c.read_msr(MSR_TSC), Some(1000));
+        // RDMSR / WRMSR at CPL 3: #GP(0).
+        c.s.cpl = 3;
+        c.s.gpr[reg::RCX] = MSR_SYSENTER_CS as u64;
+        assert_eq!(exec(&mut c, &[0x0f, 0x32]), Err(Exception::gp(0)));
+    }
+
+    #[test]
+    fn popf_privilege_masks() {
+        let mut c = pm_cpu(&[]);
+        c.s.cpl = 3;
+        c.s.set_eflags(FLAG_1);
+        // POPFD at CPL 3, IOPL 0: IF and IOPL keep their values, CF changes.
+        c.mmu.phys.write(0x8000, &(IF | IOPL | CF).to_le_bytes());
+        c.s.seg[SegReg::Ss as usize].attrs |= 3 << ATTR_DPL_SHIFT;
+        assert_eq!(exec(&mut c, &[0x9d]), Ok(()));
+        assert_eq!(c.s.eflags() & (IF | IOPL | CF), CF);
+        // At CPL 0 both change.
+        c.s.cpl = 0;
+        c.s.gpr[reg::RSP] = 0x8000;
+        assert_eq!(exec(&mut c, &[0x9d]), Ok(()));
+        assert_eq!(c.s.eflags() & (IF | IOPL | CF), IF | IOPL | CF);
+        // CLI at CPL 3 with IOPL 0: #GP(0); with IOPL 3 fine.
+        c.s.cpl = 3;
+        c.s.set_eflags(FLAG_1 | IF);
+        assert_eq!(exec(&mut c, &[0xfa]), Err(Exception::gp(0)));
+        c.s.set_eflags(FLAG_1 | IF | IOPL);
+        assert_eq!(exec(&mut c, &[0xfa]), Ok(()));
+        assert_eq!(c.s.eflags() & IF, 0);
+    }
+
+    #[test]
+    fn control_register_rules() {
+        let mut c = pm_cpu(&[]);
+        // mov cr0, eax (0F 22 C0) with PG and no PE: #GP(0).
+        c.s.gpr[reg::RAX] = CR0_PG | CR0_ET;
+        assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xc0]), Err(Exception::gp(0)));
+        // NW without CD: #GP(0).
+        c.s.gpr[reg::RAX] = CR0_PE | CR0_NW;
+        assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xc0]), Err(Exception::gp(0)));
+        // mov cr4, eax (0F 22 E0): VME (not implemented) is reserved.
+        c.s.gpr[reg::RAX] = CR4_VME;
+        assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xe0]), Err(Exception::gp(0)));
+        c.s.gpr[reg::RAX] = CR4_PSE | CR4_PGE;
+        assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xe0]), Ok(()));
+        assert_eq!(c.s.cr4, CR4_PSE | CR4_PGE);
+        // mov eax, cr1 (0F 20 C8): #UD.
+        assert_eq!(exec(&mut c, &[0x0f, 0x20, 0xc8]), Err(Exception::ud()));
+        // CPL 3: #GP(0).
+        c.s.cpl = 3;
+        assert_eq!(exec(&mut c, &[0x0f, 0x20, 0xc0]), Err(Exception::gp(0)));
+    }
+
+    #[test]
+    fn debug_register_rules() {
+        let mut c = pm_cpu(&[]);
+        // mov dr7, eax (0F 23 F8): reserved bits forced.
+        c.s.gpr[reg::RAX] = DR7_GD | 0xffff_0000;
+        assert_eq!(exec(&mut c, &[0x0f, 0x23, 0xf8]), Ok(()));
+        assert_eq!(c.s.dr[7], 0xffff_0000 | DR7_GD | DR7_ONE);
+        // GD set: the next DR access raises #DB with DR6.BD and clears GD.
+        assert_eq!(
+            exec(&mut c, &[0x0f, 0x21, 0xc0]),
+            Err(Exception::new(vec::DB))
+        );
+        assert_ne!(c.s.dr[6] & DR6_BD, 0);
+        assert_eq!(c.s.dr[7] & DR7_GD, 0);
+        // DR4 aliases DR6 unless CR4.DE; with DE it is #UD.
+        assert_eq!(exec(&mut c, &[0x0f, 0x21, 0xe0]), Ok(()));
+        assert_eq!(c.s.gpr[reg::RAX], c.s.dr[6]);
+        c.s.cr4 |= CR4_DE;
+        assert_eq!(exec(&mut c, &[0x0f, 0x21, 0xe0]), Err(Exception::ud()));
+    }
+
+    #[test]
+    fn descriptor_table_instructions() {
+        let mut c = pm_cpu(&[]);
+        // o16 lgdt [0x9000]: 24-bit base.
+        c.mmu
+            .phys
+            .write(0x9000, &[0xff, 0x00, 0x00, 0x20, 0x01, 0xaa]);
+        assert_eq!(
+            exec(&mut c, &[0x66, 0x0f, 0x01, 0x15, 0, 0x90, 0, 0]),
+            Ok(())
+        );
+        assert_eq!(c.s.gdtr.base, 0x01_2000);
+        assert_eq!(c.s.gdtr.limit, 0xff);
+        // sgdt [0x9100] (32-bit): limit and the full base.
+        c.s.gdtr.base = 0xaa01_2000;
+        assert_eq!(exec(&mut c, &[0x0f, 0x01, 0x05, 0, 0x91, 0, 0]), Ok(()));
+        let mut b = [0u8; 6];
+        c.mmu.phys.read(0x9100, &mut b);
+        assert_eq!(b, [0xff, 0, 0x00, 0x20, 0x01, 0xaa]);
+        // LTR of an available TSS marks it busy; loading it again is #GP(sel).
+        let mut c = pm_cpu(&[(TSS, Descriptor::segment(TSS_BASE as u32, 0x67, 0x89, 0))]);
+        c.s.gpr[reg::RAX] = TSS as u64;
+        assert_eq!(exec(&mut c, &[0x0f, 0x00, 0xd8]), Ok(())); // ltr ax
+        assert_eq!(c.s.tr.selector, TSS);
+        assert_eq!(
+            exec(&mut c, &[0x0f, 0x00, 0xd8]),
+            Err(Exception::gp(TSS as u32))
+        );
+        // LAR/LSL of the TSS: type 0xB, limit 0x67; of a null selector: ZF = 0.
+        c.s.gpr[reg::RCX] = TSS as u64;
+        assert_eq!(exec(&mut c, &[0x0f, 0x02, 0xc1]), Ok(())); // lar eax, ecx
+        assert!(c.s.get_zf());
+        assert_eq!(c.s.gpr[reg::RAX], 0x8b00);
+        assert_eq!(exec(&mut c, &[0x0f, 0x03, 0xc1]), Ok(())); // lsl eax, ecx
+        assert_eq!(c.s.gpr[reg::RAX], 0x67);
+        c.s.gpr[reg::RCX] = 0;
+        assert_eq!(exec(&mut c, &[0x0f, 0x03, 0xc1]), Ok(()));
+        assert!(!c.s.get_zf());
+        // VERW of the read-only CS: ZF = 0; of DS: ZF = 1.
+        c.s.gpr[reg::RCX] = CODE0 as u64;
+        assert_eq!(exec(&mut c, &[0x0f, 0x00, 0xe9]), Ok(())); // verw cx
+        assert!(!c.s.get_zf());
+        c.s.gpr[reg::RCX] = DATA0 as u64;
+        assert_eq!(exec(&mut c, &[0x0f, 0x00, 0xe9]), Ok(()));
+        assert!(c.s.get_zf());
+        // ARPL in real mode: #UD.
+        c.s.cr0 &= !CR0_PE;
+        assert_eq!(exec(&mut c, &[0x63, 0xc8]), Err(Exception::ud()));
+    }
+
+    #[test]
+    fn sysenter_sysexit() {
+        let mut c = pm_cpu(&[]);
+        assert_eq!(
+            exec(&mut c, &[0x0f, 0x34]),
+            Err(Exception::gp(0)),
+            "CS MSR null"
+        );
+        c.s.msr.sysenter_cs = 0x60;
+        c.s.msr.sysenter_esp = 0x7000;
+        c.s.msr.sysenter_eip = 0x2_0000;
+        c.s.cpl = 3;
+        c.s.set_eflags(FLAG_1 | IF);
+        assert_eq!(exec(&mut c, &[0x0f, 0x34]), Ok(()));
+        assert_eq!(c.s.cpl, 0);
+        assert_eq!(c.s.seg[SegReg::Cs as usize].selector, 0x60);
+        assert_eq!(c.s.seg[SegReg::Ss as usize].selector, 0x68);
+        assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (0x2_0000, 0x7000));
+        assert_eq!(c.s.eflags() & IF, 0);
+        c.s.gpr[reg::RCX] = 0x5000;
+        c.s.gpr[reg::RDX] = 0x3_0000;
+        assert_eq!(exec(&mut c, &[0x0f, 0x35]), Ok(()));
+        assert_eq!(c.s.cpl, 3);
+        assert_eq!(c.s.seg[SegReg::Cs as usize].selector, 0x73);
+        assert_eq!(c.s.seg[SegReg::Ss as usize].selector, 0x7b);
+        assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (0x3_0000, 0x5000));
+        assert_eq!(exec(&mut c, &[0x0f, 0x35]), Err(Exception::gp(0)), "CPL 3");
+    }
+
+    #[test]
+    fn rdtsc_and_rdpmc() {
+        let mut c = pm_cpu(&[]);
+        c.tsc_offset = 0x1_0000_0005;
+        assert_eq!(exec(&mut c, &[0x0f, 0x31]), Ok(()));
+        assert_eq!((c.s.gpr[reg::RDX], c.s.gpr[reg::RAX]), (1, 5));
+        c.s.cpl = 3;
+        c.s.cr4 |= CR4_TSD;
+        assert_eq!(exec(&mut c, &[0x0f, 0x31]), Err(Exception::gp(0)));
+        assert_eq!(exec(&mut c, &[0x0f, 0x33]), Err(Exception::gp(0)));
+        c.s.cr4 |= CR4_PCE;
+        c.s.gpr[reg::RCX] = 0;
+        assert_eq!(exec(&mut c, &[0x0f, 0x33]), Ok(()));
+        c.s.gpr[reg::RCX] = 2;
+        assert_eq!(exec(&mut c, &[0x0f, 0x33]), Err(Exception::gp(0)));
+    }
+}
