@@ -191,6 +191,22 @@ impl Cpu {
         StepEvent::Ok
     }
 
+    /// Executes one instruction but does not deliver a fault it raises: on `Err` EIP is
+    /// rolled back to the instruction start and the exception is returned. Interrupts,
+    /// HLT and the TF trap are ignored. For differential testing (testsuite `hostdiff`).
+    pub fn try_step(&mut self) -> Res<()> {
+        self.start_rip = self.s.rip;
+        let r = match self.fetch_decode() {
+            Ok(i) => self.execute(&i),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => self.stats.instructions += 1,
+            Err(_) => self.s.rip = self.start_rip,
+        }
+        r
+    }
+
     /// Delivers an exception raised by an instruction (whose state has been rolled back
     /// to the instruction start), applying the double- and triple-fault rules.
     pub fn raise(&mut self, e: Exception) -> StepEvent {

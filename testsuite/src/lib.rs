@@ -2,4 +2,5 @@
 //! benchmarks. Each runner is a binary in `src/bin/`; shared machinery lives here.
 #![deny(missing_docs)]
 
+pub mod hostdiff;
 pub mod singlestep;

@@ -1,0 +1,353 @@
+//! The morph86 interpreter as an [`Engine`].
+//!
+//! A `Cpu` at CPL 3 in 32-bit protected mode with flat 4 GiB segments (descriptor caches
+//! set directly, selectors copied from the host child), CR0 as Linux runs user code
+//! (PE, MP, ET, NE, WP, AM, PG) and page tables that map exactly the host child's pages:
+//! the code area user read-only, the data area user read/write, nothing else. The page
+//! tables live in physical memory no linear address reaches.
+//!
+//! If the MMU cannot walk page tables yet (a probe of an unmapped page does not fault),
+//! the interpreter runs with paging off and every physical address outside the two
+//! areas is an MMIO window that records being touched: an instruction that touches it
+//! counts as a #PF without a known CR2, and its other effects are not compared.
+
+use super::{Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE};
+use morph86_cpu::fpu::F80;
+use morph86_cpu::state::*;
+use morph86_cpu::{Cpu, SegReg, Segment};
+use morph86_mmu::{Access, BusDevice, Mmu, PhysMem};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Guest RAM size.
+const RAM_SIZE: u64 = 4 << 20;
+/// Physical address of the page directory.
+const PAGE_DIR: u64 = 0x1000;
+/// Physical address of the page table for linear 0-4 MiB.
+const PAGE_TABLE: u64 = 0x2000;
+/// Page-table entry bit: present.
+const PTE_P: u32 = 1 << 0;
+/// Page-table entry bit: writable.
+const PTE_RW: u32 = 1 << 1;
+/// Page-table entry bit: user.
+const PTE_US: u32 = 1 << 2;
+/// Iterations allowed for one instruction that leaves EIP unchanged (a REP string
+/// instruction the interpreter runs in chunks).
+const MAX_ITERATIONS: u32 = 200_000;
+
+/// An MMIO window over unmapped memory that records any access.
+struct Tripwire(Arc<AtomicBool>);
+
+impl BusDevice for Tripwire {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        self.0.store(true, Ordering::Relaxed);
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The interpreter engine.
+pub struct Interp {
+    /// The CPU (public so a caller can look at statistics).
+    pub cpu: Cpu,
+    touched: Arc<AtomicBool>,
+    /// Whether the guest runs with paging on (else the tripwire scheme, see module doc).
+    pub paging: bool,
+}
+
+/// The full x87 tag of a register from its contents (as FXRSTOR derives it): 00 valid,
+/// 01 zero, 10 special (NaN, infinity, denormal, unnormal).
+pub fn tag_of(r: &F80) -> u16 {
+    let exp = r.se & 0x7fff;
+    if exp == 0 {
+        if r.mant == 0 {
+            1
+        } else {
+            2
+        }
+    } else if exp == 0x7fff || r.mant >> 63 == 0 {
+        2
+    } else {
+        0
+    }
+}
+
+fn f80(b: &[u8; 10]) -> F80 {
+    F80 {
+        mant: u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
+        se: u16::from_le_bytes([b[8], b[9]]),
+    }
+}
+
+impl Interp {
+    /// A CPU with the code and data areas mapped.
+    pub fn new() -> Result<Interp, String> {
+        let phys = PhysMem::new(RAM_SIZE).map_err(|e| e.to_string())?;
+        let mut cpu = Cpu::new(Mmu::new(phys));
+        let touched = Arc::new(AtomicBool::new(false));
+        // Page tables: identity-map the two areas.
+        let pde = PAGE_TABLE as u32 | PTE_P | PTE_RW | PTE_US;
+        cpu.mmu.phys.write(PAGE_DIR, &pde.to_le_bytes());
+        for a in (CODE_BASE..CODE_BASE + CODE_SIZE).step_by(4096) {
+            let pte = a | PTE_P | PTE_US;
+            cpu.mmu
+                .phys
+                .write(PAGE_TABLE + (a as u64 >> 12) * 4, &pte.to_le_bytes());
+        }
+        for a in (DATA_BASE..DATA_BASE + DATA_SIZE).step_by(4096) {
+            let pte = a | PTE_P | PTE_RW | PTE_US;
+            cpu.mmu
+                .phys
+                .write(PAGE_TABLE + (a as u64 >> 12) * 4, &pte.to_le_bytes());
+        }
+        let s = &mut cpu.s;
+        s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
+        s.cr3 = PAGE_DIR;
+        s.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT;
+        cpu.sync_paging();
+        let paging = cpu.mmu.translate(0x1000, Access::Read, true).is_err()
+            && cpu
+                .mmu
+                .translate(DATA_BASE as u64, Access::Read, true)
+                .is_ok();
+        if !paging {
+            cpu.s.cr0 &= !CR0_PG;
+            cpu.sync_paging();
+            cpu.mmu.phys.add_mmio(
+                0,
+                CODE_BASE as u64,
+                Box::new(Tripwire(Arc::clone(&touched))),
+            );
+            let end = (DATA_BASE + DATA_SIZE) as u64;
+            cpu.mmu.phys.add_mmio(
+                end,
+                (1u64 << 32) - end,
+                Box::new(Tripwire(Arc::clone(&touched))),
+            );
+        }
+        let code = Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            attrs: ATTR_P
+                | ATTR_S
+                | ATTR_CODE
+                | ATTR_RW
+                | ATTR_ACCESSED
+                | ATTR_DB
+                | ATTR_G
+                | (3 << ATTR_DPL_SHIFT),
+            selector: 0x23,
+        };
+        let data = Segment {
+            attrs: ATTR_P
+                | ATTR_S
+                | ATTR_RW
+                | ATTR_ACCESSED
+                | ATTR_DB
+                | ATTR_G
+                | (3 << ATTR_DPL_SHIFT),
+            selector: 0x2b,
+            ..code
+        };
+        let null = Segment {
+            base: 0,
+            limit: 0,
+            attrs: ATTR_UNUSABLE,
+            selector: 0,
+        };
+        for r in SegReg::ALL {
+            cpu.s.seg[r as usize] = match r {
+                SegReg::Cs => code,
+                SegReg::Fs | SegReg::Gs => null,
+                _ => data,
+            };
+        }
+        cpu.s.cpl = 3;
+        Ok(Interp {
+            cpu,
+            touched,
+            paging,
+        })
+    }
+
+    fn set_fx(&mut self, fx: &Fx) {
+        let f = &mut self.cpu.s.fpu;
+        f.cw = fx.fcw;
+        f.sw = fx.fsw;
+        f.fop = fx.fop & 0x7ff;
+        let top = fx.top();
+        let mut tw = 0u16;
+        for i in 0..8 {
+            // Physical register R[(top + i) % 8] is ST(i).
+            let p = (top + i) & 7;
+            f.regs[p] = f80(&fx.st[i]);
+        }
+        for p in 0..8 {
+            let t = if fx.ftw & (1 << p) == 0 {
+                3
+            } else {
+                tag_of(&f.regs[p])
+            };
+            tw |= t << (2 * p);
+        }
+        f.tw = tw;
+        self.cpu.s.sse.mxcsr = fx.mxcsr;
+        for i in 0..8 {
+            self.cpu.s.sse.xmm[i] = [
+                u64::from_le_bytes(fx.xmm[i][..8].try_into().unwrap_or([0; 8])),
+                u64::from_le_bytes(fx.xmm[i][8..].try_into().unwrap_or([0; 8])),
+            ];
+        }
+    }
+
+    fn fx(&self) -> Fx {
+        let f = &self.cpu.s.fpu;
+        let mut fx = Fx {
+            fcw: f.cw,
+            fsw: f.sw,
+            fop: f.fop,
+            mxcsr: self.cpu.s.sse.mxcsr,
+            ..Default::default()
+        };
+        for p in 0..8 {
+            if (f.tw >> (2 * p)) & 3 != 3 {
+                fx.ftw |= 1 << p;
+            }
+        }
+        let top = fx.top();
+        for i in 0..8 {
+            let r = f.regs[(top + i) & 7];
+            fx.st[i][..8].copy_from_slice(&r.mant.to_le_bytes());
+            fx.st[i][8..].copy_from_slice(&r.se.to_le_bytes());
+        }
+        for i in 0..8 {
+            fx.xmm[i][..8].copy_from_slice(&self.cpu.s.sse.xmm[i][0].to_le_bytes());
+            fx.xmm[i][8..].copy_from_slice(&self.cpu.s.sse.xmm[i][1].to_le_bytes());
+        }
+        fx
+    }
+}
+
+impl Engine for Interp {
+    fn load(&mut self, code: &[u8], st: &State) -> Result<State, String> {
+        let mut img = vec![0xccu8; CODE_SIZE as usize];
+        img[..code.len()].copy_from_slice(code);
+        self.cpu.mmu.phys.write(CODE_BASE as u64, &img);
+        self.cpu.mmu.phys.write(DATA_BASE as u64, &st.mem);
+        let s = &mut self.cpu.s;
+        for (i, v) in st.gpr.iter().enumerate() {
+            s.gpr[i] = *v as u64;
+        }
+        s.rip = st.eip as u64;
+        s.set_eflags(st.eflags);
+        s.halted = false;
+        s.inhibit_irq = false;
+        self.set_fx(&st.fx);
+        self.touched.store(false, Ordering::Relaxed);
+        self.state()
+    }
+
+    fn step(&mut self) -> Result<Outcome, String> {
+        let start = self.cpu.s.rip;
+        self.touched.store(false, Ordering::Relaxed);
+        for _ in 0..MAX_ITERATIONS {
+            let cpu = &mut self.cpu;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cpu.try_step()))
+                .map_err(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    format!("interpreter panicked: {msg}")
+                })?;
+            if self.touched.load(Ordering::Relaxed) {
+                return Ok(Outcome::Fault(Fault {
+                    vector: 14,
+                    addr: None,
+                }));
+            }
+            match r {
+                Err(e) => {
+                    let addr = (e.vector == 14).then_some(self.cpu.s.cr2 as u32);
+                    return Ok(Outcome::Fault(Fault {
+                        vector: e.vector,
+                        addr,
+                    }));
+                }
+                Ok(()) if self.cpu.s.rip != start => return Ok(Outcome::Done),
+                Ok(()) => {}
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn state(&mut self) -> Result<State, String> {
+        let s = &self.cpu.s;
+        let mut st = State {
+            gpr: [0; 8],
+            eip: s.rip as u32,
+            eflags: s.eflags(),
+            fx: self.fx(),
+            mem: vec![0; DATA_SIZE as usize],
+        };
+        for i in 0..8 {
+            st.gpr[i] = s.gpr[i] as u32;
+        }
+        self.cpu.mmu.phys.read(DATA_BASE as u64, &mut st.mem);
+        Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_follow_the_sdm_classes() {
+        assert_eq!(tag_of(&F80 { mant: 0, se: 0 }), 1);
+        assert_eq!(
+            tag_of(&F80 {
+                mant: 1 << 63,
+                se: 0x3fff
+            }),
+            0
+        );
+        assert_eq!(
+            tag_of(&F80 {
+                mant: 1 << 63,
+                se: 0x7fff
+            }),
+            2
+        );
+        assert_eq!(tag_of(&F80 { mant: 1, se: 0 }), 2);
+        assert_eq!(
+            tag_of(&F80 {
+                mant: 1,
+                se: 0x3fff
+            }),
+            2,
+            "unnormal"
+        );
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut e = Interp::new().unwrap();
+        let mut st = State {
+            gpr: [1, 2, 3, 4, 5, 6, 7, 8],
+            eflags: 0x246,
+            ..Default::default()
+        };
+        st.fx.fcw = 0x37f;
+        st.fx.fsw = 0x2800;
+        st.fx.ftw = 0b0010_0000;
+        st.fx.st[0] = [0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f];
+        st.mem[5] = 9;
+        let got = e.load(&[0x90], &st).unwrap();
+        assert_eq!(got, st);
+        assert_eq!(e.cpu.s.fpu.tw, 0xf3ff, "R5 valid, the rest empty");
+    }
+}
