@@ -389,3 +389,38 @@ fn self_modifying_code_through_another_linear_alias() {
     g.step();
     assert_eq!(g.cpu.s.gpr[reg::RAX], 0x91, "the modified instruction ran");
 }
+
+/// Interpreter throughput with paging on vs off, for the report. Run with
+/// `cargo test --release -p morph86-cpu --test paging -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn interpreter_loop_throughput() {
+    for paging in [false, true] {
+        let mut g = Guest::new(0, 0);
+        if !paging {
+            g.cpu.s.cr0 &= !CR0_PG;
+            g.cpu.sync_paging();
+        }
+        // l: add eax, [ebx] ; mov [ebx+4], eax ; dec ecx ; jnz l ; hlt
+        g.code(
+            CODE,
+            &[0x03, 0x03, 0x89, 0x43, 0x04, 0x49, 0x75, 0xf8, 0xf4],
+        );
+        g.cpu.s.gpr[reg::RBX] = 0x20000;
+        let iters = 2_000_000u64;
+        g.cpu.s.gpr[reg::RCX] = iters;
+        let t = std::time::Instant::now();
+        let ev = g.cpu.run(u64::MAX);
+        let el = t.elapsed();
+        assert_eq!(ev, StepEvent::Halted);
+        let n = g.cpu.stats.instructions;
+        assert_eq!(n, 4 * iters + 1);
+        println!(
+            "paging {}: {:.1} ns/instruction ({} instructions, {} TLB fills)",
+            if paging { "on " } else { "off" },
+            el.as_nanos() as f64 / n as f64,
+            n,
+            g.cpu.mmu.tlb.stats.fills
+        );
+    }
+}
