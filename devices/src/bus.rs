@@ -13,6 +13,7 @@
 //!
 //! Locking: the bus locks one device at a time, for the duration of one access.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use morph86_mmu::{BusDevice, IoBus};
@@ -77,6 +78,7 @@ struct Range {
 pub struct PortBus {
     /// Sorted by `base`, non-overlapping.
     ranges: Vec<Range>,
+    written: Option<Arc<AtomicBool>>,
 }
 
 impl PortBus {
@@ -127,6 +129,12 @@ impl PortBus {
             },
         );
         Ok(())
+    }
+
+    /// Sets `flag` on every write to a claimed port (the run loop uses it to recompute
+    /// timer deadlines after the guest reprograms a device).
+    pub fn set_write_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.written = Some(flag);
     }
 
     /// The name of the range holding `port`, if any.
@@ -187,6 +195,9 @@ impl IoBus for PortBus {
     fn io_write(&mut self, port: u16, size: u8, value: u32) {
         let size = norm_size(size);
         if let Some(i) = self.whole(port, size) {
+            if let Some(f) = &self.written {
+                f.store(true, Ordering::Relaxed);
+            }
             let r = &self.ranges[i];
             let bytes = value.to_le_bytes();
             lock(&r.dev).write((port - r.origin) as u64, &bytes[..size as usize]);
@@ -289,6 +300,20 @@ mod tests {
         );
         // Running off the end of the range: split, the outside byte reads 0xff.
         assert_eq!(bus.io_read(0xcfe, 4), 0xffff_1716);
+    }
+
+    #[test]
+    fn write_flag_set_on_claimed_writes_only() {
+        let mut bus = PortBus::new();
+        let (_, d) = probe();
+        bus.register("dev", 0x40, 4, 0x40, Width::Bytes, d).unwrap();
+        let f = Arc::new(AtomicBool::new(false));
+        bus.set_write_flag(f.clone());
+        bus.io_write(0x1234, 1, 0);
+        bus.io_read(0x40, 1);
+        assert!(!f.load(Ordering::Relaxed));
+        bus.io_write(0x43, 1, 0x34);
+        assert!(f.load(Ordering::Relaxed));
     }
 
     #[test]

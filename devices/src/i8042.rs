@@ -691,11 +691,9 @@ impl I8042 {
     }
 
     fn write_output_port(&mut self, v: u8) {
-        let old = self.outport;
         self.outport = v;
-        if (v ^ old) & OUT_A20 != 0 {
-            self.ctl.set_a20(v & OUT_A20 != 0);
-        }
+        // Every write drives the A20 line.
+        self.ctl.set_a20(v & OUT_A20 != 0);
         if v & OUT_RESET == 0 {
             self.ctl.request_reset(ResetSource::Keyboard);
             self.outport |= OUT_RESET; // the reset line comes back up with the machine

@@ -122,6 +122,18 @@ impl InterruptController {
         }))
     }
 
+    /// Power-on state of the PIC pair (machine reset); input levels are re-applied.
+    pub fn reset(&self) {
+        let mut g = lock(&self.shared.inner);
+        g.pic = PicPair::new();
+        for irq in 0..NUM_IRQS {
+            if g.sources[irq] != 0 {
+                g.pic.set_irq(irq as u8, true);
+            }
+        }
+        self.shared.publish(&g);
+    }
+
     /// Runs `f` on the PIC pair (inspection, debugging).
     pub fn with_pic<R>(&self, f: impl FnOnce(&mut PicPair) -> R) -> R {
         let mut g = lock(&self.shared.inner);

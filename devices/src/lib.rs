@@ -1,4 +1,61 @@
-//! morph86-devices: the PC platform devices (work in progress).
+//! morph86-devices: the PC platform devices, one file each, behind the port-I/O bus.
+//!
+//! # For the frontend: building and running a PC
+//!
+//! ```no_run
+//! use morph86_devices::{PcPlatform, PlatformConfig, serial::WriterBackend};
+//!
+//! let mut cfg = PlatformConfig::new(256 << 20);
+//! cfg.serial[0] = Some(Box::new(WriterBackend(std::io::stdout())));
+//! let mut pc = PcPlatform::new(cfg).expect("port map");
+//! let io_bus = pc.take_io_bus().unwrap();   // -> cpu.io = Box::new(io_bus)
+//! let intr = pc.interrupts.clone();         // adapt to morph86_cpu::InterruptSource:
+//!                                            //   pending() -> intr.pending()
+//!                                            //   acknowledge() -> intr.acknowledge()
+//! let stdin_feed = pc.serial_input(0);      // give to the stdin thread: .push(bytes)
+//! let mut deadline = pc.poll();
+//! loop {
+//!     // ... run a block of guest code (cpu.step / jit) ...
+//!     if pc.needs_poll(deadline) {
+//!         deadline = pc.poll();             // timers, serial input, IRQs
+//!     }
+//!     if pc.control.pending() {
+//!         if let Some(code) = pc.control.take_exit() { std::process::exit(code as i32) }
+//!         if pc.control.take_reset() { pc.reset(); /* + cpu reset */ }
+//!         if let Some(a20) = pc.control.take_a20_change() { /* mmu.phys.set_a20(a20) */ }
+//!     }
+//!     // When the CPU is halted with nothing pending: sleep until the next deadline
+//!     // or until another thread raises something (0% host CPU while idle).
+//!     # let halted = false;
+//!     if halted && !intr.pending() {
+//!         pc.wait_for_event(deadline);
+//!         deadline = pc.poll();
+//!     }
+//!     # break;
+//! }
+//! ```
+//!
+//! What is where (ports, IRQ):
+//! | device | file | ports | IRQ |
+//! |---|---|---|---|
+//! | 8259A pair + ELCR | [`pic`], [`irq`] | 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 | - |
+//! | 8254 PIT + port B | [`pit`] | 0x40-0x43, 0x61 | 0 |
+//! | i8042 + PS/2 kbd/mouse | [`i8042`] | 0x60, 0x64 | 1, 12 |
+//! | MC146818 RTC/CMOS | [`rtc`] | 0x70-0x71 | 8 |
+//! | POST codes | [`debug`] | 0x80 | - |
+//! | system control port A | [`port92`] | 0x92 | - |
+//! | debug console | [`debug`] | 0xe9 | - |
+//! | isa-debug-exit | [`debug`] | 0xf4-0xf7 (acts on 0xf4) | - |
+//! | 16550A COM1-COM4 | [`serial`] | 0x3f8, 0x2f8, 0x3e8, 0x2e8 (+8) | 4, 3, 4, 3 |
+//! | PCI host (i440FX, PIIX3) | [`pci`] | 0xcf8-0xcff (0xcf9 reset control) | - |
+//!
+//! Threads and locks: every device sits in its own `Arc<Mutex<..>>`; the bus locks one
+//! device per access. A device may drive its [`irq::IrqLine`] while holding its own lock
+//! (that takes the interrupt controller's lock); nothing takes locks in the other order.
+//! Other threads may call [`PcPlatform::key_event`], [`PcPlatform::mouse_event`] and
+//! [`serial::SerialInput::push`]; they wake a sleeping run loop through
+//! [`PcPlatform::wakeup`]. POST codes are logged under [`debug::POST_LOG_TARGET`]
+//! (enable that log target for `-d post`).
 #![deny(missing_docs)]
 
 pub mod bus;
@@ -14,3 +71,474 @@ pub mod port92;
 pub mod rtc;
 pub mod serial;
 pub mod wake;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use bus::{BusError, PortBus, SharedDevice, Width};
+pub use clock::{Clock, HostClock, ManualClock, SharedClock};
+pub use control::PlatformControl;
+pub use irq::{InterruptController, IrqLine};
+pub use wake::Wakeup;
+
+use bus::lock;
+
+/// What to build.
+pub struct PlatformConfig {
+    /// Guest RAM in bytes (for the CMOS memory-size registers).
+    pub ram_size: u64,
+    /// Time source of the timers.
+    pub clock: SharedClock,
+    /// The RTC's starting time as Unix seconds (default: the host's wall clock).
+    pub wall_clock_unix: i64,
+    /// COM1-COM4 back ends; `None` leaves the port out (its ports read all ones).
+    pub serial: [Option<Box<dyn serial::SerialBackend>>; 4],
+    /// Where the 0xe9 debug console writes; `None` leaves the port out.
+    pub debugcon: Option<Box<dyn Write + Send>>,
+    /// Whether isa-debug-exit sits at 0xf4.
+    pub debug_exit: bool,
+}
+
+impl PlatformConfig {
+    /// A PC with `ram_size` bytes of RAM, the host clocks, COM1 present with no back end
+    /// yet (output dropped), no debug console, isa-debug-exit present.
+    pub fn new(ram_size: u64) -> Self {
+        PlatformConfig {
+            ram_size,
+            clock: Arc::new(HostClock::new()),
+            wall_clock_unix: rtc::Rtc::host_unix_secs(),
+            serial: [Some(Box::new(serial::NullBackend)), None, None, None],
+            debugcon: None,
+            debug_exit: true,
+        }
+    }
+}
+
+/// The PC platform: all devices, wired, and the handles the machine needs.
+pub struct PcPlatform {
+    io: Option<PortBus>,
+    /// The PIC pair as the CPU sees it (INTR and INTA).
+    pub interrupts: InterruptController,
+    /// Reset, A20 and exit requests.
+    pub control: PlatformControl,
+    /// Notified when input arrives or INTR rises; an idle run loop sleeps on it.
+    pub wakeup: Wakeup,
+    /// The timer.
+    pub pit: Arc<Mutex<pit::Pit>>,
+    /// The real-time clock and CMOS (e.g. [`rtc::Rtc::set_cmos`] for disk types).
+    pub rtc: Arc<Mutex<rtc::Rtc>>,
+    /// COM1-COM4 where present.
+    pub uarts: [Option<Arc<Mutex<serial::Uart>>>; 4],
+    /// The keyboard controller.
+    pub kbc: Arc<Mutex<i8042::I8042>>,
+    /// The PCI host bridge (add PCI devices here).
+    pub pci: Arc<Mutex<pci::PciHost>>,
+    /// Port 0x92.
+    pub port92: Arc<Mutex<port92::Port92>>,
+    /// Port 0x80.
+    pub post: Arc<Mutex<debug::PostPort>>,
+    clock: SharedClock,
+    io_written: Arc<AtomicBool>,
+}
+
+impl PcPlatform {
+    /// Creates and wires every device. Fails only if the port map has an overlap, which
+    /// would be a bug in this function.
+    pub fn new(cfg: PlatformConfig) -> Result<Self, BusError> {
+        let clock = cfg.clock.clone();
+        let interrupts = InterruptController::new();
+        let control = PlatformControl::new();
+        let wakeup = Wakeup::new();
+        interrupts.set_wakeup(wakeup.clone());
+        let mut io = PortBus::new();
+        let io_written = Arc::new(AtomicBool::new(false));
+        io.set_write_flag(io_written.clone());
+
+        let pic = interrupts.ports();
+        io.register("pic1", 0x20, 2, 0, Width::Bytes, pic.clone())?;
+        io.register("pic2", 0xa0, 2, 0, Width::Bytes, pic.clone())?;
+        io.register("elcr", 0x4d0, 2, 0, Width::Bytes, pic)?;
+
+        let pit = Arc::new(Mutex::new(pit::Pit::new(
+            clock.clone(),
+            Some(interrupts.line(0)),
+        )));
+        io.register("pit", 0x40, 4, 0, Width::Bytes, pit.clone())?;
+        io.register("port61", 0x61, 1, 0, Width::Bytes, pit.clone())?;
+
+        let kbc = Arc::new(Mutex::new(i8042::I8042::new(
+            Some(interrupts.line(1)),
+            Some(interrupts.line(12)),
+            control.clone(),
+        )));
+        io.register("i8042-data", 0x60, 1, 0x60, Width::Bytes, kbc.clone())?;
+        io.register("i8042-cmd", 0x64, 1, 0x60, Width::Bytes, kbc.clone())?;
+
+        let rtc = Arc::new(Mutex::new(rtc::Rtc::new(
+            clock.clone(),
+            Some(interrupts.line(8)),
+            cfg.wall_clock_unix,
+            cfg.ram_size,
+        )));
+        io.register("rtc", 0x70, 2, 0x70, Width::Bytes, rtc.clone())?;
+
+        let post = Arc::new(Mutex::new(debug::PostPort::new()));
+        io.register("post", 0x80, 1, 0x80, Width::Bytes, post.clone())?;
+
+        let port92 = Arc::new(Mutex::new(port92::Port92::new(control.clone())));
+        io.register("port92", 0x92, 1, 0x92, Width::Bytes, port92.clone())?;
+
+        if let Some(out) = cfg.debugcon {
+            let d = Arc::new(Mutex::new(debug::DebugCon::new(out)));
+            io.register("debugcon", 0xe9, 1, 0xe9, Width::Bytes, d)?;
+        }
+        if cfg.debug_exit {
+            let d = Arc::new(Mutex::new(debug::DebugExit::new(control.clone())));
+            io.register("isa-debug-exit", 0xf4, 4, 0xf4, Width::Any, d)?;
+        }
+
+        let mut uarts: [Option<Arc<Mutex<serial::Uart>>>; 4] = Default::default();
+        for (n, backend) in cfg.serial.into_iter().enumerate() {
+            let Some(backend) = backend else { continue };
+            let u = Arc::new(Mutex::new(serial::Uart::new(
+                clock.clone(),
+                Some(interrupts.line(serial::COM_IRQS[n])),
+                backend,
+                Some(wakeup.clone()),
+            )));
+            let base = serial::COM_PORTS[n];
+            io.register(
+                &format!("com{}", n + 1),
+                base,
+                8,
+                base,
+                Width::Bytes,
+                u.clone(),
+            )?;
+            uarts[n] = Some(u);
+        }
+
+        let pci = Arc::new(Mutex::new(pci::PciHost::new(control.clone())));
+        io.register("pci", 0xcf8, 8, 0xcf8, Width::Any, pci.clone())?;
+
+        Ok(PcPlatform {
+            io: Some(io),
+            interrupts,
+            control,
+            wakeup,
+            pit,
+            rtc,
+            uarts,
+            kbc,
+            pci,
+            port92,
+            post,
+            clock,
+            io_written,
+        })
+    }
+
+    /// The port bus, to register more devices before handing it to the CPU.
+    pub fn io_bus_mut(&mut self) -> Option<&mut PortBus> {
+        self.io.as_mut()
+    }
+
+    /// Hands the port bus over (once) for `cpu.io`.
+    pub fn take_io_bus(&mut self) -> Option<PortBus> {
+        self.io.take()
+    }
+
+    /// The input queue of COM`n+1`, if present.
+    pub fn serial_input(&self, n: usize) -> Option<serial::SerialInput> {
+        self.uarts.get(n)?.as_ref().map(|u| lock(u).input())
+    }
+
+    /// The platform clock's time in ns.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Brings timers, serial input and interrupt lines up to date; returns the clock
+    /// time of the next device deadline (`None`: nothing scheduled).
+    pub fn poll(&self) -> Option<u64> {
+        self.io_written.store(false, Ordering::Relaxed);
+        let mut next: Option<u64> = None;
+        let mut take = |d: Option<u64>| {
+            if let Some(d) = d {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        };
+        {
+            let mut p = lock(&self.pit);
+            p.update();
+            take(p.next_deadline());
+        }
+        {
+            let mut r = lock(&self.rtc);
+            r.update();
+            take(r.next_deadline());
+        }
+        for u in self.uarts.iter().flatten() {
+            let mut u = lock(u);
+            u.update();
+            take(u.next_deadline());
+        }
+        next
+    }
+
+    /// Whether [`PcPlatform::poll`] is due: the deadline passed, the guest wrote to a
+    /// device port since the last poll, or input arrived.
+    pub fn needs_poll(&self, deadline: Option<u64>) -> bool {
+        self.io_written.load(Ordering::Relaxed)
+            || deadline.is_some_and(|d| self.clock.now_ns() >= d)
+            || self.serial_pending()
+    }
+
+    fn serial_pending(&self) -> bool {
+        // Input waits in the queue until a poll moves it into the UART.
+        self.uarts
+            .iter()
+            .flatten()
+            .any(|u| !lock(u).input().is_empty())
+    }
+
+    /// Sleeps until `deadline` (clock ns) or until another thread signals (input, INTR).
+    pub fn wait_for_event(&self, deadline: Option<u64>) {
+        let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
+        if timeout != Some(Duration::ZERO) {
+            self.wakeup.wait(timeout);
+        }
+    }
+
+    /// A key went down or up; `code` is a set 1 make code (`0xE0xx` for extended keys).
+    pub fn key_event(&self, code: u16, down: bool) {
+        lock(&self.kbc).key_event(code, down);
+        self.wakeup.notify();
+    }
+
+    /// The mouse moved (y up is positive) / buttons changed (bit 0 left, 1 right, 2 middle).
+    pub fn mouse_event(&self, dx: i32, dy: i32, dz: i32, buttons: u8) {
+        lock(&self.kbc).mouse_event(dx, dy, dz, buttons);
+        self.wakeup.notify();
+    }
+
+    /// Puts the devices in their power-on state (after a reset request). The RTC and
+    /// CMOS keep running, as on a real board; serial back ends and queues stay.
+    pub fn reset(&self) {
+        self.interrupts.reset();
+        lock(&self.pit).reset();
+        lock(&self.kbc).reset();
+        lock(&self.port92).reset();
+        lock(&self.pci).reset();
+        for u in self.uarts.iter().flatten() {
+            lock(u).reset();
+        }
+        self.control.set_a20(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use morph86_mmu::IoBus;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl serial::SerialBackend for Capture {
+        fn transmit(&mut self, byte: u8) {
+            self.0.lock().unwrap().push(byte);
+        }
+    }
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pc(clock: &ManualClock) -> (PcPlatform, PortBus, Capture, Capture) {
+        let mut cfg = PlatformConfig::new(64 << 20);
+        cfg.clock = Arc::new(clock.clone());
+        let com1 = Capture::default();
+        let con = Capture::default();
+        cfg.serial[0] = Some(Box::new(com1.clone()));
+        cfg.debugcon = Some(Box::new(con.clone()));
+        let mut p = PcPlatform::new(cfg).unwrap();
+        let io = p.take_io_bus().unwrap();
+        (p, io, com1, con)
+    }
+
+    /// The PIC initialisation Linux does (vectors 0x30/0x38 to tell them apart).
+    fn init_pics(io: &mut PortBus) {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x30),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x38),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0x00),
+            (0xa1, 0x00),
+        ] {
+            io.io_write(port, 1, v);
+        }
+    }
+
+    #[test]
+    fn port_map_is_complete_and_unclaimed_ports_float() {
+        let clock = ManualClock::new();
+        let (_p, io, _, _) = pc(&clock);
+        for (port, who) in [
+            (0x20, "pic1"),
+            (0xa1, "pic2"),
+            (0x4d1, "elcr"),
+            (0x43, "pit"),
+            (0x61, "port61"),
+            (0x60, "i8042-data"),
+            (0x64, "i8042-cmd"),
+            (0x71, "rtc"),
+            (0x80, "post"),
+            (0x92, "port92"),
+            (0xe9, "debugcon"),
+            (0xf4, "isa-debug-exit"),
+            (0x3ff, "com1"),
+            (0xcfc, "pci"),
+        ] {
+            assert_eq!(io.owner(port), Some(who), "port {port:#x}");
+        }
+        assert_eq!(io.owner(0x2f8), None, "COM2 left out");
+        let mut io = io;
+        assert_eq!(io.io_read(0x2f8, 1), 0xff);
+    }
+
+    #[test]
+    fn timer_interrupt_end_to_end_with_deadlines() {
+        let clock = ManualClock::new();
+        let (p, mut io, _, _) = pc(&clock);
+        init_pics(&mut io);
+        // 100 Hz: divisor 11932, mode 2.
+        io.io_write(0x43, 1, 0x34);
+        io.io_write(0x40, 1, 11932 & 0xff);
+        io.io_write(0x40, 1, 11932 >> 8);
+        assert!(p.needs_poll(None), "a port write asks for a poll");
+        let d = p.poll().expect("timer deadline");
+        assert!(!p.needs_poll(Some(d)));
+        // 11932 ticks + 1 at 1.193182 MHz = 10.0008 ms.
+        assert!((10_000_000..10_002_000).contains(&d), "{d}");
+        clock.set(d);
+        assert!(p.needs_poll(Some(d)));
+        p.poll();
+        assert!(p.interrupts.pending());
+        assert_eq!(p.interrupts.acknowledge(), 0x30);
+        io.io_write(0x20, 1, 0x20);
+        assert!(!p.interrupts.pending());
+    }
+
+    #[test]
+    fn serial_echo_through_the_bus() {
+        let clock = ManualClock::new();
+        let (p, mut io, com1, _) = pc(&clock);
+        init_pics(&mut io);
+        for b in b"boot\n" {
+            io.io_write(0x3f8, 1, *b as u32);
+        }
+        assert_eq!(&*com1.0.lock().unwrap(), b"boot\n");
+        io.io_write(0x3f9, 1, serial::IER_ERBFI as u32);
+        io.io_write(0x3fc, 1, serial::MCR_OUT2 as u32);
+        let inp = p.serial_input(0).unwrap();
+        std::thread::spawn(move || inp.push(b"k")).join().unwrap();
+        assert!(p.needs_poll(None));
+        p.poll();
+        assert!(p.interrupts.pending());
+        assert_eq!(p.interrupts.acknowledge(), 0x34, "COM1 on IRQ4");
+        assert_eq!(io.io_read(0x3f8, 1), b'k' as u32);
+        assert!(p.serial_input(1).is_none());
+    }
+
+    #[test]
+    fn keyboard_rtc_and_pci_through_the_bus() {
+        let clock = ManualClock::new();
+        let (p, mut io, _, _) = pc(&clock);
+        init_pics(&mut io);
+        p.key_event(0x1c, true);
+        assert!(p.interrupts.pending());
+        assert_eq!(p.interrupts.acknowledge(), 0x31);
+        assert_eq!(io.io_read(0x64, 1) & 1, 1);
+        assert_eq!(io.io_read(0x60, 1), 0x1c);
+        io.io_write(0x70, 1, 0x15);
+        assert_eq!(io.io_read(0x71, 1), 0x80);
+        io.io_write(0x70, 1, 0x16);
+        assert_eq!(io.io_read(0x71, 1), 0x02);
+        io.io_write(0xcf8, 4, 0x8000_0800);
+        assert_eq!(io.io_read(0xcfc, 4), 0x7000_8086);
+    }
+
+    #[test]
+    fn machine_requests_a20_reset_exit_debugcon() {
+        let clock = ManualClock::new();
+        let (p, mut io, _, con) = pc(&clock);
+        io.io_write(0x92, 1, 0);
+        assert_eq!(p.control.take_a20_change(), Some(false));
+        io.io_write(0x64, 1, 0xd1);
+        io.io_write(0x60, 1, 0x03);
+        assert_eq!(p.control.take_a20_change(), Some(true));
+        io.io_write(0x64, 1, 0xfe);
+        assert!(p.control.take_reset());
+        io.io_write(0xcf9, 1, 0x06);
+        assert!(p.control.take_reset());
+        io.io_write(0x92, 1, 1);
+        assert!(p.control.take_reset());
+        p.reset();
+        io.io_write(0xf4, 4, 0x31);
+        assert_eq!(p.control.take_exit(), Some(0x63));
+        io.io_write(0xf5, 1, 0x31);
+        assert_eq!(p.control.take_exit(), None, "only 0xf4 itself acts");
+        io.io_write(0xe9, 1, b'x' as u32);
+        assert_eq!(&*con.0.lock().unwrap(), b"x");
+        assert_eq!(io.io_read(0xe9, 1), 0xe9);
+        io.io_write(0x80, 1, 0x42);
+        assert_eq!(p.post.lock().unwrap().last(), Some(0x42));
+    }
+
+    #[test]
+    fn idle_wait_sleeps_until_the_deadline() {
+        // Real clock: a 100 Hz timer and an idle loop should wake ~10 times in 100 ms.
+        let mut cfg = PlatformConfig::new(64 << 20);
+        cfg.serial = [None, None, None, None];
+        let mut p = PcPlatform::new(cfg).unwrap();
+        let mut io = p.take_io_bus().unwrap();
+        init_pics(&mut io);
+        io.io_write(0x43, 1, 0x34);
+        io.io_write(0x40, 1, 11932 & 0xff);
+        io.io_write(0x40, 1, 11932 >> 8);
+        let start = std::time::Instant::now();
+        let mut deadline = p.poll();
+        let mut wakeups = 0;
+        let mut irqs = 0;
+        while start.elapsed() < Duration::from_millis(100) {
+            p.wait_for_event(deadline);
+            wakeups += 1;
+            deadline = p.poll();
+            while p.interrupts.pending() {
+                p.interrupts.acknowledge();
+                io.io_write(0x20, 1, 0x20);
+                irqs += 1;
+            }
+        }
+        assert!(
+            (5..=20).contains(&irqs),
+            "{irqs} timer interrupts in 100 ms"
+        );
+        assert!(
+            wakeups <= 3 * irqs + 5,
+            "{wakeups} wake-ups: the idle loop spins"
+        );
+    }
+}

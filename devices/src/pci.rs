@@ -350,6 +350,7 @@ pub struct PciHost {
     address: u32,
     reset_control: u8,
     functions: BTreeMap<u8, SharedFunction>,
+    host_bridge: Arc<Mutex<PlainFunction>>,
     isa_bridge: Arc<Mutex<PlainFunction>>,
     ctl: PlatformControl,
 }
@@ -358,18 +359,34 @@ impl PciHost {
     /// Bus 0 with the i440FX at 00:00.0 and the PIIX3 ISA bridge at 00:01.0.
     pub fn new(ctl: PlatformControl) -> Self {
         let isa = Arc::new(Mutex::new(piix3_isa()));
+        let host = Arc::new(Mutex::new(i440fx()));
         let mut h = PciHost {
             address: 0,
             reset_control: 0,
             functions: BTreeMap::new(),
+            host_bridge: host.clone(),
             isa_bridge: isa.clone(),
             ctl,
         };
-        let host: SharedFunction = Arc::new(Mutex::new(i440fx()));
         // Both slots are free on a new bus.
         let _ = h.add(0, 0, host);
         let _ = h.add(1, 0, isa);
         h
+    }
+
+    /// Power-on state of the bridges and CONFIG_ADDRESS (machine reset). Other
+    /// functions reset themselves.
+    pub fn reset(&mut self) {
+        self.address = 0;
+        self.reset_control = 0;
+        *lock(&self.host_bridge) = i440fx();
+        *lock(&self.isa_bridge) = piix3_isa();
+    }
+
+    /// The i440FX PAM registers 0x59-0x5f (BIOS shadowing attributes), for the machine.
+    pub fn pam(&self) -> [u8; 7] {
+        let h = lock(&self.host_bridge);
+        std::array::from_fn(|k| h.cfg.get8(0x59 + k as u8))
     }
 
     /// Plugs `f` in at bus 0, device `dev`, function `func`.

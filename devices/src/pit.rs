@@ -390,6 +390,20 @@ impl Pit {
         }
     }
 
+    /// Power-on state (machine reset): channels unprogrammed, port 0x61 cleared.
+    pub fn reset(&mut self) {
+        let t = self.tick();
+        let mut ch: [Channel; 3] = Default::default();
+        ch[0].gate = true;
+        ch[1].gate = true;
+        self.ch = ch;
+        self.port61 = 0;
+        self.irq_tick = t;
+        if let Some(l) = &self.irq0 {
+            l.lower();
+        }
+    }
+
     fn tick(&self) -> i64 {
         (self.clock.now_ns() as u128 * PIT_HZ as u128 / 1_000_000_000) as i64
     }

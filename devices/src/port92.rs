@@ -44,9 +44,8 @@ impl BusDevice for Port92 {
         let Some(&v) = data.first() else { return };
         let old = self.value;
         self.value = v;
-        if (v ^ old) & P92_A20 != 0 {
-            self.ctl.set_a20(v & P92_A20 != 0);
-        }
+        // Every write drives the A20 line (read-modify-write is the guest's job).
+        self.ctl.set_a20(v & P92_A20 != 0);
         if v & P92_RESET != 0 && old & P92_RESET == 0 {
             self.ctl.request_reset(ResetSource::Port92);
         }

@@ -266,6 +266,24 @@ impl Uart {
         }
     }
 
+    /// Power-on register values (machine reset); the back end and queued input stay.
+    pub fn reset(&mut self) {
+        self.dll = 0x0c;
+        self.dlm = 0;
+        self.ier = 0;
+        self.lcr = 0b0000_0011;
+        self.mcr = 0;
+        self.scr = 0;
+        self.fifo = false;
+        self.trigger = 1;
+        self.rx.clear();
+        self.lsr_err = 0;
+        self.thre_pending = false;
+        self.msr_delta = 0;
+        self.rx_activity = self.clock.now_ns();
+        self.update_irq();
+    }
+
     /// The handle other threads push received bytes into.
     pub fn input(&self) -> SerialInput {
         self.input.clone()
