@@ -868,13 +868,13 @@ impl Cpu {
             return;
         }
         let v = self.s.fpu.st(0);
-        match ctx.sin_cos(v) {
+        match ctx.sin_or_cos(v, sin) {
             None => self.fpu_set_cc(SW_C2),
             Some(None) => self.fpu_set_cc(0),
-            Some(Some((s, c))) => {
+            Some(Some(r)) => {
                 self.fpu_set_cc(0);
                 if !ctx.pre_fault() {
-                    self.s.fpu.set_st(0, if sin { s } else { c });
+                    self.s.fpu.set_st(0, r);
                 }
             }
         }
