@@ -136,3 +136,119 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::exception::vec;
+    use crate::state::*;
+
+    #[test]
+    fn bit_test_register_and_immediate() {
+        // bt eax, ebx with EBX = 36 tests bit 4; bts ecx, 31; btr/btc by immediate.
+        let mut c = flat32(&[
+            0x0f, 0xa3, 0xd8, // bt eax, ebx
+            0x0f, 0xba, 0xe9, 0x1f, // bts ecx, 31
+            0x0f, 0xba, 0x33, 0x25, // btr dword [ebx], 37 -> bit 5 of the same dword
+            0x0f, 0xba, 0xfa, 0x00, // btc edx, 0
+        ]);
+        c.s.gpr[reg::RAX] = 0x10;
+        c.s.gpr[reg::RBX] = 36;
+        c.s.set_eflags(FLAG_1 | ZF);
+        run(&mut c, 1);
+        assert!(c.s.get_cf() && c.s.get_zf()); // ZF kept
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RCX], 0x8000_0000);
+        assert!(!c.s.get_cf());
+        c.s.gpr[reg::RBX] = 0x3000;
+        poke(&mut c, 0x3000, 4, 0xff);
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x3000, 4), 0xdf);
+        assert!(c.s.get_cf());
+        c.s.gpr[reg::RDX] = 0;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RDX], 1);
+        assert!(!c.s.get_cf());
+    }
+
+    #[test]
+    fn bit_string_in_memory() {
+        // bts [ebx], eax with EAX = 100: dword at EBX + 12, bit 4.
+        let mut c = flat32(&[0x0f, 0xab, 0x03, 0x0f, 0xab, 0x03]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        c.s.gpr[reg::RAX] = 100;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x300c, 4), 0x10);
+        // EAX = -1: dword at EBX - 4, bit 31.
+        c.s.gpr[reg::RAX] = 0xffff_ffff;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x2ffc, 4), 0x8000_0000);
+        assert!(!c.s.get_cf());
+        // 16-bit: bts [bx], ax with AX = -16: word at BX - 2, bit 0.
+        let mut c = real(&[0x0f, 0xab, 0x07]);
+        c.s.gpr[reg::RBX] = 0x100;
+        c.s.gpr[reg::RAX] = 0xfff0;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, REAL_DS + 0xfe, 2), 1);
+    }
+
+    #[test]
+    fn bit_scans() {
+        let mut c = flat32(&[0x0f, 0xbc, 0xc3, 0x0f, 0xbd, 0xcb, 0x0f, 0xbc, 0xd6]);
+        c.s.gpr[reg::RBX] = 0x0001_0100;
+        c.s.gpr[reg::RDX] = 0x5555;
+        run(&mut c, 2);
+        assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RCX]), (8, 16));
+        assert!(!c.s.get_zf());
+        // A zero source sets ZF and leaves the destination.
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RDX], 0x5555);
+        assert!(c.s.get_zf());
+    }
+
+    #[test]
+    fn xadd_cmpxchg() {
+        // xadd [ebx], eax.
+        let mut c = flat32(&[0x0f, 0xc1, 0x03, 0x0f, 0xb1, 0x0b, 0x0f, 0xb1, 0x0b]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        c.s.gpr[reg::RAX] = 5;
+        poke(&mut c, 0x3000, 4, 0xffff_ffff);
+        run(&mut c, 1);
+        assert_eq!(
+            (peek(&mut c, 0x3000, 4), c.s.gpr[reg::RAX]),
+            (4, 0xffff_ffff)
+        );
+        assert!(c.s.get_cf());
+        // cmpxchg [ebx], ecx: EAX (0xffffffff) != 4 -> EAX = 4, ZF = 0.
+        c.s.gpr[reg::RCX] = 77;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RAX], peek(&mut c, 0x3000, 4)), (4, 4));
+        assert!(!c.s.get_zf());
+        // Again: equal now -> [ebx] = ECX, ZF = 1.
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x3000, 4), 77);
+        assert!(c.s.get_zf());
+    }
+
+    #[test]
+    fn cmpxchg8b_forms() {
+        let mut c = flat32(&[0x0f, 0xc7, 0x0f, 0x0f, 0xc7, 0x0f, 0x0f, 0xc7, 0xc8]);
+        c.s.gpr[reg::RDI] = 0x3000;
+        poke(&mut c, 0x3000, 8, 0x1111_2222_3333_4444);
+        c.s.gpr[reg::RCX] = 0xaaaa;
+        c.s.gpr[reg::RBX] = 0xbbbb;
+        // Mismatch: EDX:EAX loaded from memory, ZF = 0.
+        run(&mut c, 1);
+        assert_eq!(
+            (c.s.gpr[reg::RDX], c.s.gpr[reg::RAX]),
+            (0x1111_2222, 0x3333_4444)
+        );
+        assert!(!c.s.get_zf());
+        // Match: memory = ECX:EBX, ZF = 1.
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x3000, 8), 0xaaaa_0000_bbbb);
+        assert!(c.s.get_zf());
+        // Register operand: #UD.
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::UD);
+    }
+}

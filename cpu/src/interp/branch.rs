@@ -146,3 +146,104 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::exception::vec;
+    use crate::state::*;
+
+    #[test]
+    fn conditional_jumps() {
+        // je +5 taken with ZF; jl not taken when SF == OF.
+        let mut c = real(&[0x74, 0x05]);
+        c.s.set_flag(ZF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, 7);
+        let mut c = real(&[0x7c, 0x05]);
+        c.s.set_eflags(FLAG_1 | SF | OF);
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, 2);
+        // jg rel32 in 32-bit code, taken.
+        let mut c = flat32(&[0x0f, 0x8f, 0x00, 0x01, 0x00, 0x00]);
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, FLAT_CODE + 6 + 0x100);
+    }
+
+    #[test]
+    fn target_past_cs_limit_is_gp() {
+        let mut c = flat32(&[0xe9, 0x00, 0x10, 0x00, 0x00]);
+        c.s.seg[SegReg::Cs as usize].limit = 0x1fff;
+        let e = exec(&mut c).unwrap_err();
+        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!(c.s.rip, FLAT_CODE);
+        // jmp rel16 with an operand-size prefix in 32-bit code truncates EIP to 16 bits.
+        let mut c = flat32(&[0x66, 0xe9, 0x00, 0x00]);
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, (FLAT_CODE + 4) & 0xffff);
+    }
+
+    #[test]
+    fn calls_and_returns() {
+        // call +3 (16-bit): pushes 3, IP = 6; ret 4 pops it and 4 more bytes.
+        let mut code = vec![0xe8, 0x03, 0x00, 0x90, 0x90, 0x90];
+        code.extend_from_slice(&[0xc2, 0x04, 0x00]);
+        let mut c = real(&code);
+        run(&mut c, 1);
+        assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (6, 0x0ffe));
+        assert_eq!(peek(&mut c, REAL_SS + 0xffe, 2), 3);
+        run(&mut c, 1);
+        assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (3, 0x1004));
+
+        // call eax (32-bit) and ret.
+        let mut c = flat32(&[0xff, 0xd0]);
+        c.mmu.phys.write(0x2000, &[0xc3]);
+        c.s.gpr[reg::RAX] = 0x2000;
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, 0x2000);
+        assert_eq!(peek(&mut c, 0x7ffc, 4), FLAT_CODE + 2);
+        run(&mut c, 1);
+        assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (FLAT_CODE + 2, 0x8000));
+
+        // jmp word [bx].
+        let mut c = real(&[0xff, 0x27]);
+        c.s.gpr[reg::RBX] = 0x10;
+        poke(&mut c, REAL_DS + 0x10, 2, 0x1234);
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, 0x1234);
+    }
+
+    #[test]
+    fn loops_and_jcxz() {
+        // loop $ with CX = 0 runs 0x10000 times: the first pass leaves CX = 0xffff.
+        let mut c = real(&[0xe2, 0xfe]);
+        c.s.gpr[reg::RCX] = 0x5_0000;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.rip), (0x5_ffff, 0));
+        // With an address-size prefix LOOP counts in ECX.
+        let mut c = real(&[0x67, 0xe2, 0xfd]);
+        c.s.gpr[reg::RCX] = 0x1_0000;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.rip), (0xffff, 0));
+        c.s.gpr[reg::RCX] = 1;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.rip), (0, 3));
+        // loopne stops on ZF; loope continues on ZF.
+        let mut c = real(&[0xe0, 0x10, 0xe1, 0x10]);
+        c.s.gpr[reg::RCX] = 5;
+        c.s.set_flag(ZF, true);
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.rip), (4, 2));
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.rip), (3, 0x14));
+        // jcxz looks at CX only; jecxz at ECX.
+        let mut c = real(&[0xe3, 0x10]);
+        c.s.gpr[reg::RCX] = 0x1_0000;
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, 0x12);
+        let mut c = flat32(&[0xe3, 0x10]);
+        c.s.gpr[reg::RCX] = 0x1_0000;
+        run(&mut c, 1);
+        assert_eq!(c.s.rip, FLAT_CODE + 2);
+    }
+}

@@ -572,3 +572,272 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::exception::vec;
+    use crate::state::*;
+
+    #[test]
+    fn add_adc_sbb_flags() {
+        // add eax, ebx: 0x7fffffff + 1 = 0x80000000 -> OF SF AF PF (low byte 0 is even).
+        let mut c = flat32(&[0x01, 0xd8]);
+        c.s.gpr[reg::RAX] = 0x7fff_ffff;
+        c.s.gpr[reg::RBX] = 1;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8000_0000);
+        assert_eq!(aflags(&c), OF | SF | AF | PF);
+
+        // adc ax, bx: 0xffff + 0 + CF = 0 with carry.
+        let mut c = real(&[0x11, 0xd8]);
+        c.s.gpr[reg::RAX] = 0xffff;
+        c.s.set_flag(CF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0);
+        assert_eq!(aflags(&c), CF | ZF | AF | PF);
+
+        // sbb al, 1 with CF: 0 - 1 - 1 = 0xfe; 0xfe has seven ones -> PF clear.
+        let mut c = real(&[0x1c, 0x01]);
+        c.s.set_flag(CF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX] & 0xff, 0xfe);
+        assert_eq!(aflags(&c), CF | AF | SF);
+    }
+
+    #[test]
+    fn logic_cmp_neg_inc() {
+        // cmp dword [ebx+ecx*4+8], 5 against 5: ZF PF, memory unchanged.
+        let mut c = flat32(&[0x83, 0x7c, 0x8b, 0x08, 0x05]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        c.s.gpr[reg::RCX] = 2;
+        poke(&mut c, 0x3010, 4, 5);
+        run(&mut c, 1);
+        assert_eq!(aflags(&c), ZF | PF);
+        assert_eq!(peek(&mut c, 0x3010, 4), 5);
+
+        // neg eax of 0x80000000: stays, CF OF SF (PF: low byte 0).
+        let mut c = flat32(&[0xf7, 0xd8, 0xf7, 0xd8]);
+        c.s.gpr[reg::RAX] = 0x8000_0000;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8000_0000);
+        assert_eq!(aflags(&c), CF | OF | SF | PF);
+        c.s.gpr[reg::RAX] = 0;
+        run(&mut c, 1);
+        assert_eq!(aflags(&c), ZF | PF);
+
+        // stc; inc eax from 0xffffffff: 0, CF kept.
+        let mut c = flat32(&[0xf9, 0x40]);
+        c.s.gpr[reg::RAX] = 0xffff_ffff;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0);
+        assert_eq!(aflags(&c), CF | ZF | AF | PF);
+
+        // xor al, 0x81 with AL=0x80 -> 1, all of CF OF AF clear; PF clear (one bit).
+        let mut c = real(&[0x34, 0x81]);
+        c.s.gpr[reg::RAX] = 0x1280;
+        c.s.set_eflags(FLAG_1 | CF | OF | AF);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x1201);
+        assert_eq!(aflags(&c), 0);
+    }
+
+    #[test]
+    fn faulting_write_leaves_state() {
+        // add [ebx], eax with EBX past the 1 MiB limit: #GP(0), nothing changes.
+        let mut c = flat32(&[0x01, 0x03]);
+        c.s.gpr[reg::RBX] = 0x10_0000;
+        c.s.gpr[reg::RAX] = 7;
+        c.s.set_eflags(FLAG_1 | ZF);
+        let e = exec(&mut c).unwrap_err();
+        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!(c.s.eflags(), FLAG_1 | ZF);
+        assert_eq!(c.s.rip, FLAT_CODE);
+    }
+
+    #[test]
+    fn lock_rules() {
+        // LOCK with a register destination is #UD; with memory it is fine.
+        let mut c = flat32(&[0xf0, 0x01, 0xd8]);
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::UD);
+        let mut c = flat32(&[0xf0, 0x01, 0x03]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        c.s.gpr[reg::RAX] = 2;
+        poke(&mut c, 0x3000, 4, 40);
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x3000, 4), 42);
+        // LOCK MOV is #UD as well.
+        let mut c = flat32(&[0xf0, 0x89, 0x03]);
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::UD);
+    }
+
+    #[test]
+    fn moves_and_extensions() {
+        // mov eax, ds zero-extends the selector; movzx/movsx; lea with 16-bit address.
+        let mut c = flat32(&[
+            0x8c, 0xd8, // mov eax, ds
+            0x0f, 0xb6, 0xcb, // movzx ecx, bl
+            0x0f, 0xbf, 0xd3, // movsx edx, bx
+            0x67, 0x8d, 0xb7, 0x90, 0x00, // lea esi, [bx+0x90] (wraps at 64 KiB)
+            0x0f, 0xcf, // bswap edi
+            0xa1, 0x00, 0x30, 0x00, 0x00, // mov eax, [0x3000]
+        ]);
+        c.s.gpr[reg::RAX] = 0xffff_ffff;
+        c.s.gpr[reg::RBX] = 0x1234_ff80;
+        c.s.gpr[reg::RDI] = 0x1122_3344;
+        poke(&mut c, 0x3000, 4, 0xdead_beef);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x10);
+        run(&mut c, 5);
+        assert_eq!(c.s.gpr[reg::RCX], 0x80);
+        assert_eq!(c.s.gpr[reg::RDX], 0xffff_ff80);
+        assert_eq!(c.s.gpr[reg::RSI], 0x0010);
+        assert_eq!(c.s.gpr[reg::RDI], 0x4433_2211);
+        assert_eq!(c.s.gpr[reg::RAX], 0xdead_beef);
+    }
+
+    #[test]
+    fn xchg_push_pop() {
+        let mut c = flat32(&[
+            0x87, 0x03, // xchg [ebx], eax
+            0x54, // push esp
+            0x8f, 0x04, 0x24, // pop dword [esp]
+            0x6a, 0xfe, // push -2
+            0x06, // push es
+        ]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        c.s.gpr[reg::RAX] = 0x1111;
+        poke(&mut c, 0x3000, 4, 0x2222);
+        run(&mut c, 1);
+        assert_eq!(
+            (c.s.gpr[reg::RAX], peek(&mut c, 0x3000, 4)),
+            (0x2222, 0x1111)
+        );
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSP], 0x7ffc);
+        assert_eq!(peek(&mut c, 0x7ffc, 4), 0x8000);
+        // POP [ESP]: ESP is incremented first, so the value lands at the new ESP.
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000);
+        assert_eq!(peek(&mut c, 0x8000, 4), 0x8000);
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x7ffc, 4), 0xffff_fffe);
+        // PUSH ES with a 32-bit operand: ESP moves by 4, the low word is written.
+        poke(&mut c, 0x7ff8, 4, 0xaaaa_aaaa);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSP], 0x7ff8);
+        assert_eq!(peek(&mut c, 0x7ff8, 2), 0x10);
+    }
+
+    #[test]
+    fn pusha_popa_32() {
+        let mut c = flat32(&[0x60, 0x61]);
+        for (k, r) in c.s.gpr.iter_mut().take(8).enumerate() {
+            *r = 0x100 * (k as u64 + 1);
+        }
+        c.s.gpr[reg::RSP] = 0x8000;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000 - 32);
+        // Memory from the top: EAX ECX EDX EBX ESP(orig) EBP ESI EDI.
+        assert_eq!(peek(&mut c, 0x7ffc, 4), 0x100);
+        assert_eq!(peek(&mut c, 0x7fec, 4), 0x8000);
+        assert_eq!(peek(&mut c, 0x7fe0, 4), 0x800);
+        poke(&mut c, 0x7fec, 4, 0x5555); // the popped ESP image is ignored
+        c.s.gpr[reg::RAX] = 0;
+        c.s.gpr[reg::RDI] = 0;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000);
+        assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RDI]), (0x100, 0x800));
+    }
+
+    #[test]
+    fn enter_leave_nested() {
+        // enter 8, 2 then leave, 32-bit stack.
+        let mut c = flat32(&[0xc8, 0x08, 0x00, 0x02, 0xc9]);
+        c.s.gpr[reg::RBP] = 0x9000;
+        poke(&mut c, 0x8ffc, 4, 0xaaaa);
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x7ffc, 4), 0x9000); // old EBP
+        assert_eq!(peek(&mut c, 0x7ff8, 4), 0xaaaa); // copied frame pointer
+        assert_eq!(peek(&mut c, 0x7ff4, 4), 0x7ffc); // this frame
+        assert_eq!(c.s.gpr[reg::RBP], 0x7ffc);
+        assert_eq!(c.s.gpr[reg::RSP], 0x7fec);
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RSP], c.s.gpr[reg::RBP]), (0x8000, 0x9000));
+    }
+
+    #[test]
+    fn bound_raises_br() {
+        // bound ax, [bx] with bounds -5..10.
+        let mut c = real(&[0x62, 0x07, 0x62, 0x07]);
+        c.s.gpr[reg::RBX] = 0x100;
+        poke(&mut c, REAL_DS + 0x100, 2, (-5i16) as u16 as u64);
+        poke(&mut c, REAL_DS + 0x102, 2, 10);
+        c.s.gpr[reg::RAX] = (-5i16) as u16 as u64;
+        run(&mut c, 1);
+        c.s.gpr[reg::RAX] = 11;
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::BR);
+        assert_eq!(c.s.rip, 2);
+    }
+
+    #[test]
+    fn conversions_flags_xlat_io() {
+        let mut c = real(&[
+            0x98, // cbw
+            0x99, // cwd
+            0x9e, // sahf
+            0x9f, // lahf
+            0xd7, // xlat
+            0xe4, 0x60, // in al, 0x60
+            0xd6, // salc
+        ]);
+        c.s.gpr[reg::RAX] = 0x0080;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0xff80);
+        assert_eq!(c.s.gpr[reg::RDX], 0xffff);
+        c.s.gpr[reg::RAX] = 0xd500;
+        run(&mut c, 1);
+        assert_eq!(aflags(&c), SF | ZF | AF | PF | CF);
+        c.s.gpr[reg::RAX] = 0;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0xd700);
+        c.s.gpr[reg::RAX] = 5;
+        c.s.gpr[reg::RBX] = 0x100;
+        poke(&mut c, REAL_DS + 0x105, 1, 0x42);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x42);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0xff);
+        c.s.set_flag(CF, false);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x00);
+
+        // 32-bit: cwde, cdq.
+        let mut c = flat32(&[0x98, 0x99]);
+        c.s.gpr[reg::RAX] = 0x8000;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0xffff_8000);
+        assert_eq!(c.s.gpr[reg::RDX], 0xffff_ffff);
+    }
+
+    #[test]
+    fn setcc_cmov_ud2() {
+        let mut c = flat32(&[
+            0x0f, 0x94, 0xc0, // sete al
+            0x0f, 0x44, 0x03, // cmove eax, [ebx]
+            0x0f, 0x0b, // ud2
+        ]);
+        c.s.gpr[reg::RAX] = 0x1234;
+        c.s.set_flag(ZF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x1201);
+        // CMOVcc reads its source even when the condition is false.
+        c.s.set_flag(ZF, false);
+        c.s.gpr[reg::RBX] = 0x10_0000;
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::GP);
+        c.s.gpr[reg::RBX] = 0x3000;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x1201);
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::UD);
+    }
+}

@@ -18,6 +18,8 @@ mod operands;
 mod shift;
 mod string;
 mod system;
+#[cfg(test)]
+mod testutil;
 
 use crate::exception::{Exception, Res};
 use crate::Cpu;

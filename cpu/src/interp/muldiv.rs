@@ -3,8 +3,9 @@
 //!
 //! Flags left undefined by the manual are defined here as follows: after MUL/IMUL,
 //! SF/ZF/PF follow the low half of the product and AF is cleared; DIV/IDIV leave all
-//! flags unchanged; AAM and AAD set SF/ZF/PF from AL and clear OF/AF/CF (AAD: as an
-//! 8-bit ADD of AL and AH*imm, which is what it performs); AAA/AAS leave OF/SF/ZF/PF.
+//! flags unchanged; AAM sets SF/ZF/PF from AL and clears OF/AF/CF; AAD sets all six as
+//! the 8-bit ADD of AL and AH*imm that it performs; AAA/AAS leave OF/SF/ZF/PF; DAA/DAS
+//! clear OF.
 
 use crate::exception::{Exception, Res};
 use crate::flags::{size_mask, szp, FlagOp};
@@ -177,5 +178,133 @@ impl Cpu {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::exception::vec;
+    use crate::state::*;
+
+    #[test]
+    fn multiply_forms() {
+        // mul ebx: 0x80000000 * 4 = 2:00000000, CF=OF=1.
+        let mut c = flat32(&[0xf7, 0xe3]);
+        c.s.gpr[reg::RAX] = 0x8000_0000;
+        c.s.gpr[reg::RBX] = 4;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RDX], c.s.gpr[reg::RAX]), (2, 0));
+        assert!(c.s.get_cf() && c.s.get_of());
+
+        // imul bl: -2 * 3 = -6 fits AL: CF=OF=0; 0x40 * 4 = 0x100 does not.
+        let mut c = real(&[0xf6, 0xeb, 0xf6, 0xeb]);
+        c.s.gpr[reg::RAX] = 0xfe;
+        c.s.gpr[reg::RBX] = 3;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0xfffa);
+        assert!(!c.s.get_cf() && !c.s.get_of());
+        c.s.gpr[reg::RAX] = 0x40;
+        c.s.gpr[reg::RBX] = 4;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0100);
+        assert!(c.s.get_cf() && c.s.get_of());
+
+        // imul eax, ebx, -1 of 0x80000000 overflows; imul ecx, ebx of 3 * -2.
+        let mut c = flat32(&[0x6b, 0xc3, 0xff, 0x0f, 0xaf, 0xcb]);
+        c.s.gpr[reg::RBX] = 0x8000_0000;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8000_0000);
+        assert!(c.s.get_cf() && c.s.get_of());
+        c.s.gpr[reg::RBX] = (-2i32) as u32 as u64;
+        c.s.gpr[reg::RCX] = 3;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RCX], (-6i32) as u32 as u64);
+        assert!(!c.s.get_cf() && !c.s.get_of());
+    }
+
+    #[test]
+    fn divide_and_divide_errors() {
+        // div ebx: 0x1_00000005 / 2 = 0x80000002 rem 1.
+        let mut c = flat32(&[0xf7, 0xf3]);
+        c.s.gpr[reg::RDX] = 1;
+        c.s.gpr[reg::RAX] = 5;
+        c.s.gpr[reg::RBX] = 2;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RDX]), (0x8000_0002, 1));
+        // Quotient overflow and zero divisor: #DE, registers untouched.
+        for (edx, ebx) in [(2u64, 2u64), (0, 0)] {
+            let mut c = flat32(&[0xf7, 0xf3]);
+            c.s.gpr[reg::RDX] = edx;
+            c.s.gpr[reg::RAX] = 9;
+            c.s.gpr[reg::RBX] = ebx;
+            assert_eq!(exec(&mut c).unwrap_err().vector, vec::DE);
+            assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RDX]), (9, edx));
+        }
+        // idiv ebx: -7 / 2 = -3 rem -1 (truncation toward zero).
+        let mut c = flat32(&[0xf7, 0xfb]);
+        c.s.gpr[reg::RDX] = 0xffff_ffff;
+        c.s.gpr[reg::RAX] = 0xffff_fff9;
+        c.s.gpr[reg::RBX] = 2;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0xffff_fffd);
+        assert_eq!(c.s.gpr[reg::RDX], 0xffff_ffff);
+        // idiv bx: -32768 / 1 fits; +32768 / 1 does not.
+        let mut c = real(&[0xf7, 0xfb, 0xf7, 0xfb]);
+        c.s.gpr[reg::RDX] = 0xffff;
+        c.s.gpr[reg::RAX] = 0x8000;
+        c.s.gpr[reg::RBX] = 1;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RDX]), (0x8000, 0));
+        c.s.gpr[reg::RAX] = 0x8000;
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::DE);
+        // idiv bl: 0x8000 (-32768) / -1 overflows.
+        let mut c = real(&[0xf6, 0xfb]);
+        c.s.gpr[reg::RAX] = 0x8000;
+        c.s.gpr[reg::RBX] = 0xff;
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::DE);
+    }
+
+    #[test]
+    fn decimal_adjust() {
+        // 0x79 + 0x35 = 0xae; DAA -> 0x14 with CF (79 + 35 = 114).
+        let mut c = real(&[0x04, 0x35, 0x27]);
+        c.s.gpr[reg::RAX] = 0x79;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0x14);
+        assert!(c.s.get_cf() && c.s.get_af());
+        // 0x35 - 0x47; DAS -> 0x88 with CF (35 - 47 = -12).
+        let mut c = real(&[0x2c, 0x47, 0x2f]);
+        c.s.gpr[reg::RAX] = 0x35;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0x88);
+        assert!(c.s.get_cf() && c.s.get_af() && c.s.get_sf());
+        // AAA: 9 + 3 -> AX 0x0102, AF=CF=1. AAS: 0x0102 - 3 -> 0x0009.
+        let mut c = real(&[0x04, 0x03, 0x37, 0x2c, 0x03, 0x3f]);
+        c.s.gpr[reg::RAX] = 0x0009;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0102);
+        assert!(c.s.get_cf() && c.s.get_af());
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0009);
+        assert!(c.s.get_cf() && c.s.get_af());
+    }
+
+    #[test]
+    fn aam_aad() {
+        // aam: 79 -> AH 7, AL 9; aad: back to 79; aad 16 on 0x0203 -> 0x23.
+        let mut c = real(&[0xd4, 0x0a, 0xd5, 0x0a, 0xd5, 0x10, 0xd4, 0x00]);
+        c.s.gpr[reg::RAX] = 0x4f;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0709);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x004f);
+        assert!(!c.s.get_zf() && !c.s.get_sf());
+        c.s.gpr[reg::RAX] = 0x0203;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0023);
+        // aam 0: #DE.
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::DE);
+        assert_eq!(c.s.gpr[reg::RAX], 0x0023);
     }
 }

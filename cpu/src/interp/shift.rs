@@ -159,3 +159,125 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use crate::state::*;
+
+    #[test]
+    fn shl_shr_sar_flags() {
+        // shl al, 1 of 0x80: 0, CF=1, OF = MSB(result) ^ CF = 1.
+        let mut c = real(&[0xd0, 0xe0]);
+        c.s.gpr[reg::RAX] = 0x80;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0);
+        assert_eq!(aflags(&c) & !AF, CF | OF | ZF | PF);
+
+        // shr ax, 1 of 0x8001: 0x4000, CF=1, OF = old MSB = 1.
+        let mut c = real(&[0xd1, 0xe8]);
+        c.s.gpr[reg::RAX] = 0x8001;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x4000);
+        assert_eq!(aflags(&c) & !AF, CF | OF | PF);
+
+        // sar al, 7 of 0x80: 0xff, CF = bit 6 = 0, OF = 0.
+        let mut c = real(&[0xc0, 0xf8, 0x07]);
+        c.s.gpr[reg::RAX] = 0x80;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0xff);
+        assert_eq!(aflags(&c) & !AF, SF | PF);
+    }
+
+    #[test]
+    fn count_masking_and_zero_count() {
+        // shr ax, cl with CL = 0: nothing changes, flags included.
+        let mut c = real(&[0xd3, 0xe8]);
+        c.s.gpr[reg::RAX] = 0x1234;
+        c.s.set_eflags(FLAG_1 | CF | OF | ZF);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x1234);
+        assert_eq!(c.s.eflags(), FLAG_1 | CF | OF | ZF);
+
+        // shl eax, cl with CL = 33 shifts by 1 (count masked to 5 bits).
+        let mut c = flat32(&[0xd3, 0xe0]);
+        c.s.gpr[reg::RAX] = 0x4000_0001;
+        c.s.gpr[reg::RCX] = 33;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8000_0002);
+        assert!(!c.s.get_cf() && c.s.get_of());
+
+        // shl al, cl with CL = 9: result 0 and CF 0 (everything shifted out).
+        let mut c = real(&[0xd2, 0xe0]);
+        c.s.gpr[reg::RAX] = 0xff;
+        c.s.gpr[reg::RCX] = 9;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0);
+        assert!(!c.s.get_cf() && c.s.get_zf());
+    }
+
+    #[test]
+    fn rotates() {
+        // rcl ax, cl with CL = 17: a full turn of the 17-bit ring; AX and CF stay.
+        let mut c = real(&[0xd3, 0xd0]);
+        c.s.gpr[reg::RAX] = 0x8001;
+        c.s.gpr[reg::RCX] = 17;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8001);
+        assert!(!c.s.get_cf());
+
+        // rcl ax, cl with CL = 16 = one step right in the 17-bit ring.
+        let mut c = real(&[0xd3, 0xd0]);
+        c.s.gpr[reg::RAX] = 0x8001;
+        c.s.gpr[reg::RCX] = 16;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x4000);
+        assert!(c.s.get_cf());
+
+        // rcr al, 1 of 0x01 with CF: 0x80, CF=1, OF = top two bits differ = 1.
+        let mut c = real(&[0xd0, 0xd8]);
+        c.s.gpr[reg::RAX] = 0x01;
+        c.s.set_flag(CF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x80);
+        assert!(c.s.get_cf() && c.s.get_of());
+
+        // rol al, 8: value unchanged, CF = LSB = 1, OF = MSB ^ CF = 0; ZF untouched.
+        let mut c = real(&[0xc0, 0xc0, 0x08]);
+        c.s.gpr[reg::RAX] = 0x81;
+        c.s.set_flag(ZF, true);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x81);
+        assert!(c.s.get_cf() && !c.s.get_of() && c.s.get_zf());
+
+        // ror eax, 4.
+        let mut c = flat32(&[0xc1, 0xc8, 0x04]);
+        c.s.gpr[reg::RAX] = 0x1234_5678;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8123_4567);
+        assert!(c.s.get_cf());
+    }
+
+    #[test]
+    fn double_shifts() {
+        // shld eax, ebx, 4 and shrd ecx, ebx, 4.
+        let mut c = flat32(&[0x0f, 0xa4, 0xd8, 0x04, 0x0f, 0xac, 0xd9, 0x04]);
+        c.s.gpr[reg::RAX] = 0x1234_5678;
+        c.s.gpr[reg::RBX] = 0x9abc_def0;
+        c.s.gpr[reg::RCX] = 0x1234_5678;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x2345_6789);
+        assert!(c.s.get_cf()); // bit 28 of 0x12345678
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RCX], 0x0123_4567);
+        assert!(c.s.get_cf()); // bit 3 of 0x12345678
+                               // shld ax, bx, cl with CL = 1 (16-bit): OF when the sign changes.
+        let mut c = real(&[0x0f, 0xa5, 0xd8]);
+        c.s.gpr[reg::RAX] = 0x4000;
+        c.s.gpr[reg::RBX] = 0x8000;
+        c.s.gpr[reg::RCX] = 1;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 0x8001);
+        assert!(c.s.get_of() && !c.s.get_cf());
+    }
+}

@@ -166,3 +166,127 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::REP_CHUNK;
+    use crate::exception::vec;
+    use crate::state::*;
+
+    #[test]
+    fn rep_movs_forward_and_backward() {
+        // rep movsb, 5 bytes DS:SI -> ES:DI.
+        let mut c = real(&[0xf3, 0xa4]);
+        c.mmu.phys.write(REAL_DS + 0x10, b"hello");
+        c.s.gpr[reg::RSI] = 0x10;
+        c.s.gpr[reg::RDI] = 0x20;
+        c.s.gpr[reg::RCX] = 5;
+        run(&mut c, 1);
+        let mut b = [0u8; 5];
+        c.mmu.phys.read(REAL_ES + 0x20, &mut b);
+        assert_eq!(&b, b"hello");
+        assert_eq!(
+            (c.s.gpr[reg::RSI], c.s.gpr[reg::RDI], c.s.gpr[reg::RCX]),
+            (0x15, 0x25, 0)
+        );
+        assert_eq!(c.s.rip, 2);
+        // std; rep movsw backwards, 2 words.
+        let mut c = real(&[0xfd, 0xf3, 0xa5]);
+        poke(&mut c, REAL_DS + 0x10, 4, 0x4444_3333);
+        c.s.gpr[reg::RSI] = 0x12;
+        c.s.gpr[reg::RDI] = 0x32;
+        c.s.gpr[reg::RCX] = 2;
+        run(&mut c, 2);
+        assert_eq!(peek(&mut c, REAL_ES + 0x30, 4), 0x4444_3333);
+        assert_eq!((c.s.gpr[reg::RSI], c.s.gpr[reg::RDI]), (0x0e, 0x2e));
+    }
+
+    #[test]
+    fn repe_cmps_and_repne_scas() {
+        let mut c = real(&[0xf3, 0xa6, 0xf2, 0xae]);
+        c.mmu.phys.write(REAL_DS, b"abcX");
+        c.mmu.phys.write(REAL_ES, b"abcY");
+        c.s.gpr[reg::RCX] = 10;
+        run(&mut c, 1);
+        // Stops after the mismatch (4th compare): X (0x58) < Y (0x59) -> CF.
+        assert_eq!((c.s.gpr[reg::RCX], c.s.gpr[reg::RSI]), (6, 4));
+        assert!(!c.s.get_zf() && c.s.get_cf());
+        // repne scasb for 'c' from ES:0.
+        c.s.gpr[reg::RDI] = 0;
+        c.s.gpr[reg::RAX] = b'c' as u64;
+        c.s.gpr[reg::RCX] = 10;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.gpr[reg::RDI]), (7, 3));
+        assert!(c.s.get_zf());
+    }
+
+    #[test]
+    fn lods_with_override_and_stos32() {
+        // es lodsw reads ES:SI.
+        let mut c = real(&[0x26, 0xad]);
+        poke(&mut c, REAL_ES + 0x40, 2, 0xbeef);
+        c.s.gpr[reg::RSI] = 0x40;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RAX], c.s.gpr[reg::RSI]), (0xbeef, 0x42));
+        // rep stosd with 32-bit addressing.
+        let mut c = flat32(&[0xf3, 0xab]);
+        c.s.gpr[reg::RAX] = 0x1234_5678;
+        c.s.gpr[reg::RDI] = 0x3000;
+        c.s.gpr[reg::RCX] = 3;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x3008, 4), 0x1234_5678);
+        assert_eq!((c.s.gpr[reg::RDI], c.s.gpr[reg::RCX]), (0x300c, 0));
+        // 16-bit code with an address-size prefix uses ESI/EDI/ECX.
+        let mut c = real(&[0x67, 0xf3, 0xa4]);
+        c.s.gpr[reg::RSI] = 0x1_0000;
+        c.s.gpr[reg::RCX] = 0x1_0001;
+        assert_eq!(exec(&mut c).unwrap_err().vector, vec::GP);
+        assert_eq!(c.s.gpr[reg::RCX], 0x1_0001);
+    }
+
+    #[test]
+    fn fault_mid_rep_commits_done_iterations() {
+        // ES limit 0x2001: rep stosb from 0x2000, 4 bytes -> #GP at the third.
+        let mut c = flat32(&[0xf3, 0xaa]);
+        c.s.seg[SegReg::Es as usize].limit = 0x2001;
+        c.s.gpr[reg::RDI] = 0x2000;
+        c.s.gpr[reg::RCX] = 4;
+        c.s.gpr[reg::RAX] = 0x77;
+        let e = exec(&mut c).unwrap_err();
+        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!((c.s.gpr[reg::RDI], c.s.gpr[reg::RCX]), (0x2002, 2));
+        assert_eq!(peek(&mut c, 0x2000, 2), 0x7777);
+        assert_eq!(c.s.rip, FLAT_CODE);
+    }
+
+    #[test]
+    fn long_rep_runs_in_chunks() {
+        let n = REP_CHUNK as u64 * 2 + 5;
+        let mut c = flat32(&[0xf3, 0xaa]);
+        c.s.gpr[reg::RDI] = 0x10000;
+        c.s.gpr[reg::RCX] = n;
+        c.s.gpr[reg::RAX] = 1;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RCX], n - REP_CHUNK as u64);
+        assert_eq!(c.s.rip, FLAT_CODE);
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RCX], 0);
+        assert_eq!(c.s.rip, FLAT_CODE + 2);
+        assert_eq!(peek(&mut c, 0x10000 + n - 1, 1), 1);
+        assert_eq!(peek(&mut c, 0x10000 + n, 1), 0);
+    }
+
+    #[test]
+    fn ins_outs() {
+        // rep insb from an empty bus reads 0xff; outsw just advances SI.
+        let mut c = real(&[0xf3, 0x6c, 0x6f]);
+        c.s.gpr[reg::RCX] = 3;
+        c.s.gpr[reg::RDI] = 0x50;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, REAL_ES + 0x50, 4), 0x00ff_ffff);
+        c.s.gpr[reg::RSI] = 8;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RSI], 10);
+    }
+}
