@@ -571,8 +571,11 @@ pub struct I8042 {
     last_was_cmd: bool,
     pending: Option<u8>,
     obuf: Option<(u8, Source)>,
-    /// Controller responses waiting for the output buffer (keyboard side).
-    ctl_out: VecDeque<u8>,
+    /// Controller responses and 0xD2/0xD3 bytes waiting for the output buffer; they
+    /// bypass the interface-disable bits.
+    ctl_out: VecDeque<(u8, Source)>,
+    /// The last byte read from the output buffer (what an empty buffer reads as).
+    last_data: u8,
     kbd: Keyboard,
     mouse: Mouse,
     irq1: Option<IrqLine>,
@@ -590,6 +593,7 @@ impl I8042 {
             pending: None,
             obuf: None,
             ctl_out: VecDeque::new(),
+            last_data: 0,
             kbd: Keyboard::new(),
             mouse: Mouse::new(),
             irq1,
@@ -641,8 +645,8 @@ impl I8042 {
     fn fill(&mut self) {
         if self.obuf.is_none() {
             let cb = self.cmd_byte();
-            if let Some(b) = self.ctl_out.pop_front() {
-                self.obuf = Some((b, Source::Kbd));
+            if let Some(e) = self.ctl_out.pop_front() {
+                self.obuf = Some(e);
             } else if cb & CB_KBD_DISABLE == 0 && !self.kbd.out.is_empty() {
                 self.obuf = self.kbd.out.pop_front().map(|b| (b, Source::Kbd));
             } else if cb & CB_AUX_DISABLE == 0 && !self.mouse.out.is_empty() {
@@ -700,8 +704,16 @@ impl I8042 {
         }
     }
 
+    fn respond_from(&mut self, b: u8, src: Source) {
+        if self.ctl_out.len() >= DEVICE_QUEUE_MAX {
+            log::debug!("i8042: controller buffer full, byte dropped");
+            return;
+        }
+        self.ctl_out.push_back((b, src));
+    }
+
     fn respond(&mut self, b: u8) {
-        push_capped(&mut self.ctl_out, &[b], "controller");
+        self.respond_from(b, Source::Kbd);
     }
 
     fn command(&mut self, c: u8) {
@@ -750,12 +762,8 @@ impl I8042 {
                 self.ram[(c & 0x1f) as usize] = v;
             }
             Some(CMD_WRITE_OUTPUT) => self.write_output_port(v),
-            Some(CMD_WRITE_KBD_OBUF) => {
-                self.respond(v);
-            }
-            Some(CMD_WRITE_AUX_OBUF) => {
-                push_capped(&mut self.mouse.out, &[v], "mouse");
-            }
+            Some(CMD_WRITE_KBD_OBUF) => self.respond_from(v, Source::Kbd),
+            Some(CMD_WRITE_AUX_OBUF) => self.respond_from(v, Source::Aux),
             Some(CMD_WRITE_AUX) => {
                 self.mouse.command(v);
             }
@@ -773,10 +781,10 @@ impl BusDevice for I8042 {
         for (k, b) in data.iter_mut().enumerate() {
             *b = match offset + k as u64 {
                 0 => {
-                    let v = match self.obuf.take() {
-                        Some((v, _)) => v,
-                        None => 0x00, // empty buffer: the last value is not kept
-                    };
+                    if let Some((v, _)) = self.obuf.take() {
+                        self.last_data = v;
+                    }
+                    let v = self.last_data; // an empty buffer reads its old contents
                     self.update_irq();
                     self.fill();
                     v
@@ -1033,6 +1041,14 @@ mod tests {
         assert_eq!(r.status() & (ST_OBF | ST_AUX_OBF), ST_OBF | ST_AUX_OBF);
         assert_eq!(r.irq(), Some(0x74), "IRQ12");
         assert_eq!(r.read(), 0x34);
+        assert_eq!(r.read(), 0x34, "an empty buffer reads the last byte again");
+        // The Linux AUX loop test runs with the aux interface disabled: 0xD3 still
+        // answers, flagged as aux data.
+        r.cmd(CMD_AUX_DISABLE);
+        r.cmd(CMD_WRITE_AUX_OBUF);
+        r.data(0x5a);
+        assert_eq!(r.status() & (ST_OBF | ST_AUX_OBF), ST_OBF | ST_AUX_OBF);
+        assert_eq!(r.read(), 0x5a);
     }
 
     #[test]

@@ -264,6 +264,7 @@ impl PcPlatform {
     /// time of the next device deadline (`None`: nothing scheduled).
     pub fn poll(&self) -> Option<u64> {
         self.io_written.store(false, Ordering::Relaxed);
+        self.wakeup.take_poke();
         let mut next: Option<u64> = None;
         let mut take = |d: Option<u64>| {
             if let Some(d) = d {
@@ -292,16 +293,8 @@ impl PcPlatform {
     /// device port since the last poll, or input arrived.
     pub fn needs_poll(&self, deadline: Option<u64>) -> bool {
         self.io_written.load(Ordering::Relaxed)
+            || self.wakeup.poked()
             || deadline.is_some_and(|d| self.clock.now_ns() >= d)
-            || self.serial_pending()
-    }
-
-    fn serial_pending(&self) -> bool {
-        // Input waits in the queue until a poll moves it into the UART.
-        self.uarts
-            .iter()
-            .flatten()
-            .any(|u| !lock(u).input().is_empty())
     }
 
     /// Sleeps until `deadline` (clock ns) or until another thread signals (input, INTR).

@@ -1,6 +1,7 @@
 //! A wake-up signal for the run loop: devices fed from other threads (serial input,
 //! key injection) notify it, and an idle vCPU sleeps on it until its next timer deadline.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use crate::bus::lock;
 #[derive(Clone, Default)]
 pub struct Wakeup {
     inner: Arc<(Mutex<bool>, Condvar)>,
+    poked: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Wakeup {
@@ -26,9 +28,20 @@ impl Wakeup {
 
     /// Fires the signal (from any thread).
     pub fn notify(&self) {
+        self.poked.store(true, Ordering::SeqCst);
         let (m, cv) = &*self.inner;
         *lock(m) = true;
         cv.notify_all();
+    }
+
+    /// Lock-free: whether [`Wakeup::notify`] ran since the last [`Wakeup::take_poke`].
+    pub fn poked(&self) -> bool {
+        self.poked.load(Ordering::SeqCst)
+    }
+
+    /// Clears the flag [`Wakeup::poked`] reads; returns its value.
+    pub fn take_poke(&self) -> bool {
+        self.poked.swap(false, Ordering::SeqCst)
     }
 
     /// Sleeps until the signal fires or `timeout` passes (`None`: no timeout); returns
@@ -66,5 +79,7 @@ mod tests {
         t.join().unwrap();
         w.notify();
         assert!(w.wait(None), "sticky: a notify before the wait counts");
+        assert!(w.take_poke());
+        assert!(!w.poked());
     }
 }
