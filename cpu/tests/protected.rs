@@ -111,11 +111,12 @@ fn boot() -> Cpu {
     set_gdt(&mut c, DATA0, Descriptor::segment(0, 0xfffff, 0x92, 0xc));
     set_gdt(&mut c, CODE3, Descriptor::segment(0, 0xfffff, 0xfa, 0xc));
     set_gdt(&mut c, DATA3, Descriptor::segment(0, 0xfffff, 0xf2, 0xc));
-    // TSS A with a full I/O bitmap (0x2000 bytes + the terminating 0xff byte).
+    // TSS A: the VME interrupt redirection bitmap at 0x68 (32 bytes), then a full I/O
+    // bitmap at 0x88 (0x2000 bytes + the terminating 0xff byte).
     set_gdt(
         &mut c,
         TSS_A_SEL,
-        Descriptor::segment(TSS_A as u32, 0x68 + 0x2000, 0x89, 0),
+        Descriptor::segment(TSS_A as u32, 0x88 + 0x2000, 0x89, 0),
     );
     set_gdt(
         &mut c,
@@ -152,10 +153,14 @@ fn boot() -> Cpu {
     // TSS A: ring-0 stack and the I/O bitmap.
     wr32(&mut c, TSS_A + 4, STACK0);
     wr32(&mut c, TSS_A + 8, DATA0 as u32);
-    wr(&mut c, TSS_A + 0x66, &0x68u16.to_le_bytes());
+    wr(&mut c, TSS_A + 0x66, &0x88u16.to_le_bytes());
     let mut bitmap = vec![0xffu8; 0x2001];
     bitmap[ALLOWED_PORT as usize / 8] &= !(1 << (ALLOWED_PORT % 8));
-    wr(&mut c, TSS_A + 0x68, &bitmap);
+    wr(&mut c, TSS_A + 0x88, &bitmap);
+    // Redirection bitmap: every vector redirected except 0x22.
+    let mut redir = [0u8; 32];
+    redir[0x22 / 8] |= 1 << (0x22 % 8);
+    wr(&mut c, TSS_A + 0x68, &redir);
     // TSS B: a ring-0 task at TASK_B_CODE.
     wr32(&mut c, TSS_B + 0x20, TASK_B_CODE as u32);
     wr32(&mut c, TSS_B + 0x24, 0x2);
@@ -658,4 +663,56 @@ fn single_step_trap_and_mov_ss_shadow() {
         0x1_0000 + 4 + 1 + 7 + 1 + 2 + 1,
         "trap after the NOP"
     );
+}
+
+#[test]
+fn vme_virtual_interrupt_flag_and_int_redirection() {
+    let mut c = boot();
+    c.s.cr4 |= CR4_VME;
+    c.sync_paging();
+    // The V86 task's IVT at linear 0: INT 0x21 -> 4000:0010, where HLT faults (#GP).
+    wr32(&mut c, 0x21 * 4, 0x4000_0010);
+    wr(&mut c, 0x4_0010, &[0xf4]);
+    let ev = enter_v86(&mut c, |a| {
+        a.cli().unwrap();
+        a.pushf().unwrap();
+        a.sti().unwrap();
+        a.pushf().unwrap();
+        a.int(0x21).unwrap();
+    });
+    assert_eq!(ev, StepEvent::Halted);
+    assert_eq!(c.s.rip, handler(13) + 1, "HLT in the V86 handler");
+    let top = c.s.gpr[reg::RSP];
+    assert_eq!(rd32(&mut c, top + 4), 0x10, "faulting IP");
+    assert_eq!(
+        rd32(&mut c, top + 8),
+        0x4000,
+        "in the redirected handler's CS"
+    );
+    assert_eq!(rd32(&mut c, top + 12) & VIF, 0, "INT cleared VIF");
+    let rd16 = |c: &mut Cpu, a: u64| rd32(c, a) & 0xffff;
+    // V86 stack at 3000:0100 (linear 0x30100).
+    let f1 = rd16(&mut c, 0x300fe);
+    let f2 = rd16(&mut c, 0x300fc);
+    assert_eq!(
+        f1 & (IF | IOPL),
+        IOPL,
+        "PUSHF after CLI: IF = VIF = 0, IOPL reads 3"
+    );
+    assert_eq!(f2 & (IF | IOPL), IF | IOPL, "PUSHF after STI: IF = VIF = 1");
+    assert_eq!(rd16(&mut c, 0x300fa) & IF, IF, "INT pushed VIF as IF");
+    assert_eq!(rd16(&mut c, 0x300f8), 0x2000, "INT pushed CS");
+    assert_eq!(rd16(&mut c, 0x300f6), 6, "INT pushed IP after it");
+}
+
+#[test]
+fn vme_unredirected_int_faults_with_iopl0() {
+    let mut c = boot();
+    c.s.cr4 |= CR4_VME;
+    let ev = enter_v86(&mut c, |a| a.int(0x22).unwrap());
+    assert_eq!(ev, StepEvent::Halted);
+    assert_eq!(c.s.rip, handler(13) + 1);
+    let top = c.s.gpr[reg::RSP];
+    assert_eq!(rd32(&mut c, top), 0);
+    assert_eq!(rd32(&mut c, top + 4), 0, "EIP of the INT");
 }

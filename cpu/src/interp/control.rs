@@ -425,8 +425,15 @@ impl Cpu {
 
     /// INT n, INT3, INTO, INT1: software interrupts (V86: INT n is IOPL-sensitive).
     fn soft_int(&mut self, vector: u8, kind: IntKind) -> Res<()> {
-        if self.s.v86() && kind == IntKind::Software && self.s.iopl() < 3 {
-            return Err(Exception::gp(0));
+        if self.s.v86() && kind == IntKind::Software {
+            if self.s.cr4 & CR4_VME != 0 && !self.int_redirection_bit(vector)? {
+                self.v86_redirect_int(vector)?;
+                self.ev.suppress_trap = true;
+                return Ok(());
+            }
+            if self.s.iopl() < 3 {
+                return Err(Exception::gp(0));
+            }
         }
         self.deliver(vector, kind, None)?;
         // The handler starts with TF clear: no single-step trap after INT.
@@ -461,6 +468,9 @@ impl Cpu {
         }
         if self.s.v86() {
             if self.s.iopl() < 3 {
+                if osize == 2 && self.s.cr4 & CR4_VME != 0 {
+                    return self.vme_iret();
+                }
                 return Err(Exception::gp(0));
             }
             return self.iret_real(osize, true);
@@ -565,6 +575,66 @@ impl Cpu {
         self.s.rip = eip as u64;
         self.s.set_eflags((old & !m) | (fl & m));
         self.s.nmi_blocked = false;
+        Ok(())
+    }
+}
+
+impl Cpu {
+    /// VME: the bit for `vector` in the software interrupt redirection bitmap, the 32
+    /// bytes just below the I/O map base of the (32-bit) TSS. Set means "not redirected".
+    fn int_redirection_bit(&mut self, vector: u8) -> Res<bool> {
+        let tr = self.s.tr;
+        let t = (tr.attrs & ATTR_TYPE) as u8;
+        if !(t == SYS_TSS32_AVAIL || t == SYS_TSS32_BUSY) || tr.limit < 0x67 {
+            return Err(Exception::gp(0));
+        }
+        let map = self.read_sys(tr.base + 0x66, 2)? as u32;
+        let byte = (map + vector as u32 / 8).wrapping_sub(32);
+        if map < 32 || byte > tr.limit {
+            return Err(Exception::gp(0));
+        }
+        let b = self.read_sys(tr.base + byte as u64, 1)? as u8;
+        Ok(b & (1 << (vector & 7)) != 0)
+    }
+
+    /// VME: INT n handled by the V86 task itself through its interrupt vector table at
+    /// linear 0, as in real mode; with IOPL < 3 the pushed FLAGS carry VIF as IF and VIF
+    /// is cleared instead of IF (SDM vol. 3, 20.3.3.5, method 5).
+    fn v86_redirect_int(&mut self, vector: u8) -> Res<()> {
+        let ent = self.read_lin(vector as u64 * 4, 4, true)? as u32;
+        let iopl3 = self.s.iopl() == 3;
+        let flags = if iopl3 {
+            self.s.eflags() & 0xffff
+        } else {
+            self.vme_flags_image()
+        };
+        let mut st = self.cur_stack();
+        let cs = self.s.seg[SegReg::Cs as usize].selector;
+        self.stk_push(&mut st, 2, flags as u64)?;
+        self.stk_push(&mut st, 2, cs as u64)?;
+        self.stk_push(&mut st, 2, self.s.rip & 0xffff)?;
+        self.commit_sp(&st);
+        let clear = if iopl3 { IF | TF | RF } else { VIF | TF | RF };
+        let f = self.s.eflags();
+        self.s.set_eflags(f & !clear);
+        self.load_cs_realish((ent >> 16) as u16);
+        self.s.rip = (ent & 0xffff) as u64;
+        Ok(())
+    }
+
+    /// VME: 16-bit IRET in V86 mode with IOPL < 3 (FLAGS.IF goes to VIF).
+    fn vme_iret(&mut self) -> Res<()> {
+        let mut st = self.cur_stack();
+        let ip = self.stk_pop(&mut st, 2)? as u32;
+        let cs = self.stk_pop(&mut st, 2)? as u16;
+        let fl = self.stk_pop(&mut st, 2)? as u32;
+        if ip > 0xffff {
+            return Err(Exception::gp(0));
+        }
+        self.vme_load_flags(fl)?;
+        self.commit_sp(&st);
+        self.load_cs_realish(cs);
+        self.s.rip = ip as u64;
         Ok(())
     }
 }

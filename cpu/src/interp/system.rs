@@ -14,6 +14,8 @@ use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 pub mod features {
     /// Bit 0: x87 FPU on chip.
     pub const FPU: u32 = 1 << 0;
+    /// Bit 1: virtual-8086 mode extensions (CR4.VME, CR4.PVI).
+    pub const VME: u32 = 1 << 1;
     /// Bit 2: debugging extensions (CR4.DE, I/O breakpoints).
     pub const DE: u32 = 1 << 2;
     /// Bit 3: page size extension (4 MiB pages).
@@ -35,16 +37,19 @@ pub mod features {
     /// Bit 24: FXSAVE/FXRSTOR (CR4.OSFXSR).
     pub const FXSR: u32 = 1 << 24;
     /// CPUID.1:EDX as reported.
-    pub const LEAF1_EDX: u32 = FPU | DE | PSE | TSC | MSR | PAE | CX8 | SEP | PGE | CMOV | FXSR;
+    pub const LEAF1_EDX: u32 =
+        FPU | VME | DE | PSE | TSC | MSR | PAE | CX8 | SEP | PGE | CMOV | FXSR;
     /// CPUID.80000001h:EDX bit 20: execute-disable (EFER.NXE).
     pub const EXT_NX: u32 = 1 << 20;
     /// CPUID.1:EAX: family 6, model 3, stepping 3 (a Pentium II, as DX holds at reset).
     pub const SIGNATURE: u32 = 0x0000_0633;
 }
 
-/// CR4 bits a guest may set: those of the features above (VME and PVI are not
-/// implemented, so they are reserved and setting them raises #GP(0)).
-const CR4_WRITABLE: u64 = CR4_TSD
+/// CR4 bits a guest may set: those of the features above; the rest are reserved and
+/// setting them raises #GP(0).
+const CR4_WRITABLE: u64 = CR4_VME
+    | CR4_PVI
+    | CR4_TSD
     | CR4_DE
     | CR4_PSE
     | CR4_PAE
@@ -209,6 +214,10 @@ impl Cpu {
     /// PUSHF/PUSHFD: VM and RF read as 0 in the image; IOPL-sensitive in V86 mode.
     fn pushf(&mut self, size: u32) -> Res<()> {
         if self.s.v86() && self.s.iopl() < 3 {
+            if size == 2 && self.s.cr4 & CR4_VME != 0 {
+                let f = self.vme_flags_image();
+                return self.push(2, f as u64);
+            }
             return Err(Exception::gp(0));
         }
         let f = self.s.eflags() & !(VM | RF);
@@ -234,6 +243,12 @@ impl Cpu {
     /// POPF/POPFD.
     fn popf(&mut self, size: u32) -> Res<()> {
         if self.s.v86() && self.s.iopl() < 3 {
+            if size == 2 && self.s.cr4 & CR4_VME != 0 {
+                let v = self.peek_stack(0, 2)? as u32;
+                self.vme_load_flags(v)?;
+                self.adjust_sp(2);
+                return Ok(());
+            }
             return Err(Exception::gp(0));
         }
         let v = self.peek_stack(0, size)? as u32 & !RF;
@@ -248,7 +263,21 @@ impl Cpu {
     /// until the next instruction has completed.
     fn cli_sti(&mut self, set: bool) -> Res<()> {
         if self.s.protected() && self.s.cpl > self.s.iopl() {
-            return Err(Exception::gp(0));
+            // VME (V86) and PVI (CPL 3): act on VIF instead (SDM vol. 3, 20.4).
+            let virt = (self.s.v86() && self.s.cr4 & CR4_VME != 0)
+                || (!self.s.v86() && self.s.cpl == 3 && self.s.cr4 & CR4_PVI != 0);
+            if !virt {
+                return Err(Exception::gp(0));
+            }
+            if set {
+                if self.s.eflags_raw & VIP != 0 {
+                    return Err(Exception::gp(0));
+                }
+                self.s.eflags_raw |= VIF;
+            } else {
+                self.s.eflags_raw &= !VIF;
+            }
+            return Ok(());
         }
         let was = self.s.eflags_raw & IF != 0;
         if set {
@@ -259,6 +288,28 @@ impl Cpu {
         } else {
             self.s.eflags_raw &= !IF;
         }
+        Ok(())
+    }
+
+    /// The 16-bit FLAGS image V86 code sees under VME with IOPL < 3: IF replaced by
+    /// VIF, IOPL read as 3 (SDM vol. 2, PUSHF).
+    pub(crate) fn vme_flags_image(&self) -> u32 {
+        let f = self.s.eflags() & 0xffff;
+        let vif = if self.s.eflags_raw & VIF != 0 { IF } else { 0 };
+        (f & !IF) | vif | IOPL
+    }
+
+    /// Loads a 16-bit FLAGS image as POPF / IRET do under VME with IOPL < 3: #GP(0)
+    /// when it sets TF, or sets IF while VIP is pending; IF goes to VIF, IOPL stays.
+    pub(crate) fn vme_load_flags(&mut self, v: u32) -> Res<()> {
+        if v & TF != 0 || (v & IF != 0 && self.s.eflags_raw & VIP != 0) {
+            return Err(Exception::gp(0));
+        }
+        let old = self.s.eflags();
+        let m = 0xffff & !(IF | IOPL);
+        let mut nf = (old & !m) | (v & m);
+        nf = (nf & !VIF) | if v & IF != 0 { VIF } else { 0 };
+        self.s.set_eflags(nf);
         Ok(())
     }
 
@@ -902,14 +953,14 @@ mod tests {
         c.cpuid();
         let edx = c.s.gpr[reg::RDX] as u32;
         // SDM table 3-11 bit numbers.
-        for bit in [0, 2, 3, 4, 5, 6, 8, 11, 13, 15, 24] {
+        for bit in [0, 1, 2, 3, 4, 5, 6, 8, 11, 13, 15, 24] {
             assert_ne!(edx & (1 << bit), 0, "feature bit {bit}");
         }
-        for bit in [1, 9, 23, 25, 26] {
+        for bit in [9, 23, 25, 26] {
             assert_eq!(
                 edx & (1 << bit),
                 0,
-                "VME/APIC/MMX/SSE/SSE2 bit {bit} not reported"
+                "APIC/MMX/SSE/SSE2 bit {bit} not reported"
             );
         }
         assert_eq!(c.s.gpr[reg::RAX] as u32 >> 8 & 0xf, 6, "family 6");
@@ -989,8 +1040,8 @@ mod tests {
         // NW without CD: #GP(0).
         c.s.gpr[reg::RAX] = CR0_PE | CR0_NW;
         assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xc0]), Err(Exception::gp(0)));
-        // mov cr4, eax (0F 22 E0): VME (not implemented) is reserved.
-        c.s.gpr[reg::RAX] = CR4_VME;
+        // mov cr4, eax (0F 22 E0): bit 13 (VMXE, no VMX here) is reserved.
+        c.s.gpr[reg::RAX] = 1 << 13;
         assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xe0]), Err(Exception::gp(0)));
         c.s.gpr[reg::RAX] = CR4_PSE | CR4_PGE;
         assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xe0]), Ok(()));
