@@ -91,7 +91,7 @@ pub const BAR_IO: u32 = 0b0001;
 /// Memory BAR bit 3: prefetchable.
 pub const BAR_PREFETCH: u32 = 0b1000;
 
-/// PIIX3 PIRQ route control registers PIRQRC[A:D].
+/// PIIX3 PIRQ route control registers PIRQRCA-PIRQRCD (0x60-0x63).
 pub const PIIX3_PIRQRC: u8 = 0x60;
 /// PIRQRC bit 7: routing disabled.
 pub const PIRQ_DISABLE: u8 = 0b1000_0000;
