@@ -87,11 +87,15 @@ impl TlbEntry {
 struct Meta {
     /// Linear page the entry maps, or `TAG_INVALID`.
     page: u64,
-    /// Physical frame (after the A20 gate).
-    phys: u64,
     /// META_* bits.
     flags: u8,
 }
+
+/// Frame of an empty slot (never a 4 KiB-aligned address).
+const NO_FRAME: u64 = u64::MAX;
+
+/// Longest `used` list before falling back to whole-array scans.
+const USED_MAX: usize = 2 * TLB_SIZE;
 
 const META_GLOBAL: u8 = 1 << 0;
 const META_LARGE: u8 = 1 << 1;
@@ -99,7 +103,6 @@ const META_LARGE: u8 = 1 << 1;
 impl Meta {
     const EMPTY: Meta = Meta {
         page: TAG_INVALID,
-        phys: 0,
         flags: 0,
     };
 }
@@ -117,6 +120,9 @@ pub struct TlbStats {
 pub struct Tlb {
     entries: Box<[TlbEntry; 2 * TLB_SIZE]>,
     meta: Box<[Meta; 2 * TLB_SIZE]>,
+    /// Physical frame of each slot (after the A20 gate), `NO_FRAME` when empty; kept
+    /// apart so [`Tlb::drop_write_phys`] scans a dense array.
+    frames: Box<[u64; 2 * TLB_SIZE]>,
     /// The [`crate::PhysMem::epoch`] the entries were filled under.
     pub(crate) epoch: u64,
     /// Some entry was filled since the last full flush.
@@ -125,6 +131,12 @@ pub struct Tlb {
     nonglobal: bool,
     /// Some large-page entry was filled since the last full flush.
     large: bool,
+    /// Slots filled since the last full flush (duplicates possible), so flushes and
+    /// scans touch only those; past [`USED_MAX`] entries `used_all` is set instead and
+    /// every slot is scanned.
+    used: Vec<u16>,
+    /// `used` overflowed: treat every slot as used.
+    used_all: bool,
     /// Counters.
     pub stats: TlbStats,
 }
@@ -155,13 +167,20 @@ impl Tlb {
             .into_boxed_slice()
             .try_into()
             .expect("length is 2 * TLB_SIZE");
+        let frames: Box<[u64; 2 * TLB_SIZE]> = vec![NO_FRAME; 2 * TLB_SIZE]
+            .into_boxed_slice()
+            .try_into()
+            .expect("length is 2 * TLB_SIZE");
         Tlb {
             entries,
             meta,
+            frames,
             epoch: 0,
             any: false,
             nonglobal: false,
             large: false,
+            used: Vec::with_capacity(USED_MAX),
+            used_all: false,
             stats: TlbStats::default(),
         }
     }
@@ -190,7 +209,7 @@ impl Tlb {
         let i = Self::index(linear, user);
         let page = linear & PAGE_MASK;
         if self.entries[i].tag(acc) & !TAG_SLOW == page {
-            Some(self.meta[i].phys | (linear & 0xfff))
+            Some(self.frames[i] | (linear & 0xfff))
         } else {
             None
         }
@@ -243,18 +262,32 @@ impl Tlb {
             flags |= META_LARGE;
             self.large = true;
         }
-        self.meta[i] = Meta {
-            page,
-            phys: t.frame,
-            flags,
-        };
+        self.meta[i] = Meta { page, flags };
+        self.frames[i] = t.frame;
         self.any = true;
+        if !self.used_all {
+            if self.used.len() < USED_MAX {
+                self.used.push(i as u16);
+            } else {
+                self.used_all = true;
+            }
+        }
+    }
+
+    /// The slots that may be non-empty: the `used` list, or all of them.
+    fn candidates(&mut self) -> Vec<u16> {
+        if self.used_all {
+            (0..2 * TLB_SIZE as u16).collect()
+        } else {
+            std::mem::take(&mut self.used)
+        }
     }
 
     #[inline]
     fn drop_slot(&mut self, i: usize) {
         self.entries[i] = TlbEntry::EMPTY;
         self.meta[i] = Meta::EMPTY;
+        self.frames[i] = NO_FRAME;
     }
 
     /// Drops every entry.
@@ -263,8 +296,18 @@ impl Tlb {
             return;
         }
         self.stats.flushes += 1;
-        self.entries.fill(TlbEntry::EMPTY);
-        self.meta.fill(Meta::EMPTY);
+        if self.used_all {
+            self.entries.fill(TlbEntry::EMPTY);
+            self.meta.fill(Meta::EMPTY);
+            self.frames.fill(NO_FRAME);
+        } else {
+            for k in 0..self.used.len() {
+                let i = self.used[k] as usize;
+                self.drop_slot(i);
+            }
+        }
+        self.used.clear();
+        self.used_all = false;
         self.any = false;
         self.nonglobal = false;
         self.large = false;
@@ -275,12 +318,24 @@ impl Tlb {
         if !self.nonglobal {
             return;
         }
-        for i in 0..2 * TLB_SIZE {
-            if self.meta[i].flags & META_GLOBAL == 0 {
+        let cand = self.candidates();
+        let mut kept = Vec::with_capacity(USED_MAX);
+        for &i in &cand {
+            let i = i as usize;
+            let m = self.meta[i];
+            if m.page == TAG_INVALID {
+                continue;
+            }
+            if m.flags & META_GLOBAL == 0 {
                 self.drop_slot(i);
+            } else {
+                kept.push(i as u16);
             }
         }
+        self.used = kept;
+        self.used_all = false;
         self.nonglobal = false;
+        self.any = !self.used.is_empty();
     }
 
     /// Drops the entries for the page holding `linear`, global or not; when the TLB
@@ -296,12 +351,21 @@ impl Tlb {
         if self.large {
             // Pieces of a 4 MiB (or 2 MiB) page are cached per 4 KiB: drop every piece
             // of a large page in the same 4 MiB region (over-dropping is harmless).
-            for i in 0..2 * TLB_SIZE {
-                let m = self.meta[i];
+            let cand = self.candidates();
+            for &i in &cand {
+                let m = self.meta[i as usize];
                 if m.flags & META_LARGE != 0 && (m.page ^ page) >> 22 == 0 {
-                    self.drop_slot(i);
+                    self.drop_slot(i as usize);
                 }
             }
+            self.restore(cand);
+        }
+    }
+
+    /// Puts back a list taken by [`Tlb::candidates`] (dropped slots may stay listed).
+    fn restore(&mut self, cand: Vec<u16>) {
+        if !self.used_all {
+            self.used = cand;
         }
     }
 
@@ -311,13 +375,105 @@ impl Tlb {
         if !self.any {
             return;
         }
-        for i in 0..2 * TLB_SIZE {
-            if self.meta[i].phys == frame && self.meta[i].page != TAG_INVALID {
-                let w = &mut self.entries[i].write;
-                if *w != TAG_INVALID {
-                    *w |= TAG_SLOW;
-                }
+        // A hit on a read-only slot is harmless: TAG_INVALID | TAG_SLOW is still
+        // TAG_INVALID.
+        let cand = self.candidates();
+        for &i in &cand {
+            let i = i as usize;
+            if self.frames[i] == frame {
+                self.entries[i].write |= TAG_SLOW;
             }
         }
+        self.restore(cand);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(frame: u64, global: bool, large: bool) -> Translation {
+        Translation {
+            frame,
+            user: true,
+            writable: true,
+            executable: true,
+            global,
+            dirty: true,
+            large,
+        }
+    }
+
+    /// Every flush and scan must work both from the `used` list and, once that has
+    /// overflowed, from a scan of every slot.
+    #[test]
+    fn flushes_and_scans_with_and_without_the_used_list() {
+        for overflow in [false, true] {
+            let mut tlb = Tlb::new();
+            if overflow {
+                for _ in 0..=USED_MAX {
+                    tlb.insert(0x7000, false, &t(0x7000, false, false), Some(0x1000), false);
+                }
+                assert!(tlb.used_all);
+            }
+            tlb.insert(
+                0x1000,
+                false,
+                &t(0x9000, false, false),
+                Some(0x10_0000),
+                false,
+            );
+            tlb.insert(
+                0x2000,
+                true,
+                &t(0xa000, true, false),
+                Some(0x20_0000),
+                false,
+            );
+            tlb.insert(0x40_3000, false, &t(0xb000, false, true), None, false);
+            assert_eq!(tlb.lookup(0x1234, Access::Write, false), Some(0x9234));
+            assert_eq!(tlb.entry(0x1000, false).write, 0x1000);
+            // A new code page: its write tag goes slow, the translation stays.
+            tlb.drop_write_phys(0x9000);
+            assert_eq!(tlb.entry(0x1000, false).write, 0x1000 | TAG_SLOW);
+            assert_eq!(tlb.lookup(0x1234, Access::Write, false), Some(0x9234));
+            assert_eq!(tlb.entry(0x2000, true).write, 0x2000);
+            // INVLPG anywhere in the large page's 4 MiB region drops it.
+            tlb.invlpg(0x40_0000);
+            assert_eq!(tlb.lookup(0x40_3000, Access::Read, false), None);
+            tlb.flush_nonglobal();
+            assert_eq!(tlb.lookup(0x1234, Access::Read, false), None);
+            assert_eq!(tlb.lookup(0x7000, Access::Read, false), None);
+            assert_eq!(tlb.lookup(0x2000, Access::Fetch, true), Some(0xa000));
+            tlb.flush_all();
+            assert_eq!(tlb.lookup(0x2000, Access::Fetch, true), None);
+            assert!(tlb.entries.iter().all(|e| *e == TlbEntry::EMPTY));
+            assert!(tlb.frames.iter().all(|f| *f == NO_FRAME));
+        }
+    }
+
+    #[test]
+    fn tags_encode_permissions() {
+        let mut tlb = Tlb::new();
+        // Not dirty: no write tag; not executable: no fetch tag; MMIO: slow tags.
+        let mut tr = t(0x5000, false, false);
+        tr.dirty = false;
+        tr.executable = false;
+        tlb.insert(0x3000, false, &tr, None, false);
+        let e = *tlb.entry(0x3000, false);
+        assert_eq!(e.read, 0x3000 | TAG_SLOW);
+        assert_eq!(e.write, TAG_INVALID);
+        assert_eq!(e.fetch, TAG_INVALID);
+        // A supervisor-only page cached by a supervisor walk gives the user set nothing,
+        // and a user fill of such a translation caches no fetch right.
+        assert_eq!(tlb.lookup(0x3000, Access::Read, true), None);
+        let mut tr = t(0x6000, false, false);
+        tr.user = false;
+        tlb.insert(0x4000, true, &tr, Some(0x1000), true);
+        let e = *tlb.entry(0x4000, true);
+        assert_eq!(e.fetch, TAG_INVALID);
+        assert_eq!(e.write, 0x4000 | TAG_SLOW, "code page: writes slow");
+        assert_eq!(e.read, 0x4000);
+        assert_eq!(e.addend, 0x1000u64.wrapping_sub(0x4000));
     }
 }
