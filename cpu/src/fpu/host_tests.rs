@@ -841,20 +841,6 @@ fn reduction_pi_experiment() {
 
 #[test]
 #[ignore]
-fn debug_one() {
-    let a = F80 {
-        se: 0xbfbf,
-        mant: 0xe1a0683261926147,
-    };
-    let cw = cw_of(0, 3, 0x3f);
-    let (hv, hsw) = h_fsin(a, F80::ZERO, cw);
-    let mut c = Ctx::new(cw);
-    let sv = c.sin_or_cos(a, true);
-    eprintln!("host {hv:x?} {hsw:04x} soft {sv:x?} {:04x}", c.flags);
-}
-
-#[test]
-#[ignore]
 fn fptan_c1_stats() {
     let mut r = Rng(5);
     let cw = cw_of(0, 3, 0x3f);

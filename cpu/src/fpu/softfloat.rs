@@ -225,12 +225,19 @@ pub struct Ctx {
     pub cw: u16,
     /// Flags raised: IE DE ZE OE UE PE SF bits as in the status word, plus C1.
     pub flags: u16,
+    /// A memory operand of the operation was a single/double denormal (exact in
+    /// extended, but it still signals DE at the point the operation checks operands).
+    pub mem_denormal: bool,
 }
 
 impl Ctx {
     /// A context for control word `cw` with no flags raised.
     pub fn new(cw: u16) -> Ctx {
-        Ctx { cw, flags: 0 }
+        Ctx {
+            cw,
+            flags: 0,
+            mem_denormal: false,
+        }
     }
     /// Rounding control.
     pub fn rc(&self) -> Rc {
@@ -434,7 +441,7 @@ impl Ctx {
 
     /// DE for denormal operands.
     fn screen_de(&mut self, a: F80, b: F80) -> Result<(), Option<F80>> {
-        if a.is_denormal() || b.is_denormal() {
+        if a.is_denormal() || b.is_denormal() || self.mem_denormal {
             self.flags |= DE;
             if !self.masked(DE) {
                 return Err(None);
@@ -600,7 +607,7 @@ impl Ctx {
             }
             return None;
         }
-        if a.is_denormal() || b.is_denormal() {
+        if a.is_denormal() || b.is_denormal() || self.mem_denormal {
             self.flags |= DE;
         }
         let key = |x: F80, k: Kind| -> (i32, i32, u64) {
@@ -631,6 +638,38 @@ impl Ctx {
         }
         let o = ma.cmp(&mb);
         Some(if sa { o.reverse() } else { o })
+    }
+
+    /// Converts a single-precision operand of an arithmetic instruction: exact, a
+    /// signalling NaN stays signalling, a denormal sets `mem_denormal` (DE is raised by
+    /// the operation after its NaN checks).
+    pub fn operand_f32(&mut self, v: u32) -> F80 {
+        let mut c = Ctx::new(self.cw);
+        let r = c.from_f32(v);
+        self.mem_denormal |= c.flags & DE != 0;
+        if c.flags & IE != 0 {
+            F80 {
+                mant: r.mant & !QUIET_BIT,
+                se: r.se,
+            }
+        } else {
+            r
+        }
+    }
+
+    /// Double-precision counterpart of [`Ctx::operand_f32`].
+    pub fn operand_f64(&mut self, v: u64) -> F80 {
+        let mut c = Ctx::new(self.cw);
+        let r = c.from_f64(v);
+        self.mem_denormal |= c.flags & DE != 0;
+        if c.flags & IE != 0 {
+            F80 {
+                mant: r.mant & !QUIET_BIT,
+                se: r.se,
+            }
+        } else {
+            r
+        }
     }
 
     /// Loads a single-precision value (exact; SNaN → IE and quieted; denormal → DE).
