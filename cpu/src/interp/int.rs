@@ -86,7 +86,14 @@ impl Cpu {
             M::Xchg => self.xchg(i),
             M::Pusha | M::Pushad => self.pusha(if m == M::Pushad { 4 } else { 2 }),
             M::Popa | M::Popad => self.popa(if m == M::Popad { 4 } else { 2 }),
-            M::Nop | M::Pause => Ok(()),
+            // Hint NOPs (0F 18-1F) never touch their memory operand.
+            M::Nop
+            | M::Pause
+            | M::Reservednop
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2 => Ok(()),
             M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
                 self.shift(i, m)
             }
@@ -96,6 +103,10 @@ impl Cpu {
             M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad => self.bcd(i, m),
             M::Bt | M::Bts | M::Btr | M::Btc => self.bit_test(i, m),
             M::Bsf | M::Bsr => self.bit_scan(i, m),
+            // F3 0F BC/BD are TZCNT/LZCNT on newer CPUs; a P6 ignores the REP prefix
+            // and runs BSF/BSR (compilers emit `rep bsf` on purpose).
+            M::Tzcnt => self.bit_scan(i, M::Bsf),
+            M::Lzcnt => self.bit_scan(i, M::Bsr),
             M::Seto
             | M::Setno
             | M::Setb
@@ -821,6 +832,24 @@ mod tests {
     }
 
     #[test]
+    fn rep_bsf_is_bsf_and_hint_nops() {
+        // F3 0F BC: BSF on a P6 (ZF for a zero source, destination kept).
+        let mut c = flat32(&[
+            0xf3, 0x0f, 0xbc, 0xc3, 0xf3, 0x0f, 0xbc, 0xc1, 0x0f, 0x18, 0x03,
+        ]);
+        c.s.gpr[reg::RBX] = 0x8;
+        c.s.gpr[reg::RCX] = 0;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 3);
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RAX], 3);
+        assert!(c.s.get_zf());
+        // prefetchnta [ebx] far outside the segment does not fault.
+        c.s.gpr[reg::RBX] = 0x7000_0000;
+        run(&mut c, 1);
+    }
+
+    #[test]
     fn setcc_cmov_ud2() {
         let mut c = flat32(&[
             0x0f, 0x94, 0xc0, // sete al
@@ -839,5 +868,32 @@ mod tests {
         run(&mut c, 1);
         assert_eq!(c.s.gpr[reg::RAX], 0x1201);
         assert_eq!(exec(&mut c).unwrap_err().vector, vec::UD);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::super::testutil::*;
+    use crate::state::*;
+
+    /// Rough interpreter throughput on an ALU/branch loop through `Cpu::step`
+    /// (`cargo test -p morph86-cpu --release -- --ignored --nocapture speed`).
+    #[test]
+    #[ignore]
+    fn alu_loop_throughput() {
+        // l: add eax, ebx; xor edx, eax; mov [0x3000], eax; dec ecx; jnz l
+        let mut c = flat32(&[
+            0x01, 0xd8, 0x31, 0xc2, 0xa3, 0x00, 0x30, 0x00, 0x00, 0x49, 0x75, 0xf4,
+        ]);
+        let n = 2_000_000u64;
+        c.s.gpr[reg::RCX] = n;
+        c.s.gpr[reg::RBX] = 3;
+        let t = std::time::Instant::now();
+        for _ in 0..5 * n {
+            c.step();
+        }
+        let dt = t.elapsed().as_secs_f64();
+        assert_eq!(c.s.gpr[reg::RCX], 0);
+        println!("{:.1} M instructions/s", 5.0 * n as f64 / dt / 1e6);
     }
 }
