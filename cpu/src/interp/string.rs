@@ -6,6 +6,8 @@
 //! [`REP_CHUNK`] iterations: when the count is not exhausted after a chunk, EIP is set
 //! back to the instruction so the step loop can take interrupts in between. Every
 //! finished iteration is committed, so a fault leaves the registers at the faulting one.
+//! With EFLAGS.TF set, REP runs one iteration per step (the single-step trap comes after
+//! each iteration).
 
 use crate::exception::Res;
 use crate::flags::{size_mask, FlagOp};
@@ -73,6 +75,12 @@ impl Cpu {
         let cmask = if a32 { 0xffff_ffff } else { 0xffff };
         let mut count = self.s.gpr[reg::RCX] & cmask;
         let repne = i.has_repne_prefix();
+        // With TF set the CPU traps after every iteration, so run one at a time.
+        let chunk = if self.s.eflags_raw & TF != 0 {
+            1
+        } else {
+            REP_CHUNK
+        };
         let mut n = 0;
         while count != 0 {
             self.string_once(kind, size, a32, src)?;
@@ -86,7 +94,7 @@ impl Cpu {
                 break;
             }
             n += 1;
-            if n >= REP_CHUNK && count != 0 {
+            if n >= chunk && count != 0 {
                 self.s.rip = self.start_rip;
                 break;
             }
@@ -275,6 +283,15 @@ mod tests {
         assert_eq!(c.s.rip, FLAT_CODE + 2);
         assert_eq!(peek(&mut c, 0x10000 + n - 1, 1), 1);
         assert_eq!(peek(&mut c, 0x10000 + n, 1), 0);
+    }
+
+    #[test]
+    fn single_step_runs_one_iteration() {
+        let mut c = real(&[0xf3, 0xaa]);
+        c.s.set_eflags(FLAG_1 | TF);
+        c.s.gpr[reg::RCX] = 3;
+        run(&mut c, 1);
+        assert_eq!((c.s.gpr[reg::RCX], c.s.gpr[reg::RDI], c.s.rip), (2, 1, 0));
     }
 
     #[test]
