@@ -310,3 +310,137 @@ impl Cpu {
         self.ev.nmi_pending = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptor::testing::*;
+
+    const IDT: u64 = 0x2000;
+    const TSS: u16 = 0x18;
+    const TSS_BASE: u64 = 0x3000;
+    const CODE3: u16 = 0x20;
+    const DATA3: u16 = 0x28;
+    const TINY_SS0: u16 = 0x30;
+
+    /// Protected mode with an IDT whose gate `v` leads to 0x5000 + 16 * v (ring 0).
+    fn cpu() -> Cpu {
+        let mut c = pm_cpu(&[
+            (TSS, Descriptor::segment(TSS_BASE as u32, 0x67, 0x8b, 0)),
+            (CODE3, Descriptor::segment(0, 0xfffff, 0xfb, 0xc)),
+            (DATA3, Descriptor::segment(0, 0xfffff, 0xf3, 0xc)),
+            (TINY_SS0, Descriptor::segment(0x9000, 0x7, 0x93, 0x4)),
+        ]);
+        for v in 0..=255u64 {
+            let g = Descriptor::gate(CODE0, 0x5000 + 16 * v as u32, 0xee, 0);
+            c.mmu.phys.write(IDT + 8 * v, &g.0.to_le_bytes());
+        }
+        c.s.idtr = TableReg {
+            base: IDT,
+            limit: 0x7ff,
+        };
+        c.s.tr = Descriptor::segment(TSS_BASE as u32, 0x67, 0x8b, 0).to_segment(TSS);
+        c.mmu.phys.write(TSS_BASE + 4, &0x7000u32.to_le_bytes());
+        c.mmu
+            .phys
+            .write(TSS_BASE + 8, &(DATA0 as u32).to_le_bytes());
+        c
+    }
+
+    fn rd32(c: &mut Cpu, a: u64) -> u32 {
+        let mut b = [0u8; 4];
+        c.mmu.phys.read(a, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn nmi_blocked_until_iret() {
+        let mut c = cpu();
+        c.mmu.phys.write(0x10000, &[0x90, 0x90]);
+        c.mmu.phys.write(0x5020, &[0x90, 0xcf]); // NMI handler: nop; iretd
+        c.s.rip = 0x10000;
+        c.nmi();
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5020, "NMI delivered through vector 2");
+        c.nmi();
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5021, "second NMI held while the handler runs");
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x10000, "IRET back");
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5020, "pending NMI taken after IRET");
+    }
+
+    #[test]
+    fn fault_frames_have_rf_and_int_frames_do_not() {
+        let mut c = cpu();
+        // mov ds, ax with AX = 0x200 (beyond the GDT limit): #GP(0x200).
+        c.mmu.phys.write(0x10000, &[0x8e, 0xd8, 0xcd, 0x40]);
+        c.s.gpr[reg::RAX] = 0x200;
+        c.s.rip = 0x10000;
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5000 + 16 * 13);
+        let sp = c.s.gpr[reg::RSP];
+        assert_eq!(rd32(&mut c, sp), 0x200, "error code");
+        assert_eq!(rd32(&mut c, sp + 4), 0x10000);
+        assert_ne!(
+            rd32(&mut c, sp + 12) & RF,
+            0,
+            "RF in a fault's EFLAGS image"
+        );
+        // INT 0x40: a trap-like software interrupt, no RF.
+        c.s.rip = 0x10002;
+        c.s.set_eflags(FLAG_1);
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5000 + 16 * 0x40);
+        let sp = c.s.gpr[reg::RSP];
+        assert_eq!(rd32(&mut c, sp), 0x10004);
+        assert_eq!(rd32(&mut c, sp + 8) & RF, 0);
+    }
+
+    #[test]
+    fn failed_inner_stack_push_rolls_back() {
+        let mut c = cpu();
+        // Ring 3 with an 8-byte ring-0 stack (SS0 = TINY_SS0): #SS(SS0) from the push.
+        c.mmu
+            .phys
+            .write(TSS_BASE + 8, &(TINY_SS0 as u32).to_le_bytes());
+        c.mmu.phys.write(TSS_BASE + 4, &8u32.to_le_bytes());
+        c.s.cpl = 3;
+        c.s.seg[SegReg::Cs as usize] =
+            Descriptor::segment(0, 0xfffff, 0xfb, 0xc).to_segment(CODE3 | 3);
+        c.s.seg[SegReg::Ss as usize] =
+            Descriptor::segment(0, 0xfffff, 0xf3, 0xc).to_segment(DATA3 | 3);
+        c.s.rip = 0x10002;
+        c.s.gpr[reg::RSP] = 0x8000;
+        let before = c.s.clone();
+        let r = c.deliver(0x40, IntKind::Software, None);
+        assert_eq!(r, Err(Exception::ss(TINY_SS0 as u32)));
+        assert_eq!(c.s.cpl, 3);
+        assert_eq!(c.s.seg, before.seg);
+        assert_eq!(c.s.gpr, before.gpr);
+        assert_eq!(c.s.eflags(), before.eflags());
+        // The same failure for an external event carries EXT.
+        let r = c.deliver(0x40, IntKind::External, None);
+        assert_eq!(r, Err(Exception::ss(TINY_SS0 as u32 | 1)));
+    }
+
+    #[test]
+    fn real_mode_delivery_through_ivt() {
+        let mut c = Cpu::new(morph86_mmu::Mmu::new(
+            morph86_mmu::PhysMem::new(1 << 20).unwrap(),
+        ));
+        c.load_cs_real(0x1000);
+        c.s.rip = 0x0010;
+        c.s.gpr[reg::RSP] = 0x100;
+        c.s.set_eflags(FLAG_1 | IF | TF | CF);
+        c.mmu.phys.write(0x21 * 4, &[0x34, 0x12, 0x00, 0x20]);
+        assert_eq!(c.deliver(0x21, IntKind::Software, None), Ok(()));
+        assert_eq!(c.s.seg[SegReg::Cs as usize].selector, 0x2000);
+        assert_eq!(c.s.rip, 0x1234);
+        assert_eq!(c.s.eflags() & (IF | TF | CF), CF);
+        let mut b = [0u8; 6];
+        c.mmu.phys.read(0xfa, &mut b);
+        assert_eq!(b, [0x10, 0x00, 0x00, 0x10, 0x03, 0x03], "IP, CS, FLAGS");
+    }
+}

@@ -309,3 +309,120 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::descriptor::testing::*;
+    use crate::descriptor::Descriptor;
+    use crate::exception::Exception;
+    use crate::state::*;
+
+    const TSS_A: u16 = 0x18;
+    const TSS_B16: u16 = 0x20;
+    const CODE16: u16 = 0x28;
+    const SHORT_TSS: u16 = 0x30;
+    const TSS_C: u16 = 0x38;
+    const A_BASE: u64 = 0x3000;
+    const B_BASE: u64 = 0x3100;
+    const C_BASE: u64 = 0x3200;
+
+    fn cpu() -> crate::Cpu {
+        let mut c = pm_cpu(&[
+            (TSS_A, Descriptor::segment(A_BASE as u32, 0x67, 0x8b, 0)),
+            (TSS_B16, Descriptor::segment(B_BASE as u32, 0x2b, 0x81, 0)),
+            (CODE16, Descriptor::segment(0, 0xffff, 0x9b, 0)),
+            (SHORT_TSS, Descriptor::segment(C_BASE as u32, 0x60, 0x89, 0)),
+            (TSS_C, Descriptor::segment(C_BASE as u32, 0x67, 0x89, 0)),
+        ]);
+        c.s.tr = Descriptor::segment(A_BASE as u32, 0x67, 0x8b, 0).to_segment(TSS_A);
+        // 16-bit TSS B (SDM figure 7-11): IP 0x1234, FLAGS 0x0002, AX 0x4141, SP 0x0800,
+        // ES CS SS DS.
+        let w = |c: &mut crate::Cpu, o: u64, v: u16| c.mmu.phys.write(B_BASE + o, &v.to_le_bytes());
+        w(&mut c, 0x0e, 0x1234);
+        w(&mut c, 0x10, 0x0002);
+        w(&mut c, 0x12, 0x4141);
+        w(&mut c, 0x1a, 0x0800);
+        w(&mut c, 0x22, DATA0);
+        w(&mut c, 0x24, CODE16);
+        w(&mut c, 0x26, DATA0);
+        w(&mut c, 0x28, DATA0);
+        c
+    }
+
+    fn access_byte(c: &mut crate::Cpu, sel: u16) -> u8 {
+        let mut b = [0u8; 1];
+        c.mmu.phys.read(GDT + sel as u64 + 5, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn jmp_to_16bit_tss() {
+        let mut c = cpu();
+        c.s.gpr[reg::RAX] = 0xdead_beef;
+        // jmp far TSS_B16:0 (EA ptr16:32).
+        let r = exec(&mut c, &[0xea, 0, 0, 0, 0, TSS_B16 as u8, 0]);
+        assert_eq!(r, Ok(()));
+        assert_eq!(c.s.tr.selector, TSS_B16);
+        assert_eq!(c.s.rip, 0x1234);
+        // 16-bit TSS: only the low halves of the registers are loaded.
+        assert_eq!(c.s.gpr[reg::RAX], 0xdead_4141);
+        assert_eq!(c.s.gpr[reg::RSP] as u16, 0x0800);
+        assert!(!c.s.code32());
+        assert_eq!(c.s.seg[SegReg::Cs as usize].selector, CODE16);
+        assert_eq!(access_byte(&mut c, TSS_B16), 0x83, "16-bit TSS now busy");
+        assert_eq!(access_byte(&mut c, TSS_A), 0x89, "old TSS free");
+        let mut b = [0u8; 4];
+        c.mmu.phys.read(A_BASE + 0x28, &mut b);
+        assert_eq!(
+            u32::from_le_bytes(b),
+            0xdead_beef,
+            "EAX saved in the 32-bit TSS"
+        );
+        c.mmu.phys.read(A_BASE + 0x20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x10007, "EIP after the JMP saved");
+    }
+
+    #[test]
+    fn short_tss_is_ts_and_changes_nothing() {
+        let mut c = cpu();
+        let r = exec(&mut c, &[0xea, 0, 0, 0, 0, SHORT_TSS as u8, 0]);
+        assert_eq!(r, Err(Exception::ts(SHORT_TSS as u32)));
+        assert_eq!(c.s.tr.selector, TSS_A);
+        assert_eq!(access_byte(&mut c, TSS_A), 0x8b);
+        assert_eq!(c.s.rip, 0x10000);
+    }
+
+    #[test]
+    fn busy_tss_target_is_gp() {
+        let mut c = cpu();
+        // JMP to the current (busy) TSS: #GP(sel).
+        let r = exec(&mut c, &[0xea, 0, 0, 0, 0, TSS_A as u8, 0]);
+        assert_eq!(r, Err(Exception::gp(TSS_A as u32)));
+    }
+
+    #[test]
+    fn iret_nt_to_free_tss_is_ts() {
+        let mut c = cpu();
+        c.mmu.phys.write(A_BASE, &TSS_C.to_le_bytes());
+        c.s.set_eflags(FLAG_1 | NT);
+        assert_eq!(exec(&mut c, &[0xcf]), Err(Exception::ts(TSS_C as u32)));
+    }
+
+    #[test]
+    fn bad_cs_in_new_task_faults_in_new_task() {
+        let mut c = cpu();
+        // TSS C: CS = a data segment -> #TS(CS) after the switch has committed.
+        let w = |c: &mut crate::Cpu, o: u64, v: u32| c.mmu.phys.write(C_BASE + o, &v.to_le_bytes());
+        w(&mut c, 0x20, 0x5000);
+        w(&mut c, 0x24, 2);
+        for k in 0..6 {
+            w(&mut c, 0x48 + 4 * k, DATA0 as u32);
+        }
+        let r = exec(&mut c, &[0x9a, 0, 0, 0, 0, TSS_C as u8, 0]);
+        assert_eq!(r, Err(Exception::ts(DATA0 as u32)));
+        assert_eq!(c.s.tr.selector, TSS_C, "TR already switched");
+        assert_eq!(c.start_rip, 0x5000, "fault reported at the new task's EIP");
+        assert_ne!(c.s.eflags() & NT, 0);
+        assert_ne!(c.s.cr0 & CR0_TS, 0);
+    }
+}
