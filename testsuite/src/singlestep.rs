@@ -295,6 +295,13 @@ pub fn known_286_difference(form: &str, t: &Test, failure: &str) -> Option<&'sta
              the 386 and later allow 15 (Intel SDM vol. 3, 22.29 'Instruction length')",
         );
     }
+    if lock_not_allowed(&t.bytes) {
+        return Some(
+            "LOCK on an instruction that cannot be locked (or on a register destination): \
+             the 80286 ignores it, the 386 and later raise #UD (Intel SDM vol. 2, \
+             'LOCK-Assert LOCK# Signal Prefix')",
+        );
+    }
     let vector = expected_vector(t);
     if vector == Some(13) && ss_overrun(t) {
         return Some(
@@ -317,9 +324,10 @@ pub fn known_286_difference(form: &str, t: &Test, failure: &str) -> Option<&'sta
         && divide_error_flags(t, failure)
     {
         return Some(
-            "divide error: the flags the 80286 pushes are whatever its divide microcode \
-             left in the undefined flags; they are undefined after DIV/IDIV/AAM (Intel \
-             SDM vol. 2, DIV/IDIV/AAM 'Flags affected')",
+            "divide error: the 80286 pushes the flags its divide microcode left behind; \
+             on the 386 and later #DE is a fault and pushes the flags as they were before \
+             the instruction (Intel SDM vol. 3, 6.5 'Exception classifications'; the \
+             flags are undefined after DIV/IDIV/AAM)",
         );
     }
     if (form == "F6.7" || form == "F7.7") && vector.is_none() && idiv_overflows(t) {
@@ -331,15 +339,8 @@ pub fn known_286_difference(form: &str, t: &Test, failure: &str) -> Option<&'sta
     if vector == Some(6) && fs_gs_move(&t.bytes) {
         return Some(
             "MOV to or from segment register 4 or 5: the 80286 has no FS and GS and \
-             raises #UD; the 386 added them (Intel SDM vol. 3, 22.13 'New instructions / \
-             segment registers')",
-        );
-    }
-    if lock_not_allowed(&t.bytes) {
-        return Some(
-            "LOCK on an instruction that cannot be locked (or on a register destination): \
-             the 80286 ignores it, the 386 and later raise #UD (Intel SDM vol. 2, \
-             'LOCK-Assert LOCK# Signal Prefix')",
+             raises #UD; the 386 added them (Intel SDM vol. 3, chapter 22 'Architecture \
+             compatibility')",
         );
     }
     None
