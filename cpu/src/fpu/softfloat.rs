@@ -316,7 +316,9 @@ impl Ctx {
                 let (k, _, _) = round_bits(s, sign);
                 !(k >> fmt.prec != 0 && e + 1 >= fmt.emin)
             };
-            if fmt.wrap && !self.masked(UE) {
+            // Unmasked underflow to a register biases the exponent up by 24576, unless
+            // even that does not bring it into range (FSCALE): then the masked response.
+            if fmt.wrap && !self.masked(UE) && e + WRAP >= fmt.emin {
                 e += WRAP;
             } else {
                 s = shr_jam(s, (fmt.emin - e) as u32);
@@ -340,7 +342,7 @@ impl Ctx {
         }
         if e > fmt.emax {
             self.flags |= OE;
-            if !self.masked(OE) {
+            if !self.masked(OE) && !(fmt.wrap && e - WRAP > fmt.emax) {
                 if !fmt.wrap {
                     return Rounded::None;
                 }

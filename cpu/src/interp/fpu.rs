@@ -1454,9 +1454,9 @@ mod host_diff {
 
     const DATA: u64 = 0x2000;
 
-    struct Rng(u64);
+    pub(super) struct Rng(pub(super) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(super) fn next(&mut self) -> u64 {
             let mut x = self.0;
             x ^= x << 13;
             x ^= x >> 7;
@@ -1466,7 +1466,7 @@ mod host_diff {
         }
     }
 
-    fn f80_operand(r: &mut Rng) -> [u8; 10] {
+    pub(super) fn f80_operand(r: &mut Rng) -> [u8; 10] {
         let exp: u16 = match r.next() % 6 {
             0 => 0x7fff,
             1 => 0,
@@ -1631,6 +1631,175 @@ mod host_diff {
             }
             eprintln!("{name}: {ok} / {n} bit-exact (value and full status word)");
         }
+        assert_eq!(bad, 0);
+    }
+}
+
+/// End-to-end differential tests of register-form instructions (same bytes on the
+/// host and in the interpreter) with ST(0) = a, ST(1) = b.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod host_diff_reg {
+    use super::host_diff::{f80_operand, Rng};
+    use super::*;
+    use morph86_mmu::{Mmu, PhysMem};
+
+    const DATA: u64 = 0x2000;
+
+    macro_rules! seq {
+        ($($name:ident: [$($b:literal),+];)+) => {
+            $(
+                #[allow(non_snake_case)]
+                fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 32], u16) {
+                    let mut r = [0x5au8; 32];
+                    let mut sw = 0u16;
+                    // SAFETY: reads the operands, writes `r` (two 10-byte stores at 0 and
+                    // 16) and `sw`; every waiting instruction runs after FNCLEX, and FNINIT
+                    // leaves the x87 empty.
+                    unsafe {
+                        core::arch::asm!(
+                            "fninit",
+                            "fldcw ({cw})",
+                            "fldt ({b})",
+                            "fldt ({a})",
+                            $(concat!(".byte ", stringify!($b)),)+
+                            "fnstsw ({sw})",
+                            "fnclex",
+                            "fstpt ({r})",
+                            "fnclex",
+                            "fstpt 16({r})",
+                            "fninit",
+                            cw = in(reg) &cw,
+                            a = in(reg) a.as_ptr(),
+                            b = in(reg) b.as_ptr(),
+                            r = in(reg) r.as_mut_ptr(),
+                            sw = in(reg) &mut sw,
+                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                            options(att_syntax, nostack),
+                        );
+                    }
+                    (r, sw)
+                }
+            )+
+            const CASES: &[(&str, Host, &[u8])] = &[$((stringify!($name), $name, &[$($b),+])),+];
+        };
+    }
+
+    type Host = fn(&[u8; 10], &[u8; 10], u16) -> ([u8; 32], u16);
+
+    seq! {
+        fadd_st0_st1: [0xd8, 0xc1];
+        fadd_st1_st0: [0xdc, 0xc1];
+        faddp: [0xde, 0xc1];
+        fsub_st0_st1: [0xd8, 0xe1];
+        fsubr_st0_st1: [0xd8, 0xe9];
+        fsubr_st1_st0: [0xdc, 0xe1];
+        fsub_st1_st0: [0xdc, 0xe9];
+        fsubp: [0xde, 0xe9];
+        fsubrp: [0xde, 0xe1];
+        fmul_st0_st1: [0xd8, 0xc9];
+        fmulp: [0xde, 0xc9];
+        fdiv_st0_st1: [0xd8, 0xf1];
+        fdivr_st0_st1: [0xd8, 0xf9];
+        fdivr_st1_st0: [0xdc, 0xf1];
+        fdiv_st1_st0: [0xdc, 0xf9];
+        fdivp: [0xde, 0xf9];
+        fdivrp: [0xde, 0xf1];
+        fcom: [0xd8, 0xd1];
+        fcomp: [0xd8, 0xd9];
+        fcompp: [0xde, 0xd9];
+        fucom: [0xdd, 0xe1];
+        fucomp: [0xdd, 0xe9];
+        fucompp: [0xda, 0xe9];
+        fxch: [0xd9, 0xc9];
+        fchs: [0xd9, 0xe0];
+        fabs: [0xd9, 0xe1];
+        ftst: [0xd9, 0xe4];
+        fxam: [0xd9, 0xe5];
+        fsqrt: [0xd9, 0xfa];
+        frndint: [0xd9, 0xfc];
+        fscale: [0xd9, 0xfd];
+        fprem: [0xd9, 0xf8];
+        fprem1: [0xd9, 0xf5];
+        fxtract: [0xd9, 0xf4];
+        fst_st1: [0xdd, 0xd1];
+        fstp_st1: [0xdd, 0xd9];
+        fld_st1: [0xd9, 0xc1];
+        ffree_st1: [0xdd, 0xc1];
+        fincstp: [0xd9, 0xf7];
+        fdecstp: [0xd9, 0xf6];
+        fxam_empty: [0xdd, 0xc0, 0xd9, 0xe5];
+        under_fadd: [0xdd, 0xc1, 0xd8, 0xc1];
+        under_faddp: [0xdd, 0xc1, 0xde, 0xc1];
+        under_fsqrt: [0xdd, 0xc0, 0xd9, 0xfa];
+        under_fcom: [0xdd, 0xc1, 0xd8, 0xd1];
+        under_fcompp: [0xdd, 0xc1, 0xde, 0xd9];
+        under_fxch: [0xdd, 0xc1, 0xd9, 0xc9];
+        under_fst: [0xdd, 0xc0, 0xdd, 0xd1];
+        under_fld: [0xdd, 0xc1, 0xd9, 0xc1];
+        under_fprem: [0xdd, 0xc1, 0xd9, 0xf8];
+        under_fxtract: [0xdd, 0xc0, 0xd9, 0xf4];
+        over_fld1: [0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8];
+        over_fxtract: [0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xf4];
+        over_fldpi: [0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xeb];
+        over_fsincos: [0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xe8, 0xd9, 0xfb];
+    }
+
+    fn emu(c: &mut Cpu, op: &[u8], a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 32], u16) {
+        c.mmu.phys.write(DATA, a);
+        c.mmu.phys.write(DATA + 0x10, b);
+        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
+        c.mmu.phys.write(DATA + 0x40, &[0x5a; 32]);
+        let mut code = vec![
+            0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00, 0x20,
+        ];
+        code.extend_from_slice(op);
+        code.extend_from_slice(&[
+            0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x40, 0x20, 0xdb, 0xe2, 0xdb, 0x3e, 0x50, 0x20,
+        ]);
+        super::tests::run(c, &code).unwrap();
+        let mut r = [0u8; 32];
+        c.mmu.phys.read(DATA + 0x40, &mut r);
+        (r, c.s.gpr[0] as u16)
+    }
+
+    #[test]
+    fn register_ops_match_host() {
+        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
+        for s in 0..6 {
+            c.s.seg[s] = crate::state::Segment::real(0);
+        }
+        let mut r = Rng(0xfeed_beef);
+        let mut bad = 0;
+        let mut total = 0;
+        for &(name, host, op) in CASES {
+            let mut ok = 0;
+            let n = 600;
+            for k in 0..n {
+                let cw = [0x037f, 0x0f7f, 0x047f, 0x0b7f, 0x0340, 0x0040][k % 6];
+                let a = f80_operand(&mut r);
+                let b = f80_operand(&mut r);
+                let (hr, hsw) = host(&a, &b, cw);
+                let (er, esw) = emu(&mut c, op, &a, &b, cw);
+                if hr == er && hsw == esw {
+                    ok += 1;
+                } else if bad < 25 {
+                    bad += 1;
+                    eprintln!(
+                        "{name} cw={cw:04x} a={:x?} b={:x?} host={:02x?} {hsw:04x} emu={:02x?} {esw:04x}",
+                        f80_from_bytes(&a), f80_from_bytes(&b), &hr[..26], &er[..26]
+                    );
+                }
+            }
+            total += n;
+            if ok != n {
+                eprintln!("{name}: {ok} / {n} bit-exact");
+            }
+        }
+        eprintln!(
+            "register forms: {} sequences x 600 operands, {total} runs",
+            CASES.len()
+        );
         assert_eq!(bad, 0);
     }
 }
