@@ -213,4 +213,15 @@ impl Cpu {
         self.stats.exceptions += 1;
         self.deliver_event(e.vector, interrupts::IntKind::Exception, e.error_code)
     }
+
+    /// Takes the physical pages whose code was overwritten since the last call (as
+    /// `PhysMem::take_dirty_code`) after dropping their decoded instructions, so another
+    /// code cache (the JIT) can consume the notifications the decode cache also needs.
+    pub fn take_dirty_code(&mut self) -> Vec<u64> {
+        let pages = self.mmu.phys.take_dirty_code();
+        for &p in &pages {
+            self.dcache.invalidate_page(p);
+        }
+        pages
+    }
 }

@@ -1,1 +1,591 @@
-//! placeholder
+//! morph86-jit: guest x86 blocks translated to host x86-64.
+//!
+//! The pipeline, one module per stage (ARCHITECTURE.md section 4):
+//! 1. look up ([`cache::BlockTable`], keyed by physical EIP and mode bits);
+//! 2. decode a block ([`translate::plan_block`]: iced-x86, up to a branch, an
+//!    untranslated instruction, the page end or 64 instructions);
+//! 3. emit ([`emit`]: register-only integer instructions re-encoded for the host with
+//!    guest registers renamed to the host registers that hold them; block framework,
+//!    exits and chaining stubs assembled with dynasmrt's `VecAssembler` for the final
+//!    address);
+//! 4. place in the code cache ([`cache::CodeRegion`], W^X, flushed whole when full);
+//! 5. execute through the entry trampoline, chaining direct branches within a page by
+//!    patching their exit stubs.
+//!
+//! Anything not translated runs in the interpreter, one instruction at a time
+//! (`Cpu::step`), so every guest runs. Translated code never touches guest memory yet,
+//! so it cannot fault and needs no precise-exception machinery; self-modifying code is
+//! caught when an interpreted store hits a page marked as holding code (the MMU reports
+//! it through `Cpu::take_dirty_code`) and the page's blocks are invalidated before the
+//! next block is looked up.
+//!
+//! Only flat 32-bit protected-mode code is translated (CS base 0, limit 4 GiB, no TF,
+//! RF, interrupt shadow or debug breakpoints); everything else is interpreted.
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod emit;
+pub mod translate;
+
+use cache::{BlockKey, BlockTable, CodeRegion, Entry};
+use emit::{EnterFn, JitCtx, NO_CHAIN};
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
+use morph86_cpu::state::{SegReg, CR0_PG, IF, RF, TF};
+use morph86_cpu::{Cpu, CpuState, StepEvent};
+use morph86_mmu::{Access, PhysKind, PAGE_SIZE};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use translate::{plan_block, Term, MAX_BLOCK_INSNS};
+
+/// Default code cache size.
+pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
+/// Free space below which the cache is flushed before translating (larger than any block).
+const BLOCK_RESERVE: usize = 8192;
+/// Most blocks run per entry from the dispatcher (bounds interrupt latency).
+const MAX_CHAIN: u64 = 4096;
+
+/// Counters for `--stats`.
+#[derive(Debug, Clone, Default)]
+pub struct JitStats {
+    /// Blocks translated.
+    pub translated: u64,
+    /// Block executions (entries, chained or not).
+    pub executed: u64,
+    /// Guest instructions retired in translated code.
+    pub native_insns: u64,
+    /// Entries into host code from the dispatcher.
+    pub dispatches: u64,
+    /// Exit stubs patched into direct jumps.
+    pub chained: u64,
+    /// Blocks invalidated by writes to their code.
+    pub invalidated: u64,
+    /// Whole-cache flushes.
+    pub flushes: u64,
+    /// Instructions run in the interpreter, by mnemonic.
+    pub fallbacks: HashMap<Mnemonic, u64>,
+    /// Interpreter steps outside translatable modes (real mode, TF, interrupt delivery...).
+    pub interp_mode_steps: u64,
+}
+
+impl std::fmt::Display for JitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "jit: {} blocks translated, {} executed ({} dispatches), {} chained, {} invalidated, {} flushes",
+            self.translated, self.executed, self.dispatches, self.chained, self.invalidated, self.flushes
+        )?;
+        let fb: u64 = self.fallbacks.values().sum();
+        writeln!(
+            f,
+            "jit: {} instructions native, {} interpreted in translatable mode, {} in other modes",
+            self.native_insns, fb, self.interp_mode_steps
+        )?;
+        let mut v: Vec<_> = self.fallbacks.iter().collect();
+        v.sort_by(|a, b| {
+            b.1.cmp(a.1)
+                .then(format!("{:?}", a.0).cmp(&format!("{:?}", b.0)))
+        });
+        for (m, n) in v.iter().take(20) {
+            writeln!(f, "jit:   fallback {:<12} {}", format!("{m:?}"), n)?;
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    key: BlockKey,
+    eip: u32,
+    /// Host address of the first code byte.
+    start: usize,
+    /// Host code length.
+    len: usize,
+    entry: usize,
+    reentry: usize,
+    insns: Vec<Instruction>,
+    ranges: Vec<(usize, usize)>,
+    undefined: u32,
+    valid: bool,
+}
+
+struct Stub {
+    block: u32,
+    addr: usize,
+    target: u32,
+    chained: bool,
+}
+
+/// A divergence found in lock-step mode.
+#[derive(Debug, Clone)]
+pub struct Divergence {
+    /// Guest EIP of the block.
+    pub eip: u32,
+    /// Listing of the block.
+    pub listing: String,
+    /// State after the translated block.
+    pub jit: Box<CpuState>,
+    /// State after the interpreter ran the same instructions.
+    pub interp: Box<CpuState>,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "lock-step divergence in block at {:#010x}:", self.eip)?;
+        write!(f, "{}", self.listing)?;
+        const N: [&str; 8] = ["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"];
+        for (i, n) in N.iter().enumerate() {
+            let (a, b) = (self.jit.gpr[i] as u32, self.interp.gpr[i] as u32);
+            let mark = if a != b { "  <--" } else { "" };
+            writeln!(f, "  {n}: jit {a:08x} interp {b:08x}{mark}")?;
+        }
+        writeln!(
+            f,
+            "  eip: jit {:08x} interp {:08x}",
+            self.jit.rip as u32, self.interp.rip as u32
+        )?;
+        writeln!(
+            f,
+            "  eflags: jit {:08x} interp {:08x}",
+            self.jit.eflags(),
+            self.interp.eflags()
+        )
+    }
+}
+
+/// The translator and its code cache.
+pub struct Jit {
+    region: CodeRegion,
+    enter_fn: EnterFn,
+    exit_addr: usize,
+    table: BlockTable,
+    blocks: Vec<Block>,
+    stubs: Vec<Stub>,
+    ctx: Box<JitCtx>,
+    /// Counters.
+    pub stats: JitStats,
+    /// Print each block (guest and host code) to stderr when it is translated.
+    pub dump_blocks: bool,
+}
+
+/// The mode bits of the block key, or `None` if the current mode is not translated.
+pub fn mode_bits(s: &CpuState) -> Option<u8> {
+    let cs = s.seg[SegReg::Cs as usize];
+    if !s.protected()
+        || s.v86()
+        || !s.code32()
+        || cs.base != 0
+        || cs.limit != 0xffff_ffff
+        || s.eflags_raw & (TF | RF) != 0
+        || s.inhibit_irq
+        || s.halted
+        || s.dr[7] & 0xff != 0
+    {
+        return None;
+    }
+    Some((s.cpl & 3) | if s.cr0 & CR0_PG != 0 { 4 } else { 0 })
+}
+
+impl Jit {
+    /// A translator with a code cache of `cache_size` bytes.
+    pub fn new(cache_size: usize) -> std::io::Result<Jit> {
+        let mut region = CodeRegion::new(cache_size.max(2 * BLOCK_RESERVE))?;
+        let base = region.next_addr();
+        let (code, exit_off) = emit::trampoline(base);
+        let at = region
+            .push(&code)
+            .ok_or_else(|| std::io::Error::other("code cache too small"))?;
+        region.reserve_current();
+        // SAFETY: `at` holds the trampoline just assembled for this address; it follows
+        // the sysv64 calling convention (saves and restores every callee-saved register
+        // it uses, keeps the stack balanced) and returns to its caller. It is only
+        // called once the region is executable (see `enter`).
+        let enter_fn: EnterFn = unsafe { std::mem::transmute::<usize, EnterFn>(at) };
+        Ok(Jit {
+            region,
+            enter_fn,
+            exit_addr: at + exit_off,
+            table: BlockTable::default(),
+            blocks: Vec::new(),
+            stubs: Vec::new(),
+            ctx: Box::default(),
+            stats: JitStats::default(),
+            dump_blocks: false,
+        })
+    }
+
+    /// Bytes of code cache in use.
+    pub fn cache_used(&self) -> usize {
+        self.region.used()
+    }
+
+    /// Number of live lookup-table entries.
+    pub fn table_len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Runs up to `max_instructions` guest instructions (interpreted steps, including
+    /// interrupt deliveries, count as one each); stops early on HLT or a triple fault.
+    pub fn run(&mut self, cpu: &mut Cpu, max_instructions: u64) -> StepEvent {
+        match self.run_inner(cpu, max_instructions, false) {
+            Ok(ev) => ev,
+            Err(_) => StepEvent::Ok,
+        }
+    }
+
+    /// Like [`Jit::run`], but runs every translated block once in each engine (the
+    /// translated code, then the interpreter from the same starting state) and stops at
+    /// the first difference in GPRs, EIP or defined arithmetic flags. On success the
+    /// interpreter's state is kept.
+    pub fn run_lockstep(
+        &mut self,
+        cpu: &mut Cpu,
+        max_instructions: u64,
+    ) -> Result<StepEvent, Box<Divergence>> {
+        self.run_inner(cpu, max_instructions, true)
+    }
+
+    fn run_inner(
+        &mut self,
+        cpu: &mut Cpu,
+        max: u64,
+        lockstep: bool,
+    ) -> Result<StepEvent, Box<Divergence>> {
+        let mut left = max;
+        let mut chain_from: Option<u64> = None;
+        while left > 0 {
+            self.drain_dirty(cpu);
+            let irq = cpu.ev.nmi_pending
+                || (cpu.s.eflags_raw & IF != 0 && cpu.intr.as_mut().is_some_and(|i| i.pending()));
+            let mode = if irq || left < MAX_BLOCK_INSNS as u64 {
+                None
+            } else {
+                mode_bits(&cpu.s)
+            };
+            let Some(mode) = mode else {
+                chain_from = None;
+                self.stats.interp_mode_steps += 1;
+                left -= 1;
+                match self.interp_step(cpu) {
+                    StepEvent::Ok => continue,
+                    ev => return Ok(ev),
+                }
+            };
+            let eip = cpu.s.rip as u32;
+            let user = cpu.s.cpl == 3;
+            let Ok(phys) = cpu.mmu.translate(eip as u64, Access::Fetch, user) else {
+                // The interpreter raises the #PF.
+                chain_from = None;
+                left -= 1;
+                self.stats.interp_mode_steps += 1;
+                match self.interp_step(cpu) {
+                    StepEvent::Ok => continue,
+                    ev => return Ok(ev),
+                }
+            };
+            let key = (phys, mode);
+            let entry = match self.table.get(key) {
+                Some(e) => e,
+                None => self.translate(cpu, key, eip),
+            };
+            match entry {
+                Entry::Interp(m) => {
+                    chain_from = None;
+                    *self.stats.fallbacks.entry(m).or_default() += 1;
+                    left -= 1;
+                    match self.interp_step(cpu) {
+                        StepEvent::Ok => {}
+                        ev => return Ok(ev),
+                    }
+                }
+                Entry::Native(b) => {
+                    if let Some(id) = chain_from.take() {
+                        if !lockstep {
+                            self.try_chain(id, b, eip);
+                        }
+                    }
+                    if lockstep {
+                        let n = self.lockstep_block(cpu, b)?;
+                        left = left.saturating_sub(n.max(1));
+                    } else {
+                        let (n, exit) = self.enter(cpu, b, left);
+                        left = left.saturating_sub(n.max(1));
+                        chain_from = (exit != NO_CHAIN).then_some(exit);
+                    }
+                }
+            }
+        }
+        Ok(StepEvent::Ok)
+    }
+
+    fn interp_step(&mut self, cpu: &mut Cpu) -> StepEvent {
+        let ev = cpu.step();
+        self.drain_dirty(cpu);
+        ev
+    }
+
+    /// Runs host code from block `b`; returns (guest instructions retired, exit id).
+    fn enter(&mut self, cpu: &mut Cpu, b: u32, left: u64) -> (u64, u64) {
+        let budget = (left / MAX_BLOCK_INSNS as u64).clamp(1, MAX_CHAIN) as u32;
+        self.enter_with_budget(cpu, b, budget)
+    }
+
+    fn enter_with_budget(&mut self, cpu: &mut Cpu, b: u32, budget: u32) -> (u64, u64) {
+        let Some(block) = self.blocks.get(b as usize) else {
+            return (0, NO_CHAIN);
+        };
+        let entry = block.entry;
+        cpu.s.materialize_flags();
+        self.ctx.budget = budget;
+        self.ctx.icount = 0;
+        self.ctx.exit = NO_CHAIN;
+        self.region.make_executable();
+        // SAFETY: the region is executable and holds the trampoline and `entry`, a
+        // block assembled for its address whose every path ends in the trampoline's
+        // exit (directly or through chained blocks, each of which checks the budget on
+        // entry, so the run is bounded). The code reads and writes only the `CpuState`
+        // and `JitCtx` it is given (GPRs, RIP, EFLAGS; budget, icount, exit), both
+        // live, exclusively borrowed and not otherwise accessed during the call.
+        unsafe { (self.enter_fn)(&mut cpu.s, &mut *self.ctx, entry) };
+        let n = self.ctx.icount;
+        self.stats.dispatches += 1;
+        self.stats.executed += (budget - self.ctx.budget) as u64;
+        self.stats.native_insns += n;
+        cpu.stats.instructions += n;
+        (n, self.ctx.exit)
+    }
+
+    fn lockstep_block(&mut self, cpu: &mut Cpu, b: u32) -> Result<u64, Box<Divergence>> {
+        cpu.s.materialize_flags();
+        let before = cpu.s.clone();
+        let icount_before = cpu.stats.instructions;
+        let (n, _) = self.enter_with_budget(cpu, b, 1);
+        let jit_state = cpu.s.clone();
+        cpu.s = before;
+        for _ in 0..n {
+            if cpu.try_step().is_err() {
+                break;
+            }
+        }
+        cpu.stats.instructions = icount_before + n;
+        let und = self.blocks[b as usize].undefined;
+        let same = (0..8).all(|r| jit_state.gpr[r] as u32 == cpu.s.gpr[r] as u32)
+            && jit_state.rip as u32 == cpu.s.rip as u32
+            && (jit_state.eflags() ^ cpu.s.eflags()) & !und == 0;
+        if same {
+            return Ok(n);
+        }
+        Err(Box::new(Divergence {
+            eip: self.blocks[b as usize].eip,
+            listing: self.listing(b as usize),
+            jit: Box::new(jit_state),
+            interp: Box::new(cpu.s.clone()),
+        }))
+    }
+
+    fn try_chain(&mut self, id: u64, b: u32, eip: u32) {
+        let Some(stub) = self.stubs.get(id as usize) else {
+            return;
+        };
+        let (Some(from), Some(to)) = (
+            self.blocks.get(stub.block as usize),
+            self.blocks.get(b as usize),
+        ) else {
+            return;
+        };
+        if stub.chained
+            || stub.target != eip
+            || !from.valid
+            || !to.valid
+            || from.key.1 != to.key.1
+            || from.key.0 / PAGE_SIZE != to.key.0 / PAGE_SIZE
+        {
+            return;
+        }
+        if let Some(j) = emit::jmp_rel32(stub.addr, to.entry) {
+            let addr = stub.addr;
+            self.region.patch(addr, &j);
+            self.stubs[id as usize].chained = true;
+            self.stats.chained += 1;
+        }
+    }
+
+    /// Invalidates the blocks of every code page written since the last call.
+    fn drain_dirty(&mut self, cpu: &mut Cpu) {
+        if cpu.mmu.phys.has_dirty_code() {
+            for p in cpu.take_dirty_code() {
+                self.invalidate_page(p);
+            }
+        }
+    }
+
+    /// Drops every block (and interpreter marker) of the physical page holding `phys`.
+    /// Chained jumps into a dropped block land on its entry, which now jumps to its
+    /// reentry stub and so back to the dispatcher.
+    pub fn invalidate_page(&mut self, phys: u64) {
+        let page = phys & !(PAGE_SIZE - 1);
+        for e in self.table.take_page(page) {
+            if let Entry::Native(b) = e {
+                let Some(bl) = self.blocks.get_mut(b as usize) else {
+                    continue;
+                };
+                if !bl.valid {
+                    continue;
+                }
+                bl.valid = false;
+                let (entry, reentry) = (bl.entry, bl.reentry);
+                if let Some(j) = emit::jmp_rel32(entry, reentry) {
+                    self.region.patch(entry, &j);
+                }
+                self.stats.invalidated += 1;
+            }
+        }
+    }
+
+    /// Forgets every block and empties the code cache.
+    pub fn flush(&mut self) {
+        self.region.flush();
+        self.table.clear();
+        self.blocks.clear();
+        self.stubs.clear();
+        self.stats.flushes += 1;
+    }
+
+    fn translate(&mut self, cpu: &mut Cpu, key: BlockKey, eip: u32) -> Entry {
+        let phys = key.0;
+        let page = phys & !(PAGE_SIZE - 1);
+        if !matches!(cpu.mmu.phys.kind(phys), PhysKind::Ram | PhysKind::Rom) {
+            // Code in MMIO (or nowhere) is not cached: the interpreter fetches it anew.
+            return Entry::Interp(Mnemonic::INVALID);
+        }
+        let mut bytes = vec![0u8; (page + PAGE_SIZE - phys) as usize];
+        cpu.mmu.phys.read(phys, &mut bytes);
+        // Writes to this page now take the MMU's slow path and are reported.
+        cpu.mmu.mark_code(phys);
+        let plan = match plan_block(&bytes, eip) {
+            Ok(p) => p,
+            Err(m) => {
+                let e = Entry::Interp(m.unwrap_or(Mnemonic::INVALID));
+                self.table.insert(key, e, &[page]);
+                return e;
+            }
+        };
+        if self.region.free() < BLOCK_RESERVE {
+            self.flush();
+        }
+        // Exit stubs: chainable when the target lies in the block's own page.
+        let same_page = |t: u32| t as u64 / PAGE_SIZE == eip as u64 / PAGE_SIZE;
+        let targets: Vec<(u32, bool)> = match plan.term {
+            Term::Fall { next, chainable } => vec![(next, chainable && same_page(next))],
+            Term::Jmp { target } => vec![(target, same_page(target))],
+            Term::Jcc { target, next, .. } => {
+                vec![(next, same_page(next)), (target, same_page(target))]
+            }
+            Term::JmpReg { .. } => Vec::new(),
+        };
+        let mut ids = Vec::new();
+        let mut next_id = self.stubs.len() as u64;
+        for &(_, chain) in &targets {
+            if chain {
+                ids.push(next_id);
+                next_id += 1;
+            } else {
+                ids.push(NO_CHAIN);
+            }
+        }
+        let base = self.region.next_addr();
+        let Some(em) = emit::emit_block(&plan, base, &ids, self.exit_addr) else {
+            log::error!("jit: cannot assemble block at {eip:#x}; interpreting");
+            let e = Entry::Interp(Mnemonic::INVALID);
+            return e;
+        };
+        let Some(at) = self.region.push(&em.code) else {
+            // BLOCK_RESERVE exceeds any block, so this only happens for a tiny cache.
+            log::error!("jit: block at {eip:#x} does not fit the code cache; interpreting");
+            return Entry::Interp(Mnemonic::INVALID);
+        };
+        debug_assert_eq!(at, base);
+        let b = self.blocks.len() as u32;
+        for (k, &(target, _)) in targets.iter().enumerate() {
+            if ids[k] != NO_CHAIN {
+                self.stubs.push(Stub {
+                    block: b,
+                    addr: at + em.stubs[k],
+                    target,
+                    chained: false,
+                });
+            }
+        }
+        self.blocks.push(Block {
+            key,
+            eip,
+            start: at,
+            len: em.code.len(),
+            entry: at + em.entry,
+            reentry: at + em.reentry,
+            insns: plan.insns.iter().map(|g| g.instr).collect(),
+            ranges: em.ranges.iter().map(|&(s, e)| (at + s, at + e)).collect(),
+            undefined: plan.undefined_at_exit,
+            valid: true,
+        });
+        self.stats.translated += 1;
+        let e = Entry::Native(b);
+        self.table.insert(key, e, &[page]);
+        if self.dump_blocks {
+            eprint!("{}", self.listing(b as usize));
+        }
+        e
+    }
+
+    /// The listing of the block at (`phys`, `mode`): guest instructions, each followed
+    /// by the host code made from it.
+    pub fn dump_block(&self, phys: u64, mode: u8) -> Option<String> {
+        match self.table.get((phys, mode))? {
+            Entry::Native(b) => Some(self.listing(b as usize)),
+            Entry::Interp(m) => Some(format!("{phys:#x}: interpreted ({m:?})\n")),
+        }
+    }
+
+    fn listing(&self, b: usize) -> String {
+        let bl = &self.blocks[b];
+        let mut out = String::new();
+        let mut fmt = IntelFormatter::new();
+        let _ = writeln!(
+            out,
+            "block phys {:#x} mode {} eip {:#010x}: {} guest instructions, {} host bytes",
+            bl.key.0,
+            bl.key.1,
+            bl.eip,
+            bl.insns.len(),
+            bl.len
+        );
+        let host = |out: &mut String, fmt: &mut IntelFormatter, from: usize, to: usize| {
+            let Some(bytes) = self.region.bytes(from, to - from) else {
+                return;
+            };
+            let mut d = Decoder::with_ip(64, bytes, from as u64, DecoderOptions::NONE);
+            for i in d.iter() {
+                let mut t = String::new();
+                fmt.format(&i, &mut t);
+                let _ = writeln!(out, "        {:6x}  {t}", i.ip() as usize - bl.start);
+            }
+        };
+        let entry_end = bl.ranges.first().map_or(bl.reentry, |r| r.0);
+        let _ = writeln!(out, "  (entry: budget check, instruction count)");
+        host(&mut out, &mut fmt, bl.entry, entry_end);
+        let mut last_end = entry_end;
+        for (i, &(s, e)) in bl.insns.iter().zip(bl.ranges.iter()) {
+            let mut t = String::new();
+            fmt.format(i, &mut t);
+            let _ = writeln!(out, "  {:08x}  {t}", i.ip32());
+            host(&mut out, &mut fmt, s, e);
+            last_end = e;
+        }
+        if last_end < bl.reentry {
+            let _ = writeln!(out, "  (exit stubs)");
+            host(&mut out, &mut fmt, last_end, bl.reentry);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

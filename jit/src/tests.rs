@@ -1,0 +1,750 @@
+//! The interpreter is the oracle: random register-only programs (with forward branches
+//! and a few interpreted memory instructions mixed in) run under the JIT and under the
+//! interpreter from identical states must end in identical registers, EIP, defined
+//! flags and memory. Plus self-modifying code, a full code cache, lock-step mode and
+//! jumps through registers.
+
+use super::*;
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, InstructionBlock, MemoryOperand, Register,
+};
+use morph86_cpu::state::*;
+use morph86_cpu::Segment;
+use morph86_mmu::{Mmu, PhysMem};
+
+const CODE: u64 = 0x10000;
+const DATA: u64 = 0x8000;
+
+/// A flat 32-bit protected-mode machine at CPL 0, paging off, interrupts off.
+fn machine() -> Cpu {
+    let mut cpu = Cpu::new(Mmu::new(PhysMem::new(4 << 20).unwrap()));
+    cpu.s.cr0 |= CR0_PE;
+    let flat = |attrs: u32, selector: u16| Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
+        selector,
+    };
+    for s in SegReg::ALL {
+        cpu.s.seg[s as usize] = flat(0, 0x10);
+    }
+    cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
+    cpu.s.cpl = 0;
+    cpu.sync_paging();
+    cpu
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())]
+    }
+}
+
+const R32: [Register; 8] = [
+    Register::EAX,
+    Register::ECX,
+    Register::EDX,
+    Register::EBX,
+    Register::ESP,
+    Register::EBP,
+    Register::ESI,
+    Register::EDI,
+];
+const R16: [Register; 8] = [
+    Register::AX,
+    Register::CX,
+    Register::DX,
+    Register::BX,
+    Register::SP,
+    Register::BP,
+    Register::SI,
+    Register::DI,
+];
+const R8: [Register; 8] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::AH,
+    Register::CH,
+    Register::DH,
+    Register::BH,
+];
+
+/// One random instruction (no branches).
+fn random_insn(r: &mut Rng) -> Instruction {
+    use Code::*;
+    let r32 = |r: &mut Rng| r.pick(&R32);
+    let r16 = |r: &mut Rng| r.pick(&R16);
+    let r8 = |r: &mut Rng| r.pick(&R8);
+    let imm = |r: &mut Rng| -> u32 {
+        match r.below(4) {
+            0 => r.below(4) as u32,
+            1 => 0x7fff_ffff + r.below(3) as u32,
+            2 => 0xffff_ffff - r.below(2) as u32,
+            _ => r.next() as u32,
+        }
+    };
+    let cmov = [
+        Cmovo_r32_rm32,
+        Cmovno_r32_rm32,
+        Cmovb_r32_rm32,
+        Cmovae_r32_rm32,
+        Cmove_r32_rm32,
+        Cmovne_r32_rm32,
+        Cmovbe_r32_rm32,
+        Cmova_r32_rm32,
+        Cmovs_r32_rm32,
+        Cmovns_r32_rm32,
+        Cmovp_r32_rm32,
+        Cmovnp_r32_rm32,
+        Cmovl_r32_rm32,
+        Cmovge_r32_rm32,
+        Cmovle_r32_rm32,
+        Cmovg_r32_rm32,
+    ];
+    let setcc = [
+        Seto_rm8, Setno_rm8, Setb_rm8, Setae_rm8, Sete_rm8, Setne_rm8, Setbe_rm8, Seta_rm8,
+        Sets_rm8, Setns_rm8, Setp_rm8, Setnp_rm8, Setl_rm8, Setge_rm8, Setle_rm8, Setg_rm8,
+    ];
+    let i = match r.below(17) {
+        0..=2 => {
+            let c = r.pick(&[
+                Add_rm32_r32,
+                Or_rm32_r32,
+                Adc_rm32_r32,
+                Sbb_rm32_r32,
+                And_rm32_r32,
+                Sub_rm32_r32,
+                Xor_rm32_r32,
+                Cmp_rm32_r32,
+                Test_rm32_r32,
+                Mov_rm32_r32,
+                Xchg_rm32_r32,
+                Imul_r32_rm32,
+                Bt_rm32_r32,
+                Bts_rm32_r32,
+                Btr_rm32_r32,
+                Btc_rm32_r32,
+                Bsf_r32_rm32,
+                Bsr_r32_rm32,
+                Xadd_rm32_r32,
+                Cmpxchg_rm32_r32,
+                Add_r32_rm32,
+                Sub_r32_rm32,
+            ]);
+            Instruction::with2(c, r32(r), r32(r))
+        }
+        3 => Instruction::with2(r.pick(&cmov), r32(r), r32(r)),
+        4 => {
+            let c = r.pick(&[
+                Add_rm16_r16,
+                Sub_rm16_r16,
+                Adc_rm16_r16,
+                Xor_rm16_r16,
+                Mov_rm16_r16,
+                Cmp_rm16_r16,
+                Imul_r16_rm16,
+                Xchg_rm16_r16,
+                Cmovb_r16_rm16,
+                Bsr_r16_rm16,
+            ]);
+            Instruction::with2(c, r16(r), r16(r))
+        }
+        5 => {
+            let c = r.pick(&[
+                Add_rm8_r8,
+                Sub_rm8_r8,
+                Adc_rm8_r8,
+                Sbb_rm8_r8,
+                And_rm8_r8,
+                Or_rm8_r8,
+                Xor_rm8_r8,
+                Cmp_rm8_r8,
+                Test_rm8_r8,
+                Mov_rm8_r8,
+                Xchg_rm8_r8,
+            ]);
+            Instruction::with2(c, r8(r), r8(r))
+        }
+        6 => match r.below(5) {
+            0 => Instruction::with2(Movzx_r32_rm8, r32(r), r8(r)),
+            1 => Instruction::with2(Movsx_r32_rm8, r32(r), r8(r)),
+            2 => Instruction::with2(Movzx_r32_rm16, r32(r), r16(r)),
+            3 => Instruction::with2(Movsx_r32_rm16, r32(r), r16(r)),
+            _ => Instruction::with2(Movzx_r16_rm8, r16(r), r8(r)),
+        },
+        7 => {
+            let c = r.pick(&[
+                Add_rm32_imm32,
+                Or_rm32_imm32,
+                Adc_rm32_imm32,
+                Sbb_rm32_imm32,
+                And_rm32_imm32,
+                Sub_rm32_imm32,
+                Xor_rm32_imm32,
+                Cmp_rm32_imm32,
+                Test_rm32_imm32,
+                Mov_r32_imm32,
+                Mov_rm32_imm32,
+            ]);
+            Instruction::with2(c, r32(r), imm(r))
+        }
+        8 => {
+            let c = r.pick(&[
+                Rol_rm32_imm8,
+                Ror_rm32_imm8,
+                Rcl_rm32_imm8,
+                Rcr_rm32_imm8,
+                Shl_rm32_imm8,
+                Shr_rm32_imm8,
+                Sar_rm32_imm8,
+                Bt_rm32_imm8,
+                Bts_rm32_imm8,
+                Add_rm32_imm8,
+                Sub_rm32_imm8,
+            ]);
+            let v = r.below(40) as i32;
+            if matches!(c, Add_rm32_imm8 | Sub_rm32_imm8) {
+                Instruction::with2(c, r32(r), v - 20)
+            } else {
+                Instruction::with2(c, r32(r), v)
+            }
+        }
+        9 => match r.below(6) {
+            0 => Instruction::with3(Imul_r32_rm32_imm32, r32(r), r32(r), imm(r)),
+            1 => Instruction::with3(
+                Imul_r32_rm32_imm8,
+                r32(r),
+                r32(r),
+                r.below(256) as i32 - 128,
+            ),
+            2 => Instruction::with3(Shld_rm32_r32_imm8, r32(r), r32(r), r.below(34) as i32),
+            3 => Instruction::with3(Shrd_rm32_r32_imm8, r32(r), r32(r), r.below(34) as i32),
+            // (16-bit double shifts by more than 16 leave the result undefined.)
+            4 => Instruction::with3(Shrd_rm16_r16_imm8, r16(r), r16(r), r.below(17) as i32),
+            _ => Instruction::with2(Rcr_rm16_imm8, r16(r), r.below(20) as i32),
+        },
+        10 => {
+            let c = r.pick(&[
+                Rol_rm32_CL,
+                Ror_rm32_CL,
+                Rcl_rm32_CL,
+                Rcr_rm32_CL,
+                Shl_rm32_CL,
+                Shr_rm32_CL,
+                Sar_rm32_CL,
+            ]);
+            if r.below(2) == 0 {
+                Instruction::with2(c, r32(r), Register::CL)
+            } else {
+                let c1 = r.pick(&[Shl_rm32_1, Sar_rm32_1, Rcl_rm32_1, Ror_rm32_1]);
+                Instruction::with2(c1, r32(r), 1)
+            }
+        }
+        11 => {
+            let c = r.pick(&[
+                Rcl_rm8_CL,
+                Shl_rm8_imm8,
+                Sar_rm8_CL,
+                Rol_rm8_imm8,
+                Rcr_rm8_imm8,
+            ]);
+            if matches!(c, Rcl_rm8_CL | Sar_rm8_CL) {
+                Instruction::with2(c, r8(r), Register::CL)
+            } else {
+                Instruction::with2(c, r8(r), r.below(20) as i32)
+            }
+        }
+        12 => {
+            let c = r.pick(&[
+                Inc_r32, Dec_r32, Inc_rm32, Dec_rm32, Neg_rm32, Not_rm32, Mul_rm32, Imul_rm32,
+                Bswap_r32, Inc_r16, Neg_rm16, Mul_rm16,
+            ]);
+            let reg = if matches!(c, Inc_r16 | Neg_rm16 | Mul_rm16) {
+                r16(r)
+            } else {
+                r32(r)
+            };
+            Instruction::with1(c, reg)
+        }
+        13 => {
+            let c = r.pick(&[Inc_rm8, Neg_rm8, Mul_rm8, Not_rm8]);
+            if r.below(2) == 0 {
+                Instruction::with1(c, r8(r))
+            } else {
+                Instruction::with1(r.pick(&setcc), r8(r))
+            }
+        }
+        14 => Ok(Instruction::with(r.pick(&[
+            Cdq, Cwde, Cbw, Cwd, Clc, Stc, Cmc, Sahf, Lahf, Nopd, Std, Cld,
+        ]))),
+        15 => {
+            let base = if r.below(4) == 0 {
+                Register::None
+            } else {
+                r32(r)
+            };
+            let index = if r.below(2) == 0 {
+                Register::None
+            } else {
+                r.pick(&[
+                    Register::EAX,
+                    Register::ECX,
+                    Register::EDX,
+                    Register::EBX,
+                    Register::EBP,
+                    Register::ESI,
+                    Register::EDI,
+                ])
+            };
+            let scale = r.pick(&[1, 2, 4, 8]);
+            let disp = match r.below(3) {
+                0 => 0,
+                1 => r.below(256) as i64 - 128,
+                _ => r.next() as i32 as i64,
+            };
+            let m = MemoryOperand::with_base_index_scale_displ_size(base, index, scale, disp, 4);
+            if r.below(5) == 0 {
+                Instruction::with2(Lea_r16_m, r16(r), m)
+            } else {
+                Instruction::with2(Lea_r32_m, r32(r), m)
+            }
+        }
+        _ => {
+            // Interpreted: memory at fixed addresses in the data area.
+            let a = DATA + 4 * r.below(16) as u64;
+            let m = MemoryOperand::with_base_displ_size(Register::None, a as i64, 4);
+            match r.below(4) {
+                0 => Instruction::with2(Mov_rm32_r32, m, r32(r)),
+                1 => Instruction::with2(Mov_r32_rm32, r32(r), m),
+                2 => Instruction::with2(Add_rm32_r32, m, r32(r)),
+                _ => Instruction::with2(Sub_r32_rm32, r32(r), m),
+            }
+        }
+    };
+    i.unwrap()
+}
+
+/// A random program of straight-line code with forward branches, ending in HLT.
+/// Returns the code and the arithmetic flags possibly undefined at the HLT.
+fn random_program(r: &mut Rng, rip: u64) -> (Vec<u8>, u32) {
+    let n = 4 + r.below(60);
+    let fake = |k: usize| 0x100_0000 + 16 * k as u64;
+    let mut insns: Vec<Instruction> = Vec::new();
+    let mut merge = vec![0u32; n + 1];
+    let mut und = 0u32;
+    let mut k = 0;
+    while k < n {
+        und |= merge[k];
+        let mut i = if r.below(8) == 0 && k + 1 < n {
+            let target = fake(k + 1 + r.below(n - k));
+            let c = if r.below(4) == 0 {
+                Code::Jmp_rel32_32
+            } else {
+                r.pick(&[
+                    Code::Je_rel32_32,
+                    Code::Jne_rel32_32,
+                    Code::Jb_rel32_32,
+                    Code::Jae_rel32_32,
+                    Code::Jl_rel32_32,
+                    Code::Jge_rel32_32,
+                    Code::Jle_rel32_32,
+                    Code::Jg_rel32_32,
+                    Code::Js_rel32_32,
+                    Code::Jo_rel32_32,
+                    Code::Jp_rel32_32,
+                    Code::Jbe_rel32_32,
+                ])
+            };
+            Instruction::with_branch(c, target).unwrap()
+        } else {
+            random_insn(r)
+        };
+        let read = translate::rflags_to_eflags(i.rflags_read());
+        if read & und != 0 {
+            continue; // would read an undefined flag: pick another
+        }
+        i.set_ip(fake(k));
+        if i.is_jcc_short_or_near() || i.is_jmp_short_or_near() {
+            let t = ((i.near_branch_target() - fake(0)) / 16) as usize;
+            merge[t] |= und;
+        }
+        let defined =
+            translate::rflags_to_eflags(i.rflags_written() | i.rflags_cleared() | i.rflags_set());
+        let undefined = translate::rflags_to_eflags(i.rflags_undefined());
+        if matches!(
+            i.mnemonic(),
+            Mnemonic::Shl
+                | Mnemonic::Shr
+                | Mnemonic::Sar
+                | Mnemonic::Rol
+                | Mnemonic::Ror
+                | Mnemonic::Rcl
+                | Mnemonic::Rcr
+                | Mnemonic::Shld
+                | Mnemonic::Shrd
+        ) {
+            und |= undefined;
+        } else {
+            und = (und & !defined) | undefined;
+        }
+        insns.push(i);
+        k += 1;
+    }
+    und |= merge[n];
+    let mut hlt = Instruction::with(Code::Hlt);
+    hlt.set_ip(fake(n));
+    insns.push(hlt);
+    let block = InstructionBlock::new(&insns, rip);
+    let res = BlockEncoder::encode(32, block, BlockEncoderOptions::NONE).unwrap();
+    (res.code_buffer, und)
+}
+
+fn set_initial(cpu: &mut Cpu, r: &mut Rng, rip: u64) {
+    for g in 0..8 {
+        cpu.s.gpr[g] = r.next() as u32 as u64;
+    }
+    cpu.s.set_eflags(FLAG_1 | (r.next() as u32 & ARITH_FLAGS));
+    cpu.s.rip = rip;
+    cpu.s.halted = false;
+}
+
+fn compare(a: &Cpu, b: &Cpu, und: u32) -> Result<(), String> {
+    for g in 0..8 {
+        if a.s.gpr[g] as u32 != b.s.gpr[g] as u32 {
+            return Err(format!(
+                "gpr {g}: jit {:#x} interp {:#x}",
+                a.s.gpr[g] as u32, b.s.gpr[g] as u32
+            ));
+        }
+    }
+    if a.s.rip as u32 != b.s.rip as u32 {
+        return Err(format!("eip: jit {:#x} interp {:#x}", a.s.rip, b.s.rip));
+    }
+    if (a.s.eflags() ^ b.s.eflags()) & !und != 0 {
+        return Err(format!(
+            "eflags: jit {:#x} interp {:#x} (undefined {und:#x})",
+            a.s.eflags(),
+            b.s.eflags()
+        ));
+    }
+    let (ma, mb) = (
+        &a.mmu.phys.ram()[DATA as usize..DATA as usize + 64],
+        &b.mmu.phys.ram()[DATA as usize..DATA as usize + 64],
+    );
+    if ma != mb {
+        return Err("data memory differs".into());
+    }
+    Ok(())
+}
+
+fn disasm(code: &[u8], rip: u64) -> String {
+    let mut out = String::new();
+    let mut f = IntelFormatter::new();
+    for i in Decoder::with_ip(32, code, rip, DecoderOptions::NONE).iter() {
+        let mut t = String::new();
+        f.format(&i, &mut t);
+        let _ = writeln!(out, "  {:08x} {t}", i.ip());
+    }
+    out
+}
+
+#[test]
+fn random_register_programs_match_the_interpreter() {
+    let mut r = Rng(0x6d6f_7270_6838_3621);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = machine();
+    let mut icpu = machine();
+    let mut native = 0;
+    for case in 0..3000 {
+        // A few code addresses, reused: rewriting code that has blocks exercises
+        // invalidation on every case.
+        let rip = CODE + 0x1000 * r.below(4) as u64 + r.below(64) as u64;
+        let (code, und) = random_program(&mut r, rip);
+        let mut data = [0u8; 64];
+        for b in data.iter_mut() {
+            *b = r.next() as u8;
+        }
+        let seed = r.next();
+        for cpu in [&mut jcpu, &mut icpu] {
+            cpu.mmu.phys.write(rip, &code);
+            cpu.mmu.phys.write(DATA, &data);
+            set_initial(cpu, &mut Rng(seed), rip);
+        }
+        let before = jit.stats.native_insns;
+        let ej = jit.run(&mut jcpu, 100_000);
+        let ei = icpu.run(100_000);
+        native += jit.stats.native_insns - before;
+        assert_eq!(ej, StepEvent::Halted, "case {case}: JIT did not reach HLT");
+        assert_eq!(
+            ei,
+            StepEvent::Halted,
+            "case {case}: interpreter did not reach HLT"
+        );
+        if let Err(e) = compare(&jcpu, &icpu, und) {
+            panic!("case {case}: {e}\nprogram:\n{}", disasm(&code, rip));
+        }
+    }
+    assert!(native > 30_000, "too few native instructions: {native}");
+    assert!(jit.stats.invalidated > 0);
+}
+
+#[test]
+fn lockstep_accepts_random_programs() {
+    let mut r = Rng(42);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    for case in 0..300 {
+        let rip = CODE + r.below(64) as u64;
+        let (code, _) = random_program(&mut r, rip);
+        cpu.mmu.phys.write(rip, &code);
+        set_initial(&mut cpu, &mut r, rip);
+        match jit.run_lockstep(&mut cpu, 100_000) {
+            Ok(ev) => assert_eq!(ev, StepEvent::Halted, "case {case}"),
+            Err(d) => panic!("case {case}: {d}"),
+        }
+    }
+}
+
+#[test]
+fn lockstep_reports_a_divergence() {
+    // Corrupt a translated block's host code on purpose: lock-step must notice.
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    // add eax, 1 ; jmp $ + 2 (to hlt) ; hlt
+    let code = [0x83, 0xc0, 0x01, 0xeb, 0x00, 0xf4];
+    cpu.mmu.phys.write(CODE, &code);
+    cpu.s.rip = CODE;
+    let key = (CODE, mode_bits(&cpu.s).unwrap());
+    let e = jit.translate(&mut cpu, key, CODE as u32);
+    let Entry::Native(b) = e else {
+        panic!("not translated")
+    };
+    // The first host instruction byte of `add eax, 1` (83 c0 01): make it add 2.
+    let (s, _) = jit.blocks[b as usize].ranges[0];
+    jit.region.patch(s + 2, &[0x02]);
+    let d = jit.run_lockstep(&mut cpu, 100).unwrap_err();
+    assert_eq!(d.jit.gpr[0] as u32, 2);
+    assert_eq!(d.interp.gpr[0] as u32, 1);
+    assert!(d
+        .to_string()
+        .contains("eax: jit 00000002 interp 00000001  <--"));
+}
+
+/// Runs `code` at `at` from EAX = ECX = 0 (plus `ecx`) under JIT and interpreter; returns
+/// both final EAX values and the JIT.
+fn run_both(pieces: &[(u64, &[u8])], start: u64, ecx: u32, cache: usize) -> (u32, u32, Jit) {
+    let mut jit = Jit::new(cache).unwrap();
+    let mut jcpu = machine();
+    let mut icpu = machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        for (at, code) in pieces {
+            cpu.mmu.phys.write(*at, code);
+        }
+        cpu.s.rip = start;
+        cpu.s.gpr[1] = ecx as u64;
+    }
+    assert_eq!(jit.run(&mut jcpu, 10_000_000), StepEvent::Halted);
+    assert_eq!(icpu.run(10_000_000), StepEvent::Halted);
+    (jcpu.s.gpr[0] as u32, icpu.s.gpr[0] as u32, jit)
+}
+
+#[test]
+fn smc_store_into_a_later_block_same_and_other_page() {
+    for b_at in [0x11100u64, 0x23100] {
+        // loop: jmp B ; B: add eax, 1 ; jmp C ; C: mov byte [B+2], 0x10 ; dec ecx ; jnz loop ; hlt
+        let mut a = Vec::new();
+        let jmp = |from: u64, to: u64| {
+            let rel = (to as i64 - (from as i64 + 5)) as i32;
+            let mut v = vec![0xe9];
+            v.extend_from_slice(&rel.to_le_bytes());
+            v
+        };
+        a.extend(jmp(0x11000, b_at));
+        let c_at = 0x11200u64;
+        let mut b = vec![0x83, 0xc0, 0x01];
+        b.extend(jmp(b_at + 3, c_at));
+        let mut c = vec![0xc6, 0x05];
+        c.extend_from_slice(&((b_at + 2) as u32).to_le_bytes());
+        c.push(0x10);
+        c.push(0x49); // dec ecx
+        let rel = (0x11000i64 - (c_at as i64 + c.len() as i64 + 6)) as i32;
+        c.extend_from_slice(&[0x0f, 0x85]);
+        c.extend_from_slice(&rel.to_le_bytes());
+        c.push(0xf4);
+        let (j, i, jit) = run_both(
+            &[(0x11000, &a), (b_at, &b), (c_at, &c)],
+            0x11000,
+            3,
+            1 << 20,
+        );
+        assert_eq!(i, 1 + 16 + 16, "interpreter (hand-computed expectation)");
+        assert_eq!(j, i, "JIT, B at {b_at:#x}");
+        assert!(jit.stats.invalidated >= 1);
+    }
+}
+
+#[test]
+fn smc_block_overwrites_itself() {
+    // L: add eax, 5 ; mov byte [L+2], 7 ; dec ecx ; jnz L ; hlt
+    let l = 0x12005u64;
+    let mut c = vec![0x83, 0xc0, 0x05, 0xc6, 0x05];
+    c.extend_from_slice(&((l + 2) as u32).to_le_bytes());
+    c.push(0x07);
+    c.push(0x49);
+    let rel = (l as i64 - (l as i64 + c.len() as i64 + 6)) as i32;
+    c.extend_from_slice(&[0x0f, 0x85]);
+    c.extend_from_slice(&rel.to_le_bytes());
+    c.push(0xf4);
+    let (j, i, jit) = run_both(&[(l, &c)], l, 3, 1 << 20);
+    assert_eq!(i, 5 + 7 + 7);
+    assert_eq!(j, i);
+    assert!(jit.stats.invalidated >= 1);
+
+    // Straight-line: the store patches the very next instruction, inside a loop so the
+    // next instruction's block already exists the second time round.
+    // L: mov byte [M+1], cl ; M: mov eax, imm32 (B8 ..) ; add ebx, eax ; dec ecx ; jnz L ; hlt
+    let l = 0x13000u64;
+    let m = l + 6;
+    let mut c = vec![0x88, 0x0d];
+    c.extend_from_slice(&((m + 1) as u32).to_le_bytes());
+    c.extend_from_slice(&[0xb8, 0xff, 0, 0, 0, 0x01, 0xc3, 0x49]);
+    let rel = (l as i64 - (l as i64 + c.len() as i64 + 6)) as i32;
+    c.extend_from_slice(&[0x0f, 0x85]);
+    c.extend_from_slice(&rel.to_le_bytes());
+    c.push(0xf4);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(l, &c);
+    cpu.s.rip = l;
+    cpu.s.gpr[1] = 4;
+    assert_eq!(jit.run(&mut cpu, 1000), StepEvent::Halted);
+    // EAX takes CL = 4, 3, 2, 1 in turn: EBX = 10.
+    assert_eq!(cpu.s.gpr[3] as u32, 10);
+}
+
+#[test]
+fn code_cache_full_flushes_and_stays_correct() {
+    // 3000 blocks: add eax, k ; jmp next ; run twice (ECX = 2).
+    let n = 3000u64;
+    let base = 0x40000u64;
+    let mut code = Vec::new();
+    for k in 0..n {
+        code.push(0x05);
+        code.extend_from_slice(&(k as u32).to_le_bytes());
+        code.extend_from_slice(&[0xe9, 0, 0, 0, 0]); // jmp next (rel 0)
+    }
+    // dec ecx ; jnz base ; hlt
+    let end = base + code.len() as u64;
+    code.push(0x49);
+    let rel = (base as i64 - (end as i64 + 7)) as i32;
+    code.extend_from_slice(&[0x0f, 0x85]);
+    code.extend_from_slice(&rel.to_le_bytes());
+    code.push(0xf4);
+    let (j, i, jit) = run_both(&[(base, &code)], base, 2, 64 << 10);
+    assert_eq!(i as u64, 2 * (n * (n - 1) / 2));
+    assert_eq!(j, i);
+    assert!(jit.stats.flushes >= 2, "flushes: {}", jit.stats.flushes);
+    assert!(jit.cache_used() <= 64 << 10);
+}
+
+#[test]
+fn jump_through_register_and_chaining() {
+    // mov ebx, T ; jmp ebx ; (T:) add eax, ecx ; dec ecx ; jnz T ; hlt
+    let at = 0x14000u64;
+    let t = at + 7;
+    let mut c = vec![0xbb];
+    c.extend_from_slice(&(t as u32).to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xe3, 0x01, 0xc8, 0x49, 0x75, 0xfb, 0xf4]);
+    let (j, i, jit) = run_both(&[(at, &c)], at, 1000, 1 << 20);
+    assert_eq!(i, 1000 * 1001 / 2);
+    assert_eq!(j, i);
+    assert!(jit.stats.chained >= 1, "the loop's back edge is chained");
+    assert!(jit.stats.executed >= 1000);
+    let listing = jit.dump_block(t, 0).unwrap();
+    assert!(listing.contains("add eax,ecx"), "{listing}");
+}
+
+#[test]
+fn esp_lives_in_r8_and_flags_survive_fallbacks() {
+    // mov esp, 0x9000 ; add esp, -4 ; stc ; push eax (interpreted) ; adc ebx, 0 ; hlt
+    let c = [
+        0xbc, 0x00, 0x90, 0x00, 0x00, 0x83, 0xc4, 0xfc, 0xf9, 0x50, 0x83, 0xd3, 0x00, 0xf4,
+    ];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    cpu.s.gpr[0] = 0x1234_5678;
+    assert_eq!(jit.run(&mut cpu, 100), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[4] as u32, 0x8ff8);
+    assert_eq!(cpu.s.gpr[3] as u32, 1, "CF set natively, kept through PUSH");
+    let mut b = [0u8; 4];
+    cpu.mmu.phys.read(0x8ff8, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x1234_5678);
+    assert!(jit.stats.fallbacks.get(&Mnemonic::Push).copied() == Some(1));
+}
+
+#[test]
+fn real_mode_is_interpreted() {
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = Cpu::new(Mmu::new(PhysMem::new(2 << 20).unwrap()));
+    cpu.s.seg[SegReg::Cs as usize] = Segment::real(0);
+    cpu.s.rip = 0x7c00;
+    cpu.mmu.phys.write(0x7c00, &[0x40, 0x40, 0xf4]); // inc ax ; inc ax ; hlt
+    assert_eq!(jit.run(&mut cpu, 100), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u16, 2);
+    assert_eq!(jit.stats.translated, 0);
+}
+
+/// Guest loop speed, JIT against interpreter. `cargo test --release -p morph86-jit -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_guest_loop() {
+    // L: add eax, ecx ; xor edx, eax ; lea ebx, [ebx+eax*2+1] ; shl esi, 1 ; dec ecx ; jnz L ; hlt
+    let c = [
+        0x01, 0xc8, 0x31, 0xc2, 0x8d, 0x5c, 0x43, 0x01, 0xd1, 0xe6, 0x49, 0x75, 0xf2, 0xf4,
+    ];
+    let iters = 20_000_000u32;
+    let mut results = Vec::new();
+    for use_jit in [false, true] {
+        let mut jit = Jit::new(1 << 20).unwrap();
+        let mut cpu = machine();
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[1] = iters as u64;
+        let t = std::time::Instant::now();
+        let ev = if use_jit {
+            jit.run(&mut cpu, u64::MAX)
+        } else {
+            cpu.run(u64::MAX)
+        };
+        let dt = t.elapsed().as_secs_f64();
+        assert_eq!(ev, StepEvent::Halted);
+        let n = cpu.stats.instructions as f64;
+        println!(
+            "{}: {:.0} guest instructions in {:.3} s = {:.1} MIPS",
+            if use_jit { "jit" } else { "interp" },
+            n,
+            dt,
+            n / dt / 1e6
+        );
+        results.push(cpu.s.gpr[..8].to_vec());
+    }
+    assert_eq!(
+        results[0].iter().map(|&v| v as u32).collect::<Vec<_>>(),
+        results[1].iter().map(|&v| v as u32).collect::<Vec<_>>()
+    );
+}

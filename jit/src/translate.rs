@@ -1,0 +1,514 @@
+//! Decode stage: guest bytes → a block description (native body + how it ends).
+//!
+//! A block runs from a guest EIP to the first branch, the first instruction we do not
+//! translate, the end of the page, or [`MAX_BLOCK_INSNS`] instructions. Register-only
+//! integer instructions are translated *natively*: host and guest are both x86, so the
+//! guest instruction is re-encoded for x86-64 with the guest registers renamed to the
+//! host registers that hold them (see `emit.rs`), and the host computes exactly the
+//! guest's result and arithmetic flags in its own EFLAGS.
+
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderError, DecoderOptions, Encoder, Instruction, Mnemonic,
+    OpKind, Register, RflagsBits,
+};
+
+/// Most guest instructions in one block.
+pub const MAX_BLOCK_INSNS: usize = 64;
+
+/// How a block ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Term {
+    /// Falls through to `next` (the next instruction is not translated, or the block hit
+    /// its size or page limit).
+    Fall {
+        /// Guest EIP after the block.
+        next: u32,
+        /// Whether the next instruction is in the same page and may be translated
+        /// (a candidate for chaining).
+        chainable: bool,
+    },
+    /// JMP rel: continue at `target`.
+    Jmp {
+        /// Branch target.
+        target: u32,
+    },
+    /// Jcc rel: `cc` (0-15, the x86 encoding) taken → `target`, else `next`.
+    Jcc {
+        /// Condition (x86 encoding).
+        cc: u8,
+        /// Branch target.
+        target: u32,
+        /// Fall-through EIP.
+        next: u32,
+    },
+    /// JMP r32: continue at the guest register `reg` (0-7).
+    JmpReg {
+        /// Guest register number.
+        reg: u8,
+    },
+}
+
+/// One translated guest instruction.
+#[derive(Debug, Clone)]
+pub struct GuestInsn {
+    /// The decoded guest instruction.
+    pub instr: Instruction,
+    /// Host bytes (empty for a terminator).
+    pub host: Vec<u8>,
+}
+
+/// A decoded block, ready for emission.
+#[derive(Debug, Clone)]
+pub struct BlockPlan {
+    /// Guest EIP of the first instruction.
+    pub eip: u32,
+    /// The instructions (the last one may be the terminating branch).
+    pub insns: Vec<GuestInsn>,
+    /// How it ends.
+    pub term: Term,
+    /// Guest bytes covered (including a terminating branch).
+    pub guest_len: u32,
+    /// Mnemonic of the instruction that stopped the block, when that was an
+    /// untranslated instruction.
+    pub stopped_by: Option<Mnemonic>,
+    /// Arithmetic flags (EFLAGS bits) that may be architecturally undefined at block
+    /// exit (for lock-step comparison).
+    pub undefined_at_exit: u32,
+}
+
+impl BlockPlan {
+    /// Guest instructions the block retires when it runs (all of them: a block has no
+    /// early exits).
+    pub fn insn_count(&self) -> u32 {
+        self.insns.len() as u32
+    }
+}
+
+/// Converts iced `RflagsBits` to EFLAGS bits (arithmetic flags only).
+pub fn rflags_to_eflags(r: u32) -> u32 {
+    use morph86_cpu::state::{AF, CF, OF, PF, SF, ZF};
+    let mut f = 0;
+    for (bit, ef) in [
+        (RflagsBits::OF, OF),
+        (RflagsBits::SF, SF),
+        (RflagsBits::ZF, ZF),
+        (RflagsBits::AF, AF),
+        (RflagsBits::CF, CF),
+        (RflagsBits::PF, PF),
+    ] {
+        if r & bit != 0 {
+            f |= ef;
+        }
+    }
+    f
+}
+
+/// Whether a register is one a 32-bit guest may name in a native instruction
+/// (8/16/32-bit general-purpose registers).
+fn guest_gpr(r: Register) -> bool {
+    (r.is_gpr8() && r.number() < 8 && !matches!(r, Register::SPL | Register::BPL))
+        || (r.is_gpr16() && r.number() < 8)
+        || (r.is_gpr32() && r.number() < 8)
+}
+
+/// Host register for a guest register: identical except ESP → R8 (the host stack
+/// pointer stays the host's).
+fn host_reg(r: Register) -> Register {
+    match r {
+        Register::ESP => Register::R8D,
+        Register::SP => Register::R8W,
+        other => other,
+    }
+}
+
+/// Guest register number (0-7) of a 32-bit register.
+pub fn gpr32_index(r: Register) -> Option<u8> {
+    if r.is_gpr32() && r.number() < 8 {
+        Some(r.number() as u8)
+    } else {
+        None
+    }
+}
+
+fn native_mnemonic(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        Mov | Add
+            | Or
+            | Adc
+            | Sbb
+            | And
+            | Sub
+            | Xor
+            | Cmp
+            | Test
+            | Inc
+            | Dec
+            | Neg
+            | Not
+            | Lea
+            | Shl
+            | Sal
+            | Shr
+            | Sar
+            | Rol
+            | Ror
+            | Rcl
+            | Rcr
+            | Shld
+            | Shrd
+            | Movzx
+            | Movsx
+            | Xchg
+            | Xadd
+            | Cmpxchg
+            | Bswap
+            | Imul
+            | Mul
+            | Bt
+            | Bts
+            | Btr
+            | Btc
+            | Bsf
+            | Bsr
+            | Cbw
+            | Cwde
+            | Cwd
+            | Cdq
+            | Clc
+            | Stc
+            | Cmc
+            | Sahf
+            | Lahf
+            | Nop
+            | Seto
+            | Setno
+            | Setb
+            | Setae
+            | Sete
+            | Setne
+            | Setbe
+            | Seta
+            | Sets
+            | Setns
+            | Setp
+            | Setnp
+            | Setl
+            | Setge
+            | Setle
+            | Setg
+            | Cmovo
+            | Cmovno
+            | Cmovb
+            | Cmovae
+            | Cmove
+            | Cmovne
+            | Cmovbe
+            | Cmova
+            | Cmovs
+            | Cmovns
+            | Cmovp
+            | Cmovnp
+            | Cmovl
+            | Cmovge
+            | Cmovle
+            | Cmovg
+    )
+}
+
+/// The host bytes for a guest instruction if it is translated natively, else `None`.
+///
+/// `i` must come from a 32-bit decoder. The result is position independent.
+pub fn native_bytes(i: &Instruction) -> Option<Vec<u8>> {
+    if !native_mnemonic(i.mnemonic()) || i.has_lock_prefix() {
+        return None;
+    }
+    // 16-bit BSWAP is undefined; keep it in the interpreter.
+    if i.code() == Code::Bswap_r16 {
+        return None;
+    }
+    let mut h = *i;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if !guest_gpr(r) {
+                    return None;
+                }
+                h.set_op_register(n, host_reg(r));
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32 => {}
+            OpKind::Memory if i.mnemonic() == Mnemonic::Lea => {
+                // Address arithmetic only; 32-bit addressing (the host encodes it with
+                // an address-size prefix).
+                let (b, x) = (i.memory_base(), i.memory_index());
+                let ok = |r: Register| r == Register::None || gpr32_index(r).is_some();
+                if !ok(b) || !ok(x) || i.memory_displ_size() > 4 {
+                    return None;
+                }
+                if b == Register::None && x == Register::None {
+                    // LEA r, [disp32]: just a constant. Emit MOV r, imm.
+                    let d = i.memory_displacement32();
+                    let dst = i.op0_register();
+                    let mov = if dst.is_gpr32() {
+                        Instruction::with2(Code::Mov_r32_imm32, host_reg(dst), d).ok()?
+                    } else {
+                        Instruction::with2(Code::Mov_r16_imm16, host_reg(dst), d & 0xffff).ok()?
+                    };
+                    return encode64(&mov);
+                }
+                h.set_memory_base(host_reg(b));
+                h.set_memory_index(host_reg(x));
+                h.set_segment_prefix(Register::None);
+            }
+            _ => return None,
+        }
+    }
+    // Short INC/DEC (0x40-0x4f) are REX prefixes in 64-bit mode: use the ModRM forms.
+    match i.code() {
+        Code::Inc_r32 => h.set_code(Code::Inc_rm32),
+        Code::Dec_r32 => h.set_code(Code::Dec_rm32),
+        Code::Inc_r16 => h.set_code(Code::Inc_rm16),
+        Code::Dec_r16 => h.set_code(Code::Dec_rm16),
+        _ => {}
+    }
+    // Segment prefixes mean nothing for register operands; drop them.
+    if i.mnemonic() != Mnemonic::Lea {
+        h.set_segment_prefix(Register::None);
+    }
+    h.set_has_repe_prefix(false);
+    h.set_has_repne_prefix(false);
+    encode64(&h)
+}
+
+fn encode64(i: &Instruction) -> Option<Vec<u8>> {
+    let mut e = Encoder::new(64);
+    e.encode(i, 0).ok()?;
+    Some(e.take_buffer())
+}
+
+fn cc_of(c: ConditionCode) -> Option<u8> {
+    use ConditionCode as C;
+    Some(match c {
+        C::o => 0,
+        C::no => 1,
+        C::b => 2,
+        C::ae => 3,
+        C::e => 4,
+        C::ne => 5,
+        C::be => 6,
+        C::a => 7,
+        C::s => 8,
+        C::ns => 9,
+        C::p => 10,
+        C::np => 11,
+        C::l => 12,
+        C::ge => 13,
+        C::le => 14,
+        C::g => 15,
+        _ => return None,
+    })
+}
+
+/// Whether the instruction's flag effect depends on a run-time count (shifts and
+/// rotates leave the flags alone when the masked count is zero).
+fn count_dependent(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    matches!(
+        i.mnemonic(),
+        Shl | Sal | Shr | Sar | Rol | Ror | Rcl | Rcr | Shld | Shrd
+    )
+}
+
+/// Decodes the block starting at guest `eip` from `bytes` (the guest bytes from `eip` to
+/// the end of its page). Returns `None` when the first instruction is not translated
+/// (with its mnemonic, if it decoded).
+pub fn plan_block(bytes: &[u8], eip: u32) -> Result<BlockPlan, Option<Mnemonic>> {
+    let mut d = Decoder::with_ip(32, bytes, eip as u64, DecoderOptions::NONE);
+    let mut insns = Vec::new();
+    let mut undefined = 0u32;
+    let mut stopped_by = None;
+    let mut pos = eip;
+    let term;
+    loop {
+        if insns.len() >= MAX_BLOCK_INSNS {
+            term = Term::Fall {
+                next: pos,
+                chainable: true,
+            };
+            break;
+        }
+        if !d.can_decode() {
+            term = Term::Fall {
+                next: pos,
+                chainable: false,
+            };
+            break;
+        }
+        let i = d.decode();
+        if d.last_error() != DecoderError::None {
+            // Invalid, or runs into the next page: the interpreter decides.
+            term = Term::Fall {
+                next: pos,
+                chainable: false,
+            };
+            break;
+        }
+        let next = i.next_ip32();
+        let flags_und = rflags_to_eflags(i.rflags_undefined());
+        let flags_def = rflags_to_eflags(i.rflags_written() | i.rflags_cleared() | i.rflags_set());
+        let branch32 = i.op0_kind() == OpKind::NearBranch32;
+        if branch32 && (i.is_jcc_short_or_near() || i.is_jmp_short_or_near()) {
+            let target = i.near_branch32();
+            let t = if i.is_jmp_short_or_near() {
+                Term::Jmp { target }
+            } else {
+                match cc_of(i.condition_code()) {
+                    Some(cc) => Term::Jcc { cc, target, next },
+                    None => {
+                        stopped_by = Some(i.mnemonic());
+                        Term::Fall {
+                            next: pos,
+                            chainable: false,
+                        }
+                    }
+                }
+            };
+            if !matches!(t, Term::Fall { .. }) {
+                insns.push(GuestInsn {
+                    instr: i,
+                    host: Vec::new(),
+                });
+                pos = next;
+            }
+            term = t;
+            break;
+        }
+        if i.code() == Code::Jmp_rm32 && i.op0_kind() == OpKind::Register {
+            if let Some(reg) = gpr32_index(i.op0_register()) {
+                insns.push(GuestInsn {
+                    instr: i,
+                    host: Vec::new(),
+                });
+                pos = next;
+                term = Term::JmpReg { reg };
+                break;
+            }
+        }
+        match native_bytes(&i) {
+            Some(host) => {
+                if count_dependent(&i) {
+                    undefined |= flags_und;
+                } else {
+                    undefined = (undefined & !flags_def) | flags_und;
+                }
+                insns.push(GuestInsn { instr: i, host });
+                pos = next;
+            }
+            None => {
+                stopped_by = Some(i.mnemonic());
+                term = Term::Fall {
+                    next: pos,
+                    chainable: false,
+                };
+                break;
+            }
+        }
+    }
+    if insns.is_empty() {
+        return Err(stopped_by);
+    }
+    Ok(BlockPlan {
+        eip,
+        guest_len: pos.wrapping_sub(eip),
+        insns,
+        term,
+        stopped_by,
+        undefined_at_exit: undefined,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(bytes: &[u8]) -> Instruction {
+        Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE).decode()
+    }
+
+    fn host(bytes: &[u8]) -> Option<Vec<u8>> {
+        native_bytes(&dec(bytes))
+    }
+
+    #[test]
+    fn reencoding_renames_esp_and_fixes_short_inc() {
+        // add eax, ecx (01 c8) is the same in 64-bit mode.
+        assert_eq!(host(&[0x01, 0xc8]).unwrap(), vec![0x01, 0xc8]);
+        // inc eax (40) becomes inc eax (ff c0).
+        assert_eq!(host(&[0x40]).unwrap(), vec![0xff, 0xc0]);
+        // mov esp, ebx (89 dc) becomes mov r8d, ebx (41 89 d8).
+        assert_eq!(host(&[0x89, 0xdc]).unwrap(), vec![0x41, 0x89, 0xd8]);
+        // lea eax, [esp+ecx*4+8] (8d 44 8c 08) becomes lea eax, [r8d+ecx*4+8] (67 41 8d 44 88 08).
+        assert_eq!(
+            host(&[0x8d, 0x44, 0x8c, 0x08]).unwrap(),
+            vec![0x67, 0x41, 0x8d, 0x44, 0x88, 0x08]
+        );
+        // lea eax, [0x12345678] becomes mov eax, 0x12345678.
+        assert_eq!(
+            host(&[0x8d, 0x05, 0x78, 0x56, 0x34, 0x12]).unwrap(),
+            vec![0xb8, 0x78, 0x56, 0x34, 0x12]
+        );
+        // mov ah, bh stays (no REX).
+        assert_eq!(host(&[0x88, 0xfc]).unwrap(), vec![0x88, 0xfc]);
+    }
+
+    #[test]
+    fn memory_system_and_faulting_instructions_are_not_native() {
+        assert!(host(&[0x8b, 0x03]).is_none(), "mov eax, [ebx]");
+        assert!(host(&[0xf7, 0xf1]).is_none(), "div ecx can #DE");
+        assert!(host(&[0x8e, 0xd8]).is_none(), "mov ds, ax");
+        assert!(host(&[0x50]).is_none(), "push eax");
+        assert!(
+            host(&[0xf0, 0x01, 0xc8]).is_none(),
+            "lock add eax, ecx is #UD"
+        );
+        assert!(host(&[0x67, 0x8d, 0x00]).is_none(), "16-bit addressing LEA");
+    }
+
+    #[test]
+    fn blocks_end_at_branches_and_untranslated_instructions() {
+        // inc eax; add ecx, eax; jnz -5 ; (never reached)
+        let b = plan_block(&[0x40, 0x01, 0xc1, 0x75, 0xfb, 0x90], 0x1000).unwrap();
+        assert_eq!(b.insns.len(), 3);
+        assert_eq!(
+            b.term,
+            Term::Jcc {
+                cc: 5,
+                target: 0x1000,
+                next: 0x1005
+            }
+        );
+        // mov eax, 1; push eax
+        let b = plan_block(&[0xb8, 1, 0, 0, 0, 0x50], 0x2000).unwrap();
+        assert_eq!(
+            b.term,
+            Term::Fall {
+                next: 0x2005,
+                chainable: false
+            }
+        );
+        assert_eq!(b.stopped_by, Some(Mnemonic::Push));
+        assert_eq!(plan_block(&[0x50], 0).unwrap_err(), Some(Mnemonic::Push));
+        // An instruction cut by the page end is left to the interpreter.
+        let b = plan_block(&[0x40, 0xb8, 1, 0], 0x2ffc).unwrap();
+        assert_eq!(b.insns.len(), 1);
+        // jmp ebx
+        let b = plan_block(&[0xff, 0xe3], 0).unwrap();
+        assert_eq!(b.term, Term::JmpReg { reg: 3 });
+    }
+}
