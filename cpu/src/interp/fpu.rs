@@ -1803,3 +1803,127 @@ mod host_diff_reg {
         assert_eq!(bad, 0);
     }
 }
+
+/// End-to-end differential tests of stores to memory (ST(0) = a, ST(1) = b).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod host_diff_store {
+    use super::host_diff::{f80_operand, Rng};
+    use super::*;
+    use morph86_mmu::{Mmu, PhysMem};
+
+    const DATA: u64 = 0x2000;
+
+    macro_rules! store {
+        ($($name:ident: $insn:literal, [$($b:literal),+];)+) => {
+            $(
+                fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 48], u16) {
+                    let mut r = [0x5au8; 48];
+                    let mut sw = 0u16;
+                    // SAFETY: reads the operands, writes `r` (the store at 0, then two
+                    // 10-byte register dumps at 16 and 32) and `sw`; waiting instructions
+                    // run after FNCLEX; FNINIT leaves the x87 empty.
+                    unsafe {
+                        core::arch::asm!(
+                            "fninit",
+                            "fldcw ({cw})",
+                            "fldt ({b})",
+                            "fldt ({a})",
+                            $insn,
+                            "fnstsw ({sw})",
+                            "fnclex",
+                            "fstpt 16({r})",
+                            "fnclex",
+                            "fstpt 32({r})",
+                            "fninit",
+                            cw = in(reg) &cw,
+                            a = in(reg) a.as_ptr(),
+                            b = in(reg) b.as_ptr(),
+                            r = in(reg) r.as_mut_ptr(),
+                            sw = in(reg) &mut sw,
+                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                            options(att_syntax, nostack),
+                        );
+                    }
+                    (r, sw)
+                }
+            )+
+            const CASES: &[(&str, Host, &[u8])] = &[$((stringify!($name), $name, &[$($b),+])),+];
+        };
+    }
+
+    type Host = fn(&[u8; 10], &[u8; 10], u16) -> ([u8; 48], u16);
+
+    // Emulator encodings address [0x2040].
+    store! {
+        fst_m32: "fsts ({r})", [0xd9, 0x16, 0x40, 0x20];
+        fstp_m32: "fstps ({r})", [0xd9, 0x1e, 0x40, 0x20];
+        fst_m64: "fstl ({r})", [0xdd, 0x16, 0x40, 0x20];
+        fstp_m64: "fstpl ({r})", [0xdd, 0x1e, 0x40, 0x20];
+        fstp_m80: "fstpt ({r})", [0xdb, 0x3e, 0x40, 0x20];
+        fist_m16: "fists ({r})", [0xdf, 0x16, 0x40, 0x20];
+        fistp_m16: "fistps ({r})", [0xdf, 0x1e, 0x40, 0x20];
+        fist_m32: "fistl ({r})", [0xdb, 0x16, 0x40, 0x20];
+        fistp_m32: "fistpl ({r})", [0xdb, 0x1e, 0x40, 0x20];
+        fistp_m64: "fistpll ({r})", [0xdf, 0x3e, 0x40, 0x20];
+        fbstp: "fbstp ({r})", [0xdf, 0x36, 0x40, 0x20];
+        under_fstp_m32: "ffree %st(0)\n fstps ({r})", [0xdd, 0xc0, 0xd9, 0x1e, 0x40, 0x20];
+        under_fistp_m32: "ffree %st(0)\n fistpl ({r})", [0xdd, 0xc0, 0xdb, 0x1e, 0x40, 0x20];
+        under_fbstp: "ffree %st(0)\n fbstp ({r})", [0xdd, 0xc0, 0xdf, 0x36, 0x40, 0x20];
+        under_fstp_m80: "ffree %st(0)\n fstpt ({r})", [0xdd, 0xc0, 0xdb, 0x3e, 0x40, 0x20];
+    }
+
+    fn emu(c: &mut Cpu, op: &[u8], a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 48], u16) {
+        c.mmu.phys.write(DATA, a);
+        c.mmu.phys.write(DATA + 0x10, b);
+        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
+        c.mmu.phys.write(DATA + 0x40, &[0x5a; 48]);
+        let mut code = vec![
+            0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00, 0x20,
+        ];
+        code.extend_from_slice(op);
+        code.extend_from_slice(&[
+            0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x50, 0x20, 0xdb, 0xe2, 0xdb, 0x3e, 0x60, 0x20,
+        ]);
+        super::tests::run(c, &code).unwrap();
+        let mut r = [0u8; 48];
+        c.mmu.phys.read(DATA + 0x40, &mut r);
+        (r, c.s.gpr[0] as u16)
+    }
+
+    #[test]
+    fn stores_match_host() {
+        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
+        for s in 0..6 {
+            c.s.seg[s] = crate::state::Segment::real(0);
+        }
+        let mut r = Rng(0xabcd_0123);
+        let mut bad = 0;
+        for &(name, host, op) in CASES {
+            let mut ok = 0;
+            let n = 1000;
+            for k in 0..n {
+                let cw = [0x037f, 0x0f7f, 0x047f, 0x0b7f, 0x0340, 0x0040][k % 6];
+                let a = f80_operand(&mut r);
+                let b = f80_operand(&mut r);
+                let (hr, hsw) = host(&a, &b, cw);
+                let (er, esw) = emu(&mut c, op, &a, &b, cw);
+                if hr == er && hsw == esw {
+                    ok += 1;
+                } else if bad < 25 {
+                    bad += 1;
+                    eprintln!(
+                        "{name} cw={cw:04x} a={:x?} host={:02x?} {hsw:04x} emu={:02x?} {esw:04x}",
+                        f80_from_bytes(&a),
+                        &hr[..42],
+                        &er[..42]
+                    );
+                }
+            }
+            if ok != n {
+                eprintln!("{name}: {ok} / {n} bit-exact");
+            }
+        }
+        assert_eq!(bad, 0);
+    }
+}
