@@ -99,6 +99,11 @@ impl Cpu {
             let sc = &mut self.s.seg[s as usize];
             sc.selector = sel;
             sc.base = (sel as u64) << 4;
+            if sc.attrs & ATTR_UNUSABLE != 0 {
+                // A register nulled in protected mode becomes usable again (its limit,
+                // kept by the null load, stays).
+                sc.attrs = ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED;
+            }
             return Ok(());
         }
         if self.s.v86() {
@@ -228,14 +233,12 @@ impl Cpu {
         Ok(())
     }
 
-    /// Loads a null selector: the register becomes unusable.
+    /// Loads a null selector: the register becomes unusable (base and limit of the
+    /// hidden part stay, as on Intel CPUs).
     pub(crate) fn null_seg(&mut self, s: SegReg, sel: u16) {
-        self.s.seg[s as usize] = Segment {
-            base: 0,
-            limit: 0,
-            attrs: ATTR_UNUSABLE,
-            selector: sel,
-        };
+        let sc = &mut self.s.seg[s as usize];
+        sc.attrs = ATTR_UNUSABLE;
+        sc.selector = sel;
     }
 
     /// Commits CS (selector RPL forced to `cpl`) and CPL.
