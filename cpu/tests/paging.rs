@@ -7,7 +7,9 @@
 
 use morph86_cpu::state::*;
 use morph86_cpu::{Cpu, StepEvent};
-use morph86_mmu::paging::{PF_I, PF_P, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, PTE_XD};
+use morph86_mmu::paging::{
+    PF_I, PF_P, PF_RSVD, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, PTE_XD,
+};
 use morph86_mmu::{Mmu, PhysMem};
 
 const GDT: u64 = 0x1000;
@@ -49,10 +51,10 @@ impl Guest {
         let mut cpu = Cpu::new(Mmu::new(PhysMem::new(16 << 20).unwrap()));
         let gdt: [u64; 6] = [
             0,
-            0x00cf_9a00_0000_ffff, // ring-0 code
-            0x00cf_9200_0000_ffff, // ring-0 data
-            0x00cf_fa00_0000_ffff, // ring-3 code
-            0x00cf_f200_0000_ffff, // ring-3 data
+            0x00cf_9b00_0000_ffff, // ring-0 code (accessed)
+            0x00cf_9300_0000_ffff, // ring-0 data (accessed)
+            0x00cf_fb00_0000_ffff, // ring-3 code (accessed)
+            0x00cf_f200_0000_ffff, // ring-3 data (not yet accessed)
             0x0000_8b00_1800_0067, // busy 32-bit TSS at 0x1800
         ];
         for (k, d) in gdt.iter().enumerate() {
@@ -181,6 +183,45 @@ fn supervisor_read_of_not_present_page() {
     g.code(CODE, &[0xa1, 0x45, 0x23, 0x81, 0x00]);
     g.step();
     g.assert_pf(CODE, 0, 0x81_2345);
+}
+
+#[test]
+fn reserved_bit_in_a_4mib_pde_reports_rsvd() {
+    let mut g = Guest::new(0, CR4_PSE);
+    // PD[2]: a 4 MiB page with bit 21 (reserved) set.
+    g.cpu.mmu.phys.write(
+        PD + 8,
+        &(0x0080_0000u32 | URW as u32 | 1 << 7 | 1 << 21).to_le_bytes(),
+    );
+    g.code(CODE, &[0x89, 0x03]); // mov [ebx], eax
+    g.cpu.s.gpr[reg::RBX] = 0x0081_2344;
+    g.step();
+    g.assert_pf(CODE, PF_P | PF_RSVD | PF_W, 0x0081_2344);
+}
+
+/// Descriptor-table accesses are implicit supervisor accesses even at CPL 3 (SDM
+/// 4.6.1): no U/S check, and a fault reports U=0.
+#[test]
+fn implicit_supervisor_accesses_from_ring3() {
+    for wp in [false, true] {
+        let mut g = Guest::new(if wp { CR0_WP } else { 0 }, 0);
+        // The GDT page: supervisor-only and read-only.
+        g.pte(GDT, GDT | PTE_P);
+        g.user();
+        g.code(CODE, &[0x8e, 0xd8]); // mov ds, ax
+        g.cpu.s.gpr[reg::RAX] = SEL_DATA3 as u64;
+        g.step();
+        if wp {
+            // Setting the descriptor's accessed bit is a supervisor write.
+            g.assert_pf(CODE, PF_P | PF_W, GDT + 0x20 + 5); // access byte of entry 4
+        } else {
+            assert_eq!(g.cpu.s.rip, CODE + 2);
+            assert_eq!(g.cpu.s.seg[SegReg::Ds as usize].selector, SEL_DATA3);
+            let mut b = [0u8];
+            g.cpu.mmu.phys.read(GDT + 0x20 + 5, &mut b);
+            assert_eq!(b[0], 0xf3, "accessed bit set");
+        }
+    }
 }
 
 #[test]

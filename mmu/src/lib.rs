@@ -217,6 +217,7 @@ impl Mmu {
     /// Translates `linear` to a physical address for `acc` with user privilege `user`,
     /// walking the guest page tables (and setting A/D bits) on a TLB miss. The result
     /// has the A20 gate applied.
+    #[inline]
     pub fn translate(&mut self, linear: u64, acc: Access, user: bool) -> Result<u64, PageFault> {
         let linear = linear & LIN_MASK;
         self.sync_tlb();
