@@ -224,7 +224,7 @@ fn push_capped(q: &mut VecDeque<u8>, bytes: &[u8], who: &str) -> bool {
 }
 
 /// The PS/2 keyboard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Keyboard {
     out: VecDeque<u8>,
     scanning: bool,
@@ -356,7 +356,7 @@ impl Keyboard {
 }
 
 /// The PS/2 mouse.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Mouse {
     out: VecDeque<u8>,
     reporting: bool,
@@ -558,10 +558,24 @@ impl Mouse {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     Kbd,
     Aux,
+}
+
+/// Saved state of the controller and both devices (opaque).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    ram: [u8; 32],
+    outport: u8,
+    last_was_cmd: bool,
+    pending: Option<u8>,
+    obuf: Option<(u8, Source)>,
+    ctl_out: VecDeque<(u8, Source)>,
+    last_data: u8,
+    kbd: Keyboard,
+    mouse: Mouse,
 }
 
 /// The controller with its two devices.
@@ -615,6 +629,38 @@ impl I8042 {
         self.ctl_out.clear();
         self.kbd = Keyboard::new();
         self.mouse = Mouse::new();
+        self.update_irq();
+    }
+
+    /// Snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            ram: self.ram,
+            outport: self.outport,
+            last_was_cmd: self.last_was_cmd,
+            pending: self.pending,
+            obuf: self.obuf,
+            ctl_out: self.ctl_out.clone(),
+            last_data: self.last_data,
+            kbd: self.kbd.clone(),
+            mouse: self.mouse.clone(),
+        }
+    }
+
+    /// Restores a snapshot taken by [`I8042::save`].
+    pub fn restore(&mut self, s: &I8042State) {
+        self.ram = s.ram;
+        self.outport = s.outport;
+        self.last_was_cmd = s.last_was_cmd;
+        self.pending = s.pending;
+        self.obuf = s.obuf;
+        self.ctl_out = s.ctl_out.iter().copied().take(DEVICE_QUEUE_MAX).collect();
+        self.last_data = s.last_data;
+        self.kbd = s.kbd.clone();
+        self.mouse = s.mouse.clone();
+        self.kbd.set = self.kbd.set.clamp(1, 3);
+        self.kbd.out.truncate(DEVICE_QUEUE_MAX);
+        self.mouse.out.truncate(DEVICE_QUEUE_MAX);
         self.update_irq();
     }
 
@@ -1116,6 +1162,21 @@ mod tests {
         assert_eq!(r.status() & ST_OBF, 0, "aux interface disabled");
         r.cmd(CMD_AUX_ENABLE);
         assert_eq!(r.drain(), vec![0x08, 1, 0]);
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let mut r = Rig::new();
+        r.cmd(CMD_WRITE_RAM);
+        r.data(CB_SYS | CB_KBD_INT);
+        r.k.key_event(0x1e, true);
+        r.k.key_event(0x1e, false);
+        let json = serde_json::to_string(&r.k.save()).unwrap();
+        let mut s = Rig::new();
+        s.k.restore(&serde_json::from_str(&json).unwrap());
+        assert_eq!(s.drain(), vec![0x1c, 0xf0, 0x1c]);
+        s.cmd(CMD_READ_RAM);
+        assert_eq!(s.drain(), vec![CB_SYS | CB_KBD_INT]);
     }
 
     #[test]

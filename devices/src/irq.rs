@@ -49,6 +49,15 @@ impl Shared {
     }
 }
 
+/// Saved state of the interrupt controller.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IrqState {
+    /// The PIC pair.
+    pub pic: PicPair,
+    /// Per IRQ, the sources driving it high.
+    pub sources: [u32; NUM_IRQS],
+}
+
 /// The machine-facing side of the PIC pair (cheap to clone).
 #[derive(Clone)]
 pub struct InterruptController {
@@ -131,6 +140,24 @@ impl InterruptController {
                 g.pic.set_irq(irq as u8, true);
             }
         }
+        self.shared.publish(&g);
+    }
+
+    /// Snapshot: the PIC pair and the input levels.
+    pub fn save(&self) -> IrqState {
+        let g = lock(&self.shared.inner);
+        IrqState {
+            pic: g.pic.clone(),
+            sources: g.sources,
+        }
+    }
+
+    /// Restores a snapshot taken by [`InterruptController::save`] on an identically
+    /// built machine.
+    pub fn restore(&self, s: &IrqState) {
+        let mut g = lock(&self.shared.inner);
+        g.pic = s.pic.clone();
+        g.sources = s.sources;
         self.shared.publish(&g);
     }
 
@@ -278,6 +305,19 @@ mod tests {
         assert!(w.wait(Some(std::time::Duration::from_secs(5))));
         t.join().unwrap();
         assert!(c.pending());
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let c = InterruptController::new();
+        init(&c);
+        c.line(3).raise();
+        let s = c.save();
+        let json = serde_json::to_string(&s).unwrap();
+        let d = InterruptController::new();
+        d.restore(&serde_json::from_str(&json).unwrap());
+        assert!(d.pending());
+        assert_eq!(d.acknowledge(), 0x0b);
     }
 
     #[test]

@@ -342,6 +342,17 @@ pub enum PciError {
     },
 }
 
+/// Saved state of the PCI host.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PciState {
+    /// CONFIG_ADDRESS.
+    pub address: u32,
+    /// The reset control register.
+    pub reset_control: u8,
+    /// Configuration spaces by device/function number.
+    pub functions: Vec<(u8, Vec<u8>)>,
+}
+
 /// A function as shared between the host bridge and its owner.
 pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
 
@@ -381,6 +392,39 @@ impl PciHost {
         self.reset_control = 0;
         *lock(&self.host_bridge) = i440fx();
         *lock(&self.isa_bridge) = piix3_isa();
+    }
+
+    /// Snapshot: CONFIG_ADDRESS, reset control and the configuration space of every
+    /// function (devices with more state than their configuration space save it
+    /// themselves).
+    pub fn save(&self) -> PciState {
+        PciState {
+            address: self.address,
+            reset_control: self.reset_control,
+            functions: self
+                .functions
+                .iter()
+                .map(|(&devfn, f)| (devfn, lock(f).config().data.to_vec()))
+                .collect(),
+        }
+    }
+
+    /// Restores a snapshot taken by [`PciHost::save`] on an identically built bus.
+    pub fn restore(&mut self, s: &PciState) {
+        self.address = s.address & (CA_ENABLE | CA_BUS | CA_DEVFN | CA_REG);
+        self.reset_control = s.reset_control & (RC_SRST | RC_FULL);
+        for (devfn, data) in &s.functions {
+            match self.functions.get(devfn) {
+                Some(f) => {
+                    let mut f = lock(f);
+                    let cfg = f.config_mut();
+                    for (d, v) in cfg.data.iter_mut().zip(data) {
+                        *d = *v;
+                    }
+                }
+                None => log::warn!("pci: snapshot has a function at {devfn:#x} this bus lacks"),
+            }
+        }
     }
 
     /// The i440FX PAM registers 0x59-0x5f (BIOS shadowing attributes), for the machine.
@@ -642,6 +686,22 @@ mod tests {
         );
         assert!(h.add(32, 0, f.clone()).is_err());
         assert!(h.add(3, 0, f).is_ok());
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let (mut b, _, host) = bus();
+        b.io_write(0xcf8, 4, cfg_addr(1, 0, 0x60));
+        b.io_write(0xcfc, 4, 0x8009_0b0a);
+        let json = serde_json::to_string(&host.lock().unwrap().save()).unwrap();
+        let (mut c, _, host2) = bus();
+        host2
+            .lock()
+            .unwrap()
+            .restore(&serde_json::from_str(&json).unwrap());
+        assert_eq!(c.io_read(0xcf8, 4), cfg_addr(1, 0, 0x60));
+        assert_eq!(c.io_read(0xcfc, 4), 0x8009_0b0a);
+        assert_eq!(host2.lock().unwrap().pirq_route(0), Some(10));
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub const ELCR2_MASK: u8 = 0b1101_1110;
 /// The master input the slave's INT output is wired to.
 pub const CASCADE_IRQ: u8 = 2;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum InitStep {
     Ready,
     Icw2,
@@ -69,7 +69,7 @@ enum InitStep {
 }
 
 /// One 8259A.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Pic {
     irr: u8,
     isr: u8,
@@ -197,8 +197,9 @@ impl Pic {
             self.step = InitStep::Icw2;
             self.imr = 0;
             self.isr = 0;
+            // The edge sense is reset: an input must go low and high again to request.
+            // `lines` keeps the physical input levels, so a line held high stays quiet.
             self.irr = 0;
-            self.lines = 0;
             self.top = 0;
             self.special_mask = false;
             self.read_isr = false;
@@ -280,7 +281,7 @@ impl Pic {
 }
 
 /// The cascaded master/slave pair of a PC, with the ELCR.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PicPair {
     /// IRQ0-7.
     pub master: Pic,
@@ -651,6 +652,19 @@ mod tests {
         assert_eq!(inb(&mut p, 0x21), 0x00);
         p.set_irq(7, true);
         assert_eq!(p.acknowledge(), 0x57);
+    }
+
+    #[test]
+    fn icw1_resets_edge_sense_for_lines_held_high() {
+        let mut p = PicPair::new();
+        p.set_irq(3, true); // before initialisation: latched, then cleared by ICW1
+        init(&mut p, 0x01);
+        assert!(!p.intr());
+        p.set_irq(3, true); // still high: no edge
+        assert!(!p.intr());
+        p.set_irq(3, false);
+        p.set_irq(3, true);
+        assert!(p.intr());
     }
 
     #[test]

@@ -71,7 +71,7 @@ fn bin_to_bcd(v: u32) -> u16 {
         .sum()
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Channel {
     mode: u8,
     rw: u8,
@@ -121,6 +121,11 @@ impl Channel {
 
     /// (count, OUT) at tick `t`.
     fn state(&self, t: i64) -> (u32, bool) {
+        if self.rw == 0 {
+            // Never programmed: OUT is undefined at power-on; high avoids a phantom
+            // IRQ0 edge when the BIOS first selects a mode that starts with OUT high.
+            return (0, true);
+        }
         if !self.loaded {
             return (0, self.mode != 0);
         }
@@ -178,6 +183,15 @@ impl Channel {
             _ => start + n + 1,
         };
         (r > t).then_some(r)
+    }
+
+    /// Moves every tick stamp by `d`.
+    fn shift(&mut self, d: i64) {
+        self.start = self.start.saturating_add(d);
+        self.null_until = self.null_until.saturating_add(d);
+        if let Some((t, _)) = &mut self.pending {
+            *t = t.saturating_add(d);
+        }
     }
 
     /// Makes a due pending reload current.
@@ -364,6 +378,14 @@ impl Channel {
     }
 }
 
+/// Saved state of the timer (opaque; tick stamps relative to the save).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PitState {
+    channels: Vec<Channel>,
+    port61: u8,
+    irq_tick: i64,
+}
+
 /// The 8254 with its three channels and port 0x61.
 pub struct Pit {
     ch: [Channel; 3],
@@ -381,6 +403,10 @@ impl Pit {
         let mut ch: [Channel; 3] = Default::default();
         ch[0].gate = true;
         ch[1].gate = true;
+        // OUT of an unprogrammed counter reads high; drive IRQ0 to match from the start.
+        if let Some(l) = &irq0 {
+            l.raise();
+        }
         Pit {
             ch,
             clock,
@@ -388,6 +414,33 @@ impl Pit {
             irq_tick: 0,
             port61: 0,
         }
+    }
+
+    /// Snapshot. Tick stamps are saved relative to now, so a restore on another clock
+    /// continues where the save left off.
+    pub fn save(&self) -> PitState {
+        let now = self.tick();
+        let mut ch = self.ch.clone();
+        for c in &mut ch {
+            c.shift(-now);
+        }
+        PitState {
+            channels: ch.to_vec(),
+            port61: self.port61,
+            irq_tick: self.irq_tick - now,
+        }
+    }
+
+    /// Restores a snapshot taken by [`Pit::save`].
+    pub fn restore(&mut self, s: &PitState) {
+        let now = self.tick();
+        for (k, c) in s.channels.iter().take(3).enumerate() {
+            self.ch[k] = c.clone();
+            self.ch[k].shift(now);
+        }
+        self.port61 = s.port61;
+        self.irq_tick = s.irq_tick + now;
+        self.sync(now);
     }
 
     /// Power-on state (machine reset): channels unprogrammed, port 0x61 cleared.
@@ -400,7 +453,7 @@ impl Pit {
         self.port61 = 0;
         self.irq_tick = t;
         if let Some(l) = &self.irq0 {
-            l.lower();
+            l.raise(); // unprogrammed OUT reads high
         }
     }
 
@@ -541,13 +594,14 @@ mod tests {
         fn new() -> Self {
             let clock = ManualClock::new();
             let ic = InterruptController::new();
+            // As on a PC: the timer exists before the BIOS programs the PIC.
+            let pit = Pit::new(Arc::new(clock.clone()), Some(ic.line(0)));
             let ports = ic.ports();
             let mut p = ports.lock().unwrap();
             for (port, v) in [(0x20, 0x11), (0x21, 0x08), (0x21, 4), (0x21, 1), (0x21, 0)] {
                 p.write(port, &[v]);
             }
             drop(p);
-            let pit = Pit::new(Arc::new(clock.clone()), Some(ic.line(0)));
             Rig { clock, pit, ic }
         }
         fn out(&mut self, port: u16, v: u8) {
@@ -815,6 +869,21 @@ mod tests {
         assert_eq!(r.pit.speaker_hz(), Some(1000));
         r.out(0x61, 0);
         assert_eq!(r.pit.speaker_hz(), None);
+    }
+
+    #[test]
+    fn save_restore_continues_counting_on_another_clock() {
+        let mut r = Rig::new();
+        r.out(0x43, 0b0011_0100);
+        r.out(0x40, 100);
+        r.out(0x40, 0); // start 1
+        r.at(31);
+        let json = serde_json::to_string(&r.pit.save()).unwrap();
+        let mut s = Rig::new();
+        s.at(5000);
+        s.pit.restore(&serde_json::from_str(&json).unwrap());
+        assert_eq!(s.latch_read(0), 70);
+        assert_eq!(s.pit.next_deadline(), Some(ns(5000 + 70)));
     }
 
     #[test]

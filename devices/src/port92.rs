@@ -25,6 +25,16 @@ impl Port92 {
         Port92 { value: 0, ctl }
     }
 
+    /// Snapshot: the register value.
+    pub fn save(&self) -> u8 {
+        self.value
+    }
+
+    /// Restores the register value (A20 itself is machine state, restored there).
+    pub fn restore(&mut self, v: u8) {
+        self.value = v;
+    }
+
     /// Back to the power-on value (machine reset).
     pub fn reset(&mut self) {
         self.value = 0;

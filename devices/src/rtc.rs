@@ -191,6 +191,19 @@ fn from_bcd(v: u8) -> u32 {
     (v >> 4) as u32 * 10 + (v & 15) as u32
 }
 
+/// Saved state of the RTC and CMOS.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    /// The 128 CMOS bytes (clock registers included).
+    pub cmos: Vec<u8>,
+    /// The index register.
+    pub index: u8,
+    /// NMI mask bit of the index port.
+    pub nmi_disabled: bool,
+    /// The guest's time at the save, ns since the Unix epoch.
+    pub guest_ns: i64,
+}
+
 /// The RTC and CMOS RAM.
 pub struct Rtc {
     cmos: [u8; 128],
@@ -232,6 +245,30 @@ impl Rtc {
         r.fix_checksum();
         r.materialize(now);
         r
+    }
+
+    /// Snapshot.
+    pub fn save(&self) -> RtcState {
+        let now = self.clock.now_ns();
+        RtcState {
+            cmos: self.cmos.to_vec(),
+            index: self.index,
+            nmi_disabled: self.nmi_disabled,
+            guest_ns: self.guest_ns(now) as i64,
+        }
+    }
+
+    /// Restores a snapshot: the guest's clock continues from the saved time.
+    pub fn restore(&mut self, s: &RtcState) {
+        let now = self.clock.now_ns();
+        for (d, v) in self.cmos.iter_mut().zip(&s.cmos) {
+            *d = *v;
+        }
+        self.index = s.index & 0x7f;
+        self.nmi_disabled = s.nmi_disabled;
+        self.base_ns = s.guest_ns as i128 - now as i128;
+        self.last_ns = now;
+        self.update_irq();
     }
 
     /// The current host wall clock as Unix seconds (for [`Rtc::new`]).
@@ -834,6 +871,24 @@ mod tests {
         big.rtc.set_cmos(0x12, 0xf0);
         let sum: u16 = (0x10..=0x2d).map(|i| big.rd(i) as u16).sum();
         assert_eq!(u16::from_be_bytes([big.rd(0x2e), big.rd(0x2f)]), sum);
+    }
+
+    #[test]
+    fn save_restore_keeps_guest_time_and_cmos() {
+        let mut r = Rig::new(64 << 20);
+        r.wr(0x40, 0x77);
+        r.ms(1_000);
+        let json = serde_json::to_string(&r.rtc.save()).unwrap();
+        let mut s = Rig::new(8 << 20);
+        s.ms(123_456);
+        s.rtc.restore(&serde_json::from_str(&json).unwrap());
+        assert_eq!(s.rd(0x40), 0x77);
+        assert_eq!(s.rd(REG_SECONDS), 0x59);
+        assert_eq!(
+            s.rd(0x17),
+            r.rd(0x17),
+            "memory size comes from the snapshot"
+        );
     }
 
     #[test]

@@ -205,6 +205,24 @@ impl SerialInput {
     }
 }
 
+/// Saved registers of a UART (the back end and host input queue are not saved).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    dll: u8,
+    dlm: u8,
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+    scr: u8,
+    fifo: bool,
+    trigger: usize,
+    rx: Vec<u8>,
+    lsr_err: u8,
+    thre_pending: bool,
+    msr_delta: u8,
+    ext_lines: u8,
+}
+
 /// One 16550A.
 pub struct Uart {
     dll: u8,
@@ -280,6 +298,48 @@ impl Uart {
         self.lsr_err = 0;
         self.thre_pending = false;
         self.msr_delta = 0;
+        self.rx_activity = self.clock.now_ns();
+        self.update_irq();
+    }
+
+    /// Snapshot of the registers and receive FIFO.
+    pub fn save(&self) -> UartState {
+        UartState {
+            dll: self.dll,
+            dlm: self.dlm,
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            scr: self.scr,
+            fifo: self.fifo,
+            trigger: self.trigger,
+            rx: self.rx.iter().copied().collect(),
+            lsr_err: self.lsr_err,
+            thre_pending: self.thre_pending,
+            msr_delta: self.msr_delta,
+            ext_lines: self.ext_lines,
+        }
+    }
+
+    /// Restores a snapshot taken by [`Uart::save`].
+    pub fn restore(&mut self, s: &UartState) {
+        self.dll = s.dll;
+        self.dlm = s.dlm;
+        self.ier = s.ier & IER_MASK;
+        self.lcr = s.lcr;
+        self.mcr = s.mcr & MCR_MASK;
+        self.scr = s.scr;
+        self.fifo = s.fifo;
+        self.trigger = if [1, 4, 8, 14].contains(&s.trigger) {
+            s.trigger
+        } else {
+            1
+        };
+        self.rx = s.rx.iter().copied().take(FIFO_SIZE).collect();
+        self.lsr_err = s.lsr_err & LSR_ERRORS;
+        self.thre_pending = s.thre_pending;
+        self.msr_delta = s.msr_delta & 0x0f;
+        self.ext_lines = s.ext_lines & 0xf0;
         self.rx_activity = self.clock.now_ns();
         self.update_irq();
     }
@@ -807,6 +867,23 @@ mod tests {
         let inp = u.input();
         std::thread::spawn(move || inp.push(b"z")).join().unwrap();
         assert!(w.wait(Some(std::time::Duration::from_secs(5))));
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let mut r = Rig::new();
+        r.setup();
+        r.out(REG_SCR, 0x5a);
+        r.out(REG_IER, IER_ERBFI);
+        r.u.input().push(b"xy");
+        r.u.update();
+        let json = serde_json::to_string(&r.u.save()).unwrap();
+        let mut s = Rig::new();
+        s.u.restore(&serde_json::from_str(&json).unwrap());
+        assert_eq!(s.inb(REG_SCR), 0x5a);
+        assert_eq!(s.inb(REG_IIR_FCR) & IIR_FIFO, IIR_FIFO);
+        assert_eq!(s.inb(REG_DATA), b'x');
+        assert_eq!(s.inb(REG_DATA), b'y');
     }
 
     #[test]
