@@ -1,6 +1,6 @@
 //! A minimal static ELF32 (i386) executable, made at run time so the host side needs no
 //! 32-bit toolchain: one read/execute `PT_LOAD` for the code area (which also holds the
-//! headers) and one read/write zero-filled `PT_LOAD` for the scratch data. The entry
+//! headers; file-backed in full so none of it is writable) and one read/write zero-filled `PT_LOAD` for the scratch data. The entry
 //! point is an INT3: under `ptrace` the child stops at `execve` and never runs it.
 
 use super::{CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE};
@@ -23,8 +23,9 @@ const PF_W: u32 = 2;
 const PF_R: u32 = 4;
 /// Offset of the entry point in the file (and in the code area).
 pub const ENTRY_OFFSET: u32 = 0x80;
-/// File length: headers, then INT3 padding up to here.
-const FILE_LEN: usize = 0x100;
+/// File length: the whole code area is file-backed, so all of it is mapped read/execute
+/// (the zero-filled tail of a segment, like .bss, would be mapped writable).
+const FILE_LEN: usize = CODE_SIZE as usize;
 
 fn put16(b: &mut Vec<u8>, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());

@@ -180,7 +180,62 @@ impl Child {
             pid,
             &mut regs as *mut _ as *mut libc::c_void,
         )?;
-        Ok(Child { pid, mem, regs })
+        let mut c = Child { pid, mem, regs };
+        c.unmap_others()?;
+        Ok(c)
+    }
+
+    /// Unmaps everything but the code and data areas (the kernel's stack, vDSO and
+    /// vvar pages), so the host faults exactly where the interpreter's page tables do.
+    /// Each `munmap` runs in the child: `int 0x80; int3` placed in the code area.
+    fn unmap_others(&mut self) -> Result<(), String> {
+        /// i386 system call number of munmap.
+        const NR_MUNMAP_32: u64 = 91;
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
+            .map_err(|e| format!("maps: {e}"))?;
+        let mut ranges = Vec::new();
+        for line in maps.lines() {
+            let Some((a, b)) = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+            else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+                continue;
+            };
+            let ours = a >= CODE_BASE as u64 && b <= (DATA_BASE + DATA_SIZE) as u64;
+            if !ours && b <= 1 << 32 {
+                ranges.push((a, b));
+            }
+        }
+        let saved = self.regs;
+        self.write(CODE_BASE, &[0xcd, 0x80, 0xcc])?;
+        for (a, b) in ranges {
+            let mut r = saved;
+            r.rax = NR_MUNMAP_32;
+            r.rbx = a;
+            r.rcx = b - a;
+            r.rip = CODE_BASE as u64;
+            r.orig_rax = u64::MAX;
+            ptrace(
+                libc::PTRACE_SETREGS,
+                self.pid,
+                &mut r as *mut _ as *mut libc::c_void,
+            )?;
+            ptrace(libc::PTRACE_CONT, self.pid, std::ptr::null_mut())?;
+            let sig = wait_stop(self.pid)?;
+            self.getregs()?;
+            if sig != libc::SIGTRAP || self.regs.rax != 0 {
+                return Err(format!(
+                    "munmap {a:#x}-{b:#x} in the host child: signal {sig}, result {:#x}",
+                    self.regs.rax
+                ));
+            }
+        }
+        self.regs = saved;
+        Ok(())
     }
 
     fn getregs(&mut self) -> Result<(), String> {
