@@ -20,7 +20,7 @@ pub const PORT_DEBUGCON: u16 = 0xe9;
 /// POST code port.
 pub const PORT_POST: u16 = 0x80;
 /// Log target of POST codes.
-pub const POST_LOG_TARGET: &str = "morph86::post";
+pub const POST_LOG_TARGET: &str = "morph86_devices::debug::post";
 
 /// isa-debug-exit.
 pub struct DebugExit {

@@ -167,7 +167,8 @@ impl Channel {
         let r = match self.mode {
             0 | 1 => start + n,
             2 | 3 => {
-                if n == 1 && self.mode == 2 {
+                if n == 1 {
+                    // A count of 1 never lets OUT fall (mode 2) or stay low (mode 3).
                     return None;
                 }
                 // Rising edges at start + k*N, k >= 1.
