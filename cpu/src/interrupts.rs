@@ -16,6 +16,8 @@ pub struct EventState {
     /// The last instruction entered a handler (INT n, INT3, INTO, INT1) or switched
     /// tasks: its single-step trap is not taken.
     pub(crate) suppress_trap: bool,
+    /// The last instruction loaded EFLAGS from memory (IRET): RF keeps the loaded value.
+    pub(crate) flags_loaded: bool,
     /// An NMI is waiting to be delivered (see [`Cpu::nmi`]).
     pub nmi_pending: bool,
 }

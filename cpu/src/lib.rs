@@ -151,6 +151,7 @@ impl Cpu {
         let rf = self.s.eflags_raw & state::RF != 0;
         self.ev.inhibit_trap = false;
         self.ev.suppress_trap = false;
+        self.ev.flags_loaded = false;
         let r = match self.fetch_decode() {
             Ok(i) => self.execute(&i),
             Err(e) => Err(e),
@@ -158,7 +159,7 @@ impl Cpu {
         match r {
             Ok(()) => {
                 self.stats.instructions += 1;
-                if rf {
+                if rf && !self.ev.flags_loaded {
                     // RF lasts for one completed instruction (SDM vol. 3, 17.3.1.1).
                     self.s.eflags_raw &= !state::RF;
                 }

@@ -463,6 +463,7 @@ impl Cpu {
 
     /// IRET / IRETD.
     fn iret(&mut self, osize: u32) -> Res<()> {
+        self.ev.flags_loaded = true;
         if self.s.real() {
             return self.iret_real(osize, false);
         }
