@@ -342,7 +342,7 @@ impl Ctx {
         }
         if e > fmt.emax {
             self.flags |= OE;
-            if !self.masked(OE) && !(fmt.wrap && e - WRAP > fmt.emax) {
+            if !(self.masked(OE) || fmt.wrap && e - WRAP > fmt.emax) {
                 if !fmt.wrap {
                     return Rounded::None;
                 }

@@ -9,6 +9,10 @@
 use super::softfloat::{Ctx, Kind, DE, ZE};
 use super::F80;
 
+/// The result of FSIN/FCOS/FSINCOS/FPTAN when it is decided without computing: `None`
+/// out of range (C2), `Some(None)` nothing written, `Some(Some(..))` the values.
+type TrigOutcome = Option<Option<(F80, F80)>>;
+
 /// A wide working value: `m / 2^127 * 2^e`, `m` normalised (bit 127 set) or zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct W {
@@ -388,7 +392,7 @@ fn reduce_bits(x: F80, bits: u32) -> (W, u64) {
 impl Ctx {
     /// Specials and reduction shared by FSIN, FCOS, FSINCOS: `Ok((sin, cos))` in wide
     /// precision, or the decided outcome (see [`Ctx::sin_cos`]).
-    fn trig_w(&mut self, x: F80) -> Result<(W, W), Option<Option<(F80, F80)>>> {
+    fn trig_w(&mut self, x: F80) -> Result<(W, W), TrigOutcome> {
         if let Err(r) = self.screen1(x) {
             return Err(Some(r.map(|v| (v, v))));
         }

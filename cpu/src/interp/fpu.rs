@@ -1474,10 +1474,10 @@ mod host_diff {
             _ => (r.next() % 0x8000) as u16,
         };
         let mut mant = r.next() | 1 << 63;
-        if r.next() % 4 == 0 {
+        if r.next().is_multiple_of(4) {
             mant &= 0xffff_ff00_0000_0000 | 1 << 63;
         }
-        if exp == 0 && r.next() % 2 == 0 {
+        if exp == 0 && r.next().is_multiple_of(2) {
             mant &= !(1 << 63);
         }
         let sign = (r.next() & 1) as u16;
@@ -1490,7 +1490,7 @@ mod host_diff {
     fn mem_operand(r: &mut Rng, size: usize, float: bool) -> [u8; 10] {
         let mut b = [0u8; 10];
         let v = r.next();
-        let v = if float && r.next() % 3 == 0 {
+        let v = if float && r.next().is_multiple_of(3) {
             // exponent all ones or zero
             let top: u64 = if size == 4 { 0x7f80_0000 } else { 0x7ff0 << 48 };
             let v = if r.next() & 1 == 0 { v | top } else { v & !top };
