@@ -15,7 +15,8 @@
 //!    #SS with the selector as error code), an error code is pushed for an exception
 //!    delivered through a task gate, and EIP is checked against the CS limit.
 //!
-//! The TSS debug-trap bit (T) is not implemented.
+//! 7. a 32-bit TSS with its debug-trap bit (T) set raises #DB (DR6.BT) before the new
+//!    task's first instruction.
 
 use crate::descriptor::*;
 use crate::exception::{Exception, Res};
@@ -42,6 +43,9 @@ const T32_EFLAGS: u64 = 0x24;
 const T32_GPR: u64 = 0x28;
 const T32_SEG: u64 = 0x48;
 const T32_LDT: u64 = 0x60;
+const T32_TRAP: u64 = 0x64;
+/// DR6.BT: the debug exception came from a TSS T bit.
+const DR6_BT: u64 = 1 << 15;
 // 16-bit TSS field offsets (SDM vol. 3, figure 7-11).
 const T16_IP: u64 = 0x0e;
 const T16_FLAGS: u64 = 0x10;
@@ -59,6 +63,8 @@ struct TssImage {
     /// ES, CS, SS, DS, FS, GS.
     seg: [u16; 6],
     ldt: u16,
+    /// Debug trap bit (32-bit TSS offset 0x64, bit 0).
+    trap: bool,
 }
 
 impl Cpu {
@@ -79,6 +85,7 @@ impl Cpu {
                 *s = d(T32_SEG + 4 * k as u64) as u16;
             }
             t.ldt = d(T32_LDT) as u16;
+            t.trap = d(T32_TRAP) & 1 != 0;
         } else {
             let mut b = [0u8; 0x2c];
             self.read_lin_bytes(base, &mut b, false)?;
@@ -306,6 +313,11 @@ impl Cpu {
         if self.s.rip as u32 > self.s.seg[SegReg::Cs as usize].limit {
             return Err(Exception::gp(0));
         }
+        if img.trap {
+            // A trap in the new task, reported at its first instruction.
+            self.s.dr[6] |= DR6_BT;
+            return Err(Exception::new(crate::exception::vec::DB));
+        }
         Ok(())
     }
 }
@@ -406,6 +418,24 @@ mod tests {
         c.mmu.phys.write(A_BASE, &TSS_C.to_le_bytes());
         c.s.set_eflags(FLAG_1 | NT);
         assert_eq!(exec(&mut c, &[0xcf]), Err(Exception::ts(TSS_C as u32)));
+    }
+
+    #[test]
+    fn tss_trap_bit_raises_db_in_new_task() {
+        let mut c = cpu();
+        let w = |c: &mut crate::Cpu, o: u64, v: u32| c.mmu.phys.write(C_BASE + o, &v.to_le_bytes());
+        w(&mut c, 0x20, 0x5000);
+        w(&mut c, 0x24, 2);
+        for k in 0..6 {
+            w(&mut c, 0x48 + 4 * k, DATA0 as u32);
+        }
+        w(&mut c, 0x4c, CODE0 as u32);
+        w(&mut c, 0x64, 1);
+        let r = exec(&mut c, &[0xea, 0, 0, 0, 0, TSS_C as u8, 0]);
+        assert_eq!(r, Err(Exception::new(crate::exception::vec::DB)));
+        assert_eq!(c.s.tr.selector, TSS_C);
+        assert_eq!(c.s.rip, 0x5000);
+        assert_ne!(c.s.dr[6] & (1 << 15), 0, "DR6.BT");
     }
 
     #[test]
