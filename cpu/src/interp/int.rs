@@ -508,9 +508,12 @@ impl Cpu {
             self.write_mem(SegReg::Ss, sp as u32, size, frame & vmask)?;
         }
         sp = wrap(sp.wrapping_sub(alloc));
-        let w = if s32 { 4 } else { 2 };
-        self.s.set_reg_sized(reg::RBP, w, frame);
-        self.s.set_reg_sized(reg::RSP, w, sp);
+        // Like the hardware (seen on the host CPU), check a write at the final stack
+        // pointer (limit, paging, alignment) after the pushes, before committing.
+        self.probe_write_mem(SegReg::Ss, sp as u32, size)?;
+        // (E)BP takes the frame at the operand size, (E)SP moves at the stack size.
+        self.s.set_reg_sized(reg::RBP, size, frame);
+        self.s.set_reg_sized(reg::RSP, if s32 { 4 } else { 2 }, sp);
         Ok(())
     }
 

@@ -12,6 +12,8 @@ use crate::state::*;
 use crate::Cpu;
 use iced_x86::{Instruction, Mnemonic};
 
+use super::int::Loc;
+
 /// Bit `n` of `v` as 0 or 1.
 #[inline]
 fn bit(v: u64, n: u32) -> u64 {
@@ -19,6 +21,15 @@ fn bit(v: u64, n: u32) -> u64 {
 }
 
 impl Cpu {
+    /// Checks that a memory destination could be written (a shift by 0 still does the
+    /// write access check, so a read-only page faults).
+    fn probe_loc_write(&mut self, l: Loc, size: u32) -> Res<()> {
+        match l {
+            Loc::Reg(_) => Ok(()),
+            Loc::Mem(s, off) => self.probe_write_mem(s, off, size),
+        }
+    }
+
     /// ROL ROR RCL RCR SHL SAL SHR SAR by 1, CL or imm8.
     pub(crate) fn shift(&mut self, i: &Instruction, m: Mnemonic) -> Res<()> {
         let size = self.op_size(i, 0);
@@ -28,7 +39,8 @@ impl Cpu {
         let v = self.loc_read(dst, size)?;
         let cnt = (self.read_op(i, 1)? & 0x1f) as u32;
         if cnt == 0 {
-            return Ok(());
+            // Nothing changes, but a memory destination is still checked for writing.
+            return self.probe_loc_write(dst, size);
         }
         let cf_flag = |c: u64| if c != 0 { CF } else { 0 };
         let of_flag = |o: u64| if o != 0 { OF } else { 0 };
@@ -126,7 +138,7 @@ impl Cpu {
         let src = self.read_op(i, 1)? & mask;
         let cnt = (self.read_op(i, 2)? & 0x1f) as u32;
         if cnt == 0 {
-            return Ok(());
+            return self.probe_loc_write(dst, size);
         }
         let (r, cf) = if m == Mnemonic::Shld {
             // Pattern, most significant first: dst, src (, dst).
