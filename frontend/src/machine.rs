@@ -1,0 +1,357 @@
+//! Machine assembly and the run loop.
+//!
+//! The vCPU runs on its own thread. It executes guest code in batches, polls the
+//! platform's timers when a deadline passes or the guest touched a device, applies
+//! reset/A20/exit requests from the devices, and when the guest halts with nothing
+//! pending it sleeps until the next timer deadline or until another thread (stdin)
+//! wakes it, so an idle guest costs close to no host CPU.
+
+use crate::cli::{parse_mem, Accel, Args, Display};
+use crate::console;
+use crate::loader::{self, Entry32, LoadError};
+use morph86_cpu::{Cpu, InterruptSource, StepEvent};
+use morph86_devices::serial::{SerialBackend, WriterBackend};
+use morph86_devices::{InterruptController, PcPlatform, PlatformConfig};
+use morph86_mmu::{Mmu, PhysError, PhysMem};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Why the machine could not start. Each variant's text is the user's error line.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Bad command-line value.
+    #[error("{0}")]
+    Usage(String),
+    /// A file named on the command line cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The host error.
+        source: std::io::Error,
+    },
+    /// A file named on the command line cannot be created.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The path.
+        path: String,
+        /// The host error.
+        source: std::io::Error,
+    },
+    /// Guest RAM cannot be set up.
+    #[error(transparent)]
+    Phys(#[from] PhysError),
+    /// A kernel, initrd or firmware image is unusable.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The host refused something the machine needs (threads, the port map).
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, MachineError> {
+    std::fs::read(path).map_err(|source| MachineError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// What to load into RAM at every (re)start.
+struct BootImages {
+    bios: Option<(String, Vec<u8>)>,
+    kernel: Option<(String, Vec<u8>)>,
+    initrd: Vec<(String, Vec<u8>, String)>,
+    append: String,
+}
+
+impl BootImages {
+    fn from_args(args: &Args) -> Result<Self, MachineError> {
+        let bios = match &args.bios {
+            Some(p) => Some((p.display().to_string(), read(p)?)),
+            None => None,
+        };
+        let kernel = match &args.kernel {
+            Some(p) => Some((p.display().to_string(), read(p)?)),
+            None => None,
+        };
+        let mut initrd = Vec::new();
+        if let Some(list) = &args.initrd {
+            let linux = kernel.as_ref().is_some_and(|(_, k)| loader::linux::is_bzimage(k));
+            if linux {
+                initrd.push((list.clone(), read(Path::new(list))?, String::new()));
+            } else {
+                for m in list.split(',') {
+                    let file = m.split_whitespace().next().unwrap_or("");
+                    initrd.push((file.to_string(), read(Path::new(file))?, m.to_string()));
+                }
+            }
+        }
+        if kernel.is_none() && bios.is_none() {
+            return Err(MachineError::Usage(
+                "nothing to boot: give -kernel FILE or -bios FILE (see --help)".into(),
+            ));
+        }
+        Ok(BootImages {
+            bios,
+            kernel,
+            initrd,
+            append: args.append.clone(),
+        })
+    }
+
+    /// Writes the images into `phys`; returns the entry state for a direct kernel boot.
+    fn load(&self, phys: &mut PhysMem, firmware_too: bool) -> Result<Option<Entry32>, LoadError> {
+        if firmware_too {
+            if let Some((name, img)) = &self.bios {
+                loader::firmware::load(phys, name, img)?;
+            }
+        }
+        let Some((name, img)) = &self.kernel else {
+            return Ok(None);
+        };
+        if loader::linux::is_bzimage(img) {
+            let rd = self.initrd.first().map(|(n, d, _)| (n.as_str(), d.as_slice()));
+            Ok(Some(loader::linux::load(phys, name, img, rd, &self.append)?))
+        } else if loader::multiboot::find_header(img).is_some() {
+            Ok(Some(loader::multiboot::load(phys, name, img, &self.initrd, &self.append)?))
+        } else {
+            Err(LoadError::UnknownFormat(name.clone()))
+        }
+    }
+}
+
+/// The PIC pair as the CPU's INTR line.
+struct Intr(InterruptController);
+
+impl InterruptSource for Intr {
+    fn pending(&mut self) -> bool {
+        self.0.pending()
+    }
+    fn acknowledge(&mut self) -> u8 {
+        self.0.acknowledge()
+    }
+}
+
+enum SerialSpec {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+fn parse_serial(s: &str) -> Result<SerialSpec, MachineError> {
+    match s {
+        "stdio" | "mon:stdio" => Ok(SerialSpec::Stdio),
+        "none" | "null" => Ok(SerialSpec::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
+            _ => Err(MachineError::Usage(format!(
+                "unsupported -serial '{s}' (use stdio, file:PATH or none)"
+            ))),
+        },
+    }
+}
+
+/// Builds the machine described by `args` and runs it to the end.
+pub fn run(args: Args) -> Result<ExitCode, MachineError> {
+    crate::logging::init(args.debug.as_deref(), args.logfile.as_deref()).map_err(MachineError::Usage)?;
+    let ram = parse_mem(&args.memory).map_err(MachineError::Usage)?;
+    if ram < (1 << 20) {
+        return Err(MachineError::Usage(format!(
+            "memory size '{}' is too small: morph86 needs at least 1 MiB (-m)",
+            args.memory
+        )));
+    }
+    for (what, given) in [
+        ("-hda", args.hda.is_some()),
+        ("-cdrom", args.cdrom.is_some()),
+        ("-drive", !args.drive.is_empty()),
+        ("-netdev", !args.netdev.is_empty()),
+        ("-gdb", args.gdb.is_some()),
+        ("-S", args.freeze),
+    ] {
+        if given {
+            return Err(MachineError::Usage(format!("{what} is not supported yet")));
+        }
+    }
+    let mut debug_exit = false;
+    for d in &args.device {
+        match d.split(',').next().unwrap_or("") {
+            "isa-debug-exit" => debug_exit = true,
+            other => return Err(MachineError::Usage(format!("unsupported device '{other}'"))),
+        }
+    }
+    if args.display == Some(Display::Sdl) {
+        return Err(MachineError::Usage("-display sdl is not supported yet (use -display none)".into()));
+    }
+    if args.accel == Accel::Jit {
+        log::warn!("the JIT is not wired in yet; running with -accel interp");
+    }
+    let images = BootImages::from_args(&args)?;
+    let mut phys = PhysMem::new(ram)?;
+    let entry = images.load(&mut phys, true)?;
+
+    // Serial ports: COM1 defaults to the terminal unless -display none leaves it out.
+    let mut specs: Vec<SerialSpec> = args.serial.iter().map(|s| parse_serial(s)).collect::<Result<_, _>>()?;
+    if specs.is_empty() {
+        specs.push(if args.display == Some(Display::None) && !args.nographic {
+            SerialSpec::None
+        } else {
+            SerialSpec::Stdio
+        });
+    }
+    if specs.len() > 4 {
+        return Err(MachineError::Usage("at most 4 -serial ports".into()));
+    }
+    let mut cfg = PlatformConfig::new(ram);
+    cfg.debug_exit = debug_exit;
+    let mut stdio_port = None;
+    for (i, spec) in specs.iter().enumerate() {
+        cfg.serial[i] = match spec {
+            SerialSpec::Stdio => {
+                if stdio_port.is_some() {
+                    return Err(MachineError::Usage("only one -serial stdio".into()));
+                }
+                stdio_port = Some(i);
+                Some(Box::new(WriterBackend(std::io::stdout())) as Box<dyn SerialBackend>)
+            }
+            SerialSpec::File(p) => {
+                let f = std::fs::File::create(p).map_err(|source| MachineError::Create {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Some(Box::new(WriterBackend(f)) as Box<dyn SerialBackend>)
+            }
+            SerialSpec::None => None,
+        };
+    }
+    let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
+    let mut cpu = Cpu::new(Mmu::new(phys));
+    cpu.io = Box::new(pc.take_io_bus().ok_or_else(|| MachineError::Host("no I/O bus".into()))?);
+    cpu.intr = Some(Box::new(Intr(pc.interrupts.clone())));
+    if let Some(e) = entry {
+        e.apply(&mut cpu);
+    }
+
+    let quit = Arc::new(AtomicBool::new(false));
+    let _raw = if let Some(port) = stdio_port {
+        let input = pc.serial_input(port);
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(0) } == 1;
+        let q = quit.clone();
+        let wake = pc.wakeup.clone();
+        console::spawn_reader(
+            move |b| {
+                if let Some(i) = &input {
+                    i.push(b)
+                }
+            },
+            move || {
+                q.store(true, Ordering::SeqCst);
+                wake.notify();
+            },
+            tty,
+        )
+        .map_err(|e| MachineError::Host(e.to_string()))?;
+        Some(console::RawMode::enable())
+    } else {
+        None
+    };
+
+    let stats = args.stats;
+    let no_reboot = args.no_reboot;
+    let limit = args.max_instructions.unwrap_or(u64::MAX);
+    let vcpu = std::thread::Builder::new()
+        .name("vcpu".into())
+        .spawn(move || vcpu_loop(cpu, pc, images, quit, no_reboot, limit, stats))
+        .map_err(|e| MachineError::Host(e.to_string()))?;
+    let code = vcpu.join().map_err(|_| MachineError::Host("the vCPU thread panicked".into()))?;
+    Ok(code)
+}
+
+/// Instructions between checks of the platform's deadline (a clock read).
+const POLL_EVERY: u32 = 256;
+
+fn vcpu_loop(
+    mut cpu: Cpu,
+    pc: PcPlatform,
+    images: BootImages,
+    quit: Arc<AtomicBool>,
+    no_reboot: bool,
+    limit: u64,
+    stats: bool,
+) -> ExitCode {
+    let mut deadline = pc.poll();
+    let mut executed = 0u64;
+    let code = 'outer: loop {
+        // A batch of guest instructions.
+        let mut reset = false;
+        let mut halted = false;
+        for _ in 0..POLL_EVERY {
+            match cpu.step() {
+                StepEvent::Ok => {}
+                StepEvent::Halted => {
+                    halted = true;
+                    break;
+                }
+                StepEvent::TripleFault => {
+                    log::info!("triple fault: resetting");
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        executed += POLL_EVERY as u64;
+        if executed >= limit {
+            break ExitCode::SUCCESS;
+        }
+        if quit.load(Ordering::Relaxed) {
+            break ExitCode::SUCCESS;
+        }
+        if pc.needs_poll(deadline) {
+            deadline = pc.poll();
+        }
+        if pc.control.pending() {
+            if let Some(c) = pc.control.take_exit() {
+                break ExitCode::from((c & 0xff) as u8);
+            }
+            if pc.control.take_reset() {
+                reset = true;
+            }
+            if let Some(a20) = pc.control.take_a20_change() {
+                cpu.mmu.phys.set_a20(a20);
+                cpu.mmu.flush_all();
+            }
+        }
+        if reset {
+            if no_reboot {
+                break ExitCode::SUCCESS;
+            }
+            pc.reset();
+            cpu.reset();
+            cpu.mmu.phys.ram_mut().fill(0);
+            match images.load(&mut cpu.mmu.phys, false) {
+                Ok(Some(e)) => e.apply(&mut cpu),
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("morph86: reloading after reset: {e}");
+                    break 'outer ExitCode::FAILURE;
+                }
+            }
+            deadline = pc.poll();
+            continue;
+        }
+        if halted && !pc.interrupts.pending() {
+            if cpu.s.eflags_raw & morph86_cpu::state::IF == 0 && deadline.is_none() {
+                log::warn!("guest halted with interrupts disabled and no timer running (only Ctrl-A x or a reset ends this)");
+            }
+            pc.wait_for_event(deadline);
+            deadline = pc.poll();
+        }
+    };
+    if stats {
+        eprintln!("{:?}", cpu.stats);
+    }
+    code
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): installs what it needs, builds, and runs every
+# test layer in turn. Ends with the host-CPU fuzzer's "N passed, M failed" line.
+#
+#   scripts/test.sh            full run (as CI does)
+#   HOSTDIFF_COUNT=1000000 scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${MORPH86_SHARED:-$(cd .. && pwd)/shared}
+scripts/setup.sh
+
+echo "== format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -q -- -D warnings
+
+echo "== build"
+cargo build --workspace --release -q
+
+echo "== unit and integration tests"
+cargo test --workspace --release -q
+
+echo "== SingleStepTests 80286 real mode (>= 99.5% must pass)"
+./target/release/singlestep "$SHARED/conformance/80286/real_mode" --verbose 0 --min-pass 99.5
+
+echo "== host-CPU differential fuzzer"
+./target/release/hostdiff --count "${HOSTDIFF_COUNT:-100000}" --seed "${HOSTDIFF_SEED:-20261121}"
