@@ -439,6 +439,39 @@ mod tests {
     }
 
     #[test]
+    fn task_switch_loads_cr3_with_paging() {
+        let mut c = cpu();
+        // Two page directories (0x40000, 0x41000) sharing one identity page table
+        // (0x42000) for the first 4 MiB; P | RW.
+        for k in 0..1024u64 {
+            c.mmu
+                .phys
+                .write(0x42000 + 4 * k, &((k << 12) as u32 | 3).to_le_bytes());
+        }
+        c.mmu.phys.write(0x40000, &(0x42000u32 | 3).to_le_bytes());
+        c.mmu.phys.write(0x41000, &(0x42000u32 | 3).to_le_bytes());
+        c.s.cr3 = 0x40000;
+        c.s.cr0 |= CR0_PG;
+        c.sync_paging();
+        let w = |c: &mut crate::Cpu, o: u64, v: u32| c.mmu.phys.write(C_BASE + o, &v.to_le_bytes());
+        w(&mut c, 0x1c, 0x41000);
+        w(&mut c, 0x20, 0x5000);
+        w(&mut c, 0x24, 2);
+        for k in 0..6 {
+            w(&mut c, 0x48 + 4 * k, DATA0 as u32);
+        }
+        w(&mut c, 0x4c, CODE0 as u32);
+        let r = exec(&mut c, &[0xea, 0, 0, 0, 0, TSS_C as u8, 0]);
+        assert_eq!(r, Ok(()));
+        assert_eq!(c.s.cr3, 0x41000);
+        assert_eq!(c.mmu.paging_regs().cr3, 0x41000, "MMU told");
+        // CR3 is not saved in the old TSS (SDM 7.3): A's CR3 slot stays 0.
+        let mut b = [0u8; 4];
+        c.mmu.phys.read(A_BASE + 0x1c, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0);
+    }
+
+    #[test]
     fn bad_cs_in_new_task_faults_in_new_task() {
         let mut c = cpu();
         // TSS C: CS = a data segment -> #TS(CS) after the switch has committed.
