@@ -781,6 +781,28 @@ mod tests {
     }
 
     #[test]
+    fn enter_16bit_operand_and_final_slot_check() {
+        // data16 enter 4, 0 on a 32-bit stack: BP gets the 16-bit frame, EBP's top stays.
+        let mut c = flat32(&[0x66, 0xc8, 0x04, 0x00, 0x00, 0xc8, 0x03, 0x00, 0x00]);
+        c.s.gpr[reg::RBP] = 0xabcd_1234;
+        run(&mut c, 1);
+        assert_eq!(peek(&mut c, 0x7ffe, 2), 0x1234);
+        assert_eq!(c.s.gpr[reg::RBP], 0xabcd_7ffe);
+        assert_eq!(c.s.gpr[reg::RSP], 0x7ffa);
+        // enter 3, 0 at CPL 3 with alignment checking: the final ESP (0x7ff3) is
+        // misaligned -> #AC(0), registers unchanged.
+        c.s.cr0 |= CR0_AM;
+        c.s.set_eflags(FLAG_1 | AC);
+        c.s.cpl = 3;
+        let e = exec(&mut c).unwrap_err();
+        assert_eq!((e.vector, e.error_code), (vec::AC, Some(0)));
+        assert_eq!(
+            (c.s.gpr[reg::RSP], c.s.gpr[reg::RBP]),
+            (0x7ffa, 0xabcd_7ffe)
+        );
+    }
+
+    #[test]
     fn bound_raises_br() {
         // bound ax, [bx] with bounds -5..10.
         let mut c = real(&[0x62, 0x07, 0x62, 0x07]);

@@ -229,6 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn zero_count_still_checks_write_access() {
+        // shl byte [ebx], 0 in a read-only DS: #GP(0) although nothing would change.
+        let mut c = flat32(&[0xc0, 0x23, 0x00]);
+        c.s.seg[SegReg::Ds as usize].attrs &= !ATTR_RW;
+        c.s.gpr[reg::RBX] = 0x3000;
+        let e = c.s.eflags();
+        assert_eq!(exec(&mut c).unwrap_err().vector, crate::exception::vec::GP);
+        assert_eq!(c.s.eflags(), e);
+    }
+
+    #[test]
     fn rotates() {
         // rcl ax, cl with CL = 17: a full turn of the 17-bit ring; AX and CF stay.
         let mut c = real(&[0xd3, 0xd0]);
