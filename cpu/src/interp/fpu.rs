@@ -674,18 +674,19 @@ impl Cpu {
         } else {
             ctx.compare(f.st(0), f.st(j), quiet)
         };
-        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
-            self.fpu_commit(&ctx);
-            return Ok(());
-        }
         let fl = match ord {
             Some(Ordering::Greater) => 0,
             Some(Ordering::Less) => CF,
             Some(Ordering::Equal) => ZF,
             None => ZF | PF | CF,
         };
+        // EFLAGS are written even under unmasked IE/DE (measured); the pop is not done.
         self.s.set_arith_flags(CF | PF | AF | ZF | EF_SF | OF, fl);
         ctx.flags &= !C1;
+        if ctx.flags & (IE | DE) & !ctx.cw != 0 {
+            self.fpu_commit(&ctx);
+            return Ok(());
+        }
         if pop {
             self.s.fpu.pop();
         }
@@ -1922,6 +1923,103 @@ mod host_diff_store {
             }
             if ok != n {
                 eprintln!("{name}: {ok} / {n} bit-exact");
+            }
+        }
+        assert_eq!(bad, 0);
+    }
+}
+
+/// FCOMI family against the host: EFLAGS (through LAHF) and the status word.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod host_diff_fcomi {
+    use super::host_diff::{f80_operand, Rng};
+    use super::*;
+    use crate::state::{CF, PF, ZF};
+    use morph86_mmu::{Mmu, PhysMem};
+
+    macro_rules! fcomi {
+        ($($name:ident: [$($b:literal),+];)+) => {
+            $(
+                fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> (u8, u16) {
+                    let mut sw = 0u16;
+                    let mut ah = 0u8;
+                    // SAFETY: reads the operands and writes `sw` and `ah`; RAX is declared
+                    // clobbered for LAHF; FNINIT leaves the x87 empty.
+                    unsafe {
+                        core::arch::asm!(
+                            "fninit",
+                            "fldcw ({cw})",
+                            "fldt ({b})",
+                            "fldt ({a})",
+                            $(concat!(".byte ", stringify!($b)),)+
+                            "lahf",
+                            "movb %ah, ({ah})",
+                            "fnstsw ({sw})",
+                            "fninit",
+                            cw = in(reg) &cw,
+                            a = in(reg) a.as_ptr(),
+                            b = in(reg) b.as_ptr(),
+                            ah = in(reg) &mut ah,
+                            sw = in(reg) &mut sw,
+                            out("rax") _,
+                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                            options(att_syntax, nostack),
+                        );
+                    }
+                    (ah, sw)
+                }
+            )+
+            const CASES: &[(&str, Host, &[u8])] = &[$((stringify!($name), $name, &[$($b),+])),+];
+        };
+    }
+    type Host = fn(&[u8; 10], &[u8; 10], u16) -> (u8, u16);
+
+    fcomi! {
+        fcomi: [0xdb, 0xf1];
+        fucomi: [0xdb, 0xe9];
+        fcomip: [0xdf, 0xf1];
+        fucomip: [0xdf, 0xe9];
+    }
+
+    #[test]
+    fn fcomi_matches_host() {
+        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
+        for s in 0..6 {
+            c.s.seg[s] = crate::state::Segment::real(0);
+        }
+        let mut r = Rng(0x5151);
+        let mut bad = 0;
+        for &(name, host, op) in CASES {
+            for k in 0..1500 {
+                let cw = [0x037f, 0x0340][k % 2];
+                let a = f80_operand(&mut r);
+                let b = f80_operand(&mut r);
+                let (ah, hsw) = host(&a, &b, cw);
+                c.mmu.phys.write(0x2000, &a);
+                c.mmu.phys.write(0x2010, &b);
+                c.mmu.phys.write(0x2030, &cw.to_le_bytes());
+                let mut code = vec![
+                    0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00,
+                    0x20,
+                ];
+                code.extend_from_slice(op);
+                code.extend_from_slice(&[0xdf, 0xe0]);
+                c.s.set_eflags(0x2 | CF | PF | ZF);
+                super::tests::run(&mut c, &code).unwrap();
+                let ef = (c.s.eflags() & (CF | PF | ZF)) as u8;
+                let esw = c.s.gpr[0] as u16;
+                let hf = ah & (CF | PF | ZF) as u8;
+                if hf != ef || hsw != esw {
+                    bad += 1;
+                    if bad < 10 {
+                        eprintln!(
+                            "{name} cw={cw:04x} a={:x?} b={:x?} host {hf:02x} {hsw:04x} emu {ef:02x} {esw:04x}",
+                            f80_from_bytes(&a),
+                            f80_from_bytes(&b)
+                        );
+                    }
+                }
             }
         }
         assert_eq!(bad, 0);
