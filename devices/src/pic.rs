@@ -633,6 +633,21 @@ mod tests {
     }
 
     #[test]
+    fn poll_on_the_slave_and_read_register_latch() {
+        let mut p = pic();
+        p.set_irq(10, true);
+        out(&mut p, 0xa0, 0x0c);
+        assert_eq!(inb(&mut p, 0xa0), 0x82);
+        out(&mut p, 0xa0, 0x0b);
+        assert_eq!(inb(&mut p, 0xa0), 0b100, "slave ISR2 after the poll");
+        // OCW3 without RR keeps the register selection.
+        out(&mut p, 0xa0, 0x08);
+        assert_eq!(inb(&mut p, 0xa0), 0b100);
+        out(&mut p, 0xa0, 0x0a);
+        assert_eq!(inb(&mut p, 0xa0), 0, "IRR");
+    }
+
+    #[test]
     fn special_fully_nested_lets_slave_nest() {
         let mut p = PicPair::new();
         init(&mut p, 0x11); // SFNM on both (only matters on the master)

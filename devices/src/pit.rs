@@ -873,6 +873,53 @@ mod tests {
     }
 
     #[test]
+    fn bcd_countdown_and_odd_square_wave() {
+        let mut r = Rig::new();
+        r.out(0x43, 0b0011_0001); // ch0 lo/hi mode 0 BCD
+        r.out(0x40, 0x00);
+        r.out(0x40, 0x10); // 1000 decimal, loaded at tick 1
+        r.at(1 + 1);
+        assert_eq!(r.latch_read(0), 0x0999);
+        r.at(1 + 1000);
+        assert_eq!(r.latch_read(0), 0x0000);
+        r.at(1 + 1001);
+        assert_eq!(r.latch_read(0), 0x9999, "BCD wraps to 9999");
+        // Mode 3, N = 5: OUT high for 3 clocks, low for 2 (datasheet: (N+1)/2 and (N-1)/2).
+        r.out(0x43, 0b0001_0110);
+        r.out(0x40, 5); // written at tick 1002, loaded at 1003
+        let base = 1003;
+        let outs: Vec<bool> = (0..10)
+            .map(|k| {
+                r.at(base + k);
+                r.status(0) & STATUS_OUT != 0
+            })
+            .collect();
+        assert_eq!(
+            outs,
+            [true, true, true, false, false, true, true, true, false, false]
+        );
+    }
+
+    #[test]
+    fn mode0_lsb_write_stops_the_count() {
+        let mut r = Rig::new();
+        r.out(0x43, 0b0011_0000);
+        r.out(0x40, 10);
+        r.out(0x40, 0); // loaded at 1, OUT high at 11
+        r.at(20);
+        assert_ne!(r.status(0) & STATUS_OUT, 0);
+        r.out(0x40, 50); // first byte of a new count: OUT low, counting stops
+        assert_eq!(r.status(0) & STATUS_OUT, 0);
+        r.at(100);
+        assert_eq!(r.status(0) & STATUS_OUT, 0);
+        r.out(0x40, 0); // N = 50 from tick 101
+        r.at(150);
+        assert_eq!(r.status(0) & STATUS_OUT, 0);
+        r.at(151);
+        assert_ne!(r.status(0) & STATUS_OUT, 0);
+    }
+
+    #[test]
     fn save_restore_continues_counting_on_another_clock() {
         let mut r = Rig::new();
         r.out(0x43, 0b0011_0100);

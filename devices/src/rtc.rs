@@ -835,6 +835,40 @@ mod tests {
     }
 
     #[test]
+    fn divider_reset_stops_time_and_release_updates_after_half_a_second() {
+        let mut r = Rig::new(64 << 20);
+        r.wr(REG_A, 0b0111_0110); // DV = 111: divider in reset
+        r.ms(10_000);
+        assert_eq!(r.rd(REG_SECONDS), 0x58, "stopped");
+        r.wr(REG_A, A_DV_NORMAL | 6);
+        r.ms(499);
+        assert_eq!(r.rd(REG_SECONDS), 0x58);
+        r.ms(1);
+        assert_eq!(r.rd(REG_SECONDS), 0x59, "first update 500 ms after release");
+    }
+
+    #[test]
+    fn alarm_in_12_hour_mode() {
+        let mut r = Rig::new(64 << 20);
+        r.wr(REG_B, B_SET); // 12-hour BCD, frozen
+        r.wr(REG_HOURS, HOUR_PM | 0x01);
+        r.wr(REG_MINUTES, 0x00);
+        r.wr(REG_SECONDS, 0x00);
+        r.wr(REG_HOURS_ALARM, HOUR_PM | 0x01);
+        r.wr(REG_MINUTES_ALARM, 0x00);
+        r.wr(REG_SECONDS_ALARM, 0x02);
+        r.wr(REG_B, B_AIE);
+        r.rd(REG_C);
+        r.ms(1_000);
+        r.rtc.update();
+        assert!(!r.ic.pending());
+        r.ms(1_000); // 1:00:02 PM
+        r.rtc.update();
+        assert!(r.ic.pending());
+        assert_ne!(r.rd(REG_C) & C_AF, 0);
+    }
+
+    #[test]
     fn nmi_mask_bit_and_index() {
         let mut r = Rig::new(64 << 20);
         r.rtc.write(0, &[0x80 | 0x40]);

@@ -778,6 +778,40 @@ mod tests {
     }
 
     #[test]
+    fn trigger_levels_4_and_14() {
+        for (fcr, level) in [(0b0100_0001u8, 4usize), (0b1100_0001, 14)] {
+            let mut r = Rig::new();
+            r.out(REG_MCR, MCR_OUT2);
+            r.out(REG_IIR_FCR, fcr);
+            r.out(REG_IER, IER_ERBFI);
+            let inp = r.u.input();
+            inp.push(&vec![7; level - 1]);
+            r.u.update();
+            assert_eq!(r.inb(REG_IIR_FCR) & 0x0f, IIR_NONE, "below trigger {level}");
+            inp.push(&[7]);
+            r.u.update();
+            assert_eq!(r.inb(REG_IIR_FCR) & 0x0f, IIR_RDA, "at trigger {level}");
+        }
+    }
+
+    #[test]
+    fn fifo_enable_toggle_clears_receiver() {
+        let mut r = Rig::new();
+        r.out(REG_IIR_FCR, FCR_ENABLE);
+        r.u.input().push(b"abc");
+        r.u.update();
+        r.out(REG_IIR_FCR, 0); // FIFOs off: receiver cleared, then refilled (1 byte)
+        assert_eq!(r.inb(REG_IIR_FCR) & IIR_FIFO, 0);
+        assert_eq!(
+            r.inb(REG_DATA),
+            0,
+            "the three bytes were dropped with the FIFO"
+        );
+        r.out(REG_IIR_FCR, FCR_ENABLE | FCR_CLEAR_RX);
+        assert_eq!(r.inb(REG_LSR) & LSR_DR, 0);
+    }
+
+    #[test]
     fn non_fifo_mode_holds_one_byte() {
         let mut r = Rig::new();
         r.out(REG_MCR, MCR_OUT2);
