@@ -639,3 +639,130 @@ impl Cpu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::descriptor::testing::*;
+    use crate::descriptor::Descriptor;
+    use crate::exception::Exception;
+    use crate::state::*;
+
+    const CONF0: u16 = 0x18; // conforming code, DPL 0
+    const CODE3: u16 = 0x20;
+    const DATA3: u16 = 0x28;
+    const NP_CODE: u16 = 0x30;
+    const GATE16: u16 = 0x38; // 16-bit call gate, DPL 0, to CODE0:0x2345_6789 (offset 0x6789)
+
+    fn cpu() -> crate::Cpu {
+        pm_cpu(&[
+            (CONF0, Descriptor::segment(0, 0xfffff, 0x9e, 0xc)),
+            (CODE3, Descriptor::segment(0, 0xfffff, 0xfa, 0xc)),
+            (DATA3, Descriptor::segment(0, 0xfffff, 0xf2, 0xc)),
+            (NP_CODE, Descriptor::segment(0, 0xfffff, 0x1a, 0xc)),
+            (GATE16, Descriptor::gate(CODE0, 0x2345_6789, 0x84, 0)),
+        ])
+    }
+
+    fn ring3(c: &mut crate::Cpu) {
+        c.s.cpl = 3;
+        c.s.seg[SegReg::Cs as usize] =
+            Descriptor::segment(0, 0xfffff, 0xfb, 0xc).to_segment(CODE3 | 3);
+        c.s.seg[SegReg::Ss as usize] =
+            Descriptor::segment(0, 0xfffff, 0xf3, 0xc).to_segment(DATA3 | 3);
+    }
+
+    /// `jmp far sel:off` / `call far sel:off` (ptr16:32).
+    fn far(op: u8, sel: u16, off: u32) -> Vec<u8> {
+        let mut v = vec![op];
+        v.extend_from_slice(&off.to_le_bytes());
+        v.extend_from_slice(&sel.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn conforming_code_keeps_cpl() {
+        let mut c = cpu();
+        ring3(&mut c);
+        assert_eq!(exec(&mut c, &far(0xea, CONF0, 0x4000)), Ok(()));
+        assert_eq!(c.s.cpl, 3);
+        assert_eq!(
+            c.s.seg[SegReg::Cs as usize].selector,
+            CONF0 | 3,
+            "RPL = CPL"
+        );
+        assert_eq!(c.s.rip, 0x4000);
+    }
+
+    #[test]
+    fn far_jump_privilege_and_presence() {
+        let mut c = cpu();
+        ring3(&mut c);
+        // Non-conforming DPL 0 from CPL 3: #GP(sel).
+        assert_eq!(exec(&mut c, &far(0xea, CODE0, 0)), Err(Exception::gp(8)));
+        let mut c = cpu();
+        // RPL 3 > CPL 0 to non-conforming code: #GP(sel).
+        assert_eq!(
+            exec(&mut c, &far(0xea, CODE0 | 3, 0)),
+            Err(Exception::gp(8))
+        );
+        assert_eq!(
+            exec(&mut c, &far(0xea, NP_CODE, 0)),
+            Err(Exception::np(0x30))
+        );
+        assert_eq!(exec(&mut c, &far(0xea, 0, 0)), Err(Exception::gp(0)));
+        // A data segment is no jump target.
+        assert_eq!(exec(&mut c, &far(0xea, DATA0, 0)), Err(Exception::gp(0x10)));
+        assert_eq!(c.s.rip, 0x10000);
+        assert_eq!(c.s.seg[SegReg::Cs as usize].selector, CODE0);
+    }
+
+    #[test]
+    fn sixteen_bit_call_gate_pushes_words() {
+        let mut c = cpu();
+        assert_eq!(exec(&mut c, &far(0x9a, GATE16, 0)), Ok(()));
+        assert_eq!(c.s.rip, 0x6789, "16-bit gate: offset bits 15-0 only");
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000 - 4);
+        let mut b = [0u8; 4];
+        c.mmu.phys.read(0x8000 - 4, &mut b);
+        assert_eq!(
+            b,
+            [0x07, 0x00, CODE0 as u8, 0x00],
+            "IP then CS, 16 bits each"
+        );
+    }
+
+    #[test]
+    fn retf_checks() {
+        let mut c = cpu();
+        ring3(&mut c);
+        // Return to CPL 0 from CPL 3 (RPL < CPL): #GP(sel).
+        c.mmu
+            .phys
+            .write(0x8000, &[0, 0x40, 0, 0, CODE0 as u8, 0, 0, 0]);
+        assert_eq!(exec(&mut c, &[0xcb]), Err(Exception::gp(8)));
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000, "ESP unchanged");
+        // Same-privilege RETF with imm16.
+        c.mmu
+            .phys
+            .write(0x8000, &[0, 0x40, 0, 0, CODE3 as u8 | 3, 0, 0, 0]);
+        assert_eq!(exec(&mut c, &[0xca, 0x10, 0x00]), Ok(()));
+        assert_eq!(c.s.rip, 0x4000);
+        assert_eq!(c.s.gpr[reg::RSP], 0x8000 + 8 + 0x10);
+    }
+
+    #[test]
+    fn iret_same_privilege_flag_rules() {
+        let mut c = cpu();
+        ring3(&mut c);
+        c.s.set_eflags(FLAG_1);
+        // IRETD at CPL 3, IOPL 0: IF and IOPL in the image are ignored, CF taken.
+        let img = [0x4000u32, (CODE3 | 3) as u32, IF | IOPL | CF | FLAG_1];
+        for (k, v) in img.iter().enumerate() {
+            c.mmu.phys.write(0x8000 + 4 * k as u64, &v.to_le_bytes());
+        }
+        assert_eq!(exec(&mut c, &[0xcf]), Ok(()));
+        assert_eq!(c.s.eflags() & (IF | IOPL | CF), CF);
+        assert_eq!(c.s.rip, 0x4000);
+        assert_eq!(c.s.gpr[reg::RSP], 0x800c);
+    }
+}
