@@ -561,7 +561,7 @@ impl Cpu {
         } else {
             (i.op1_register(), i.op0_register())
         };
-        let n = crr as u32 - Register::CR0 as u32;
+        let n = (crr as u32).wrapping_sub(Register::CR0 as u32);
         if !to_cr {
             let v = match n {
                 0 => self.s.cr0,
@@ -623,7 +623,7 @@ impl Cpu {
         } else {
             (i.op1_register(), i.op0_register())
         };
-        let mut n = (drr as u32 - Register::DR0 as u32) as usize;
+        let mut n = (drr as u32).wrapping_sub(Register::DR0 as u32) as usize;
         if n == 4 || n == 5 {
             if self.s.cr4 & CR4_DE != 0 {
                 return Err(Exception::ud());
