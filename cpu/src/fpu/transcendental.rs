@@ -479,24 +479,11 @@ impl Ctx {
             }
         }
         let w = W::from_f80(x);
-        if w.e >= 0 {
-            // |x| >= 1, outside the documented domain: 2^n · 2^f - 1.
-            if w.e >= 15 {
-                return Some(if w.neg {
-                    W::int(-1).add(W::new(false, -200, 1 << 127)).round(self)
-                } else {
-                    W::new(false, 1 << 16, 1 << 127).round(self)
-                });
-            }
-            let n = (w.m >> (127 - w.e)) as i64;
-            let n = if w.neg { -n } else { n };
-            let f = w.sub(W::int(n));
-            let p = expm1_w(f.mul(ln2())).add(W::int(1));
-            let p = W {
-                e: p.e + n as i32,
-                ..p
-            };
-            return Some(p.sub(W::int(1)).round(self));
+        if w.e > 0 || (w.e == 0 && w.m != 1 << 127) {
+            // |x| > 1, outside the documented domain: a P6-family x87 returns the
+            // operand unchanged and reports PE (measured on the host).
+            self.flags |= super::softfloat::PE;
+            return Some(x);
         }
         Some(expm1_w(w.mul(ln2())).round(self))
     }
@@ -636,8 +623,9 @@ impl Ctx {
         }
         let wx = W::from_f80(x);
         if wx.neg && wx.e >= 0 {
-            // x <= -1: outside the domain.
-            return self.invalid();
+            // x <= -1, outside the domain: the x87 delivers x itself with PE (measured).
+            self.flags |= super::softfloat::PE;
+            return Some(x);
         }
         let r = W::from_f80(y).mul(ln1p_w(wx).div(ln2()));
         Some(r.round(self))
