@@ -716,3 +716,36 @@ fn vme_unredirected_int_faults_with_iopl0() {
     assert_eq!(rd32(&mut c, top), 0);
     assert_eq!(rd32(&mut c, top + 4), 0, "EIP of the INT");
 }
+
+#[test]
+fn v86_monitor_skips_cli_and_irets_back() {
+    let mut c = boot();
+    // #GP handler: drop the error code, step over the 1-byte CLI, IRETD to V86.
+    code(&mut c, 32, handler(13), |a| {
+        a.add(esp, 4).unwrap();
+        a.inc(dword_ptr(esp)).unwrap();
+        a.iretd().unwrap();
+    });
+    // INT3 from V86 goes to the protected-mode handler through a DPL-3 gate.
+    set_idt(
+        &mut c,
+        3,
+        Descriptor::gate(CODE0, handler(3) as u32, 0xee, 0),
+    );
+    let ev = enter_v86(&mut c, |a| {
+        a.cli().unwrap();
+        a.mov(bx, 9).unwrap();
+        a.int3().unwrap();
+    });
+    assert_eq!(ev, StepEvent::Halted);
+    assert_eq!(c.s.rip, handler(3) + 1);
+    assert_eq!(
+        c.s.gpr[reg::RBX] as u16,
+        9,
+        "V86 code resumed after the monitor"
+    );
+    let top = c.s.gpr[reg::RSP];
+    assert_eq!(rd32(&mut c, top), 5, "EIP after INT3");
+    assert_ne!(rd32(&mut c, top + 8) & VM, 0);
+    assert_eq!(top as u32, STACK0 - 36, "V86 frame without error code");
+}
