@@ -59,8 +59,9 @@ macro_rules! typed_access {
         #[inline]
         pub fn $read(&mut self, linear: u64, user: bool) -> Result<$t, PageFault> {
             if let Some(p) = self.host_ptr(linear, $n, false, user) {
-                // SAFETY: `host_ptr` returned a pointer to `size_of::<T>()` bytes of one RAM page of
-                // the live mapping (see `host_ptr`); unaligned reads are allowed.
+                // SAFETY: `host_ptr` returned a pointer to as many bytes as the value
+                // has, inside one RAM page of the live mapping (see `host_ptr`); the
+                // read is unaligned-safe.
                 return Ok(unsafe { p.cast::<$t>().read_unaligned() });
             }
             let mut b = [0u8; $n];
@@ -708,6 +709,250 @@ mod tests {
         // A whole new map.
         m.phys = PhysMem::new(2 << 20).unwrap();
         assert_eq!(m.read_u8(0x10, false).unwrap(), 0);
+    }
+
+    /// Differential test: random page tables, random accesses and random (properly
+    /// invalidated) table changes; every access through the TLB must give what a fresh
+    /// page walk gives (the reference is `paging::walk`, which the TLB only caches).
+    #[test]
+    fn tlb_agrees_with_fresh_walks() {
+        for seed in 1..=4u64 {
+            random_run(seed, seed >= 3);
+        }
+    }
+
+    fn random_run(seed: u64, pae: bool) {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut m = mmu();
+        // Linear 0-8 MiB. 32-bit: PD at 0x1000, PTs at 0x2000/0x3000. PAE: PDPT at
+        // 0x1000, one PD at 0x4000, PTs at 0x5000-0x8fff (2 MiB each).
+        let tables = if pae { 4u64 } else { 2 };
+        let entry_size = if pae { 8 } else { 4 };
+        let pt_base = if pae { 0x5000 } else { 0x2000 };
+        let per_pt = if pae { 512u64 } else { 1024 };
+        let pd = if pae { 0x4000 } else { PD };
+        let wide = |m: &mut Mmu, a: u64, v: u64| {
+            if pae {
+                m.phys.write(a, &v.to_le_bytes());
+            } else {
+                m.phys.write(a, &(v as u32).to_le_bytes());
+            }
+        };
+        let rand_bits = |r: u64| -> u64 {
+            let mut b = 0;
+            if r & 15 != 0 {
+                b |= PTE_P;
+            }
+            for (k, bit) in [PTE_RW, PTE_US, PTE_A, PTE_D, PTE_G].iter().enumerate() {
+                if (r >> (8 + k)) & 1 != 0 {
+                    b |= bit;
+                }
+            }
+            if pae && (r >> 20) & 3 == 0 {
+                b |= PTE_XD;
+            }
+            if pae && (r >> 22) & 31 == 0 {
+                b |= 1 << 40; // reserved (MAXPHYADDR 36)
+            }
+            b
+        };
+        let pde_value = |t: u64, r: u64| -> u64 {
+            if r & 7 == 0 {
+                // A large page somewhere in 1-16 MiB, aligned to its size.
+                let size = if pae { 0x20_0000 } else { 0x40_0000 };
+                let frame = (0x10_0000 + (r >> 8) % 0xf0_0000) & !(size - 1);
+                let rsvd = if !pae && (r >> 4) & 3 == 0 {
+                    1 << 21
+                } else {
+                    0
+                };
+                frame.max(size) | PTE_PS | rand_bits(r >> 24) | PTE_P | rsvd
+            } else if r % 8 == 1 {
+                0
+            } else {
+                (pt_base + t * 0x1000) | rand_bits(r >> 24) | PTE_P
+            }
+        };
+        for t in 0..tables {
+            for n in 0..per_pt {
+                let v = (0x10_0000 + (next() % 0x100) * 0x1000) | rand_bits(next());
+                wide(&mut m, pt_base + t * 0x1000 + n * entry_size, v);
+            }
+            let v = pde_value(t, next());
+            wide(&mut m, pd + t * entry_size, v);
+        }
+        let mut regs = PagingRegs {
+            cr0: CR0_PE | CR0_PG | CR0_WP,
+            cr3: if pae { 0x1000 } else { PD },
+            cr4: CR4_PSE | CR4_PGE | if pae { CR4_PAE } else { 0 },
+            efer: if pae { EFER_NXE } else { 0 },
+        };
+        if pae {
+            m.phys.write(0x1000, &(0x4000 | PTE_P).to_le_bytes());
+        }
+        m.set_paging_regs(regs);
+        let span = tables * per_pt * 0x1000;
+        // Distinct contents in every frame the tables point at, so a stale translation
+        // reads something else.
+        for (i, b) in m.phys.ram_mut()[0x10_0000..0x100_0000]
+            .iter_mut()
+            .enumerate()
+        {
+            *b = (i as u64).wrapping_mul(0x9e37_79b9) as u8 ^ (i >> 12) as u8;
+        }
+        // The final paging entry for `l`, read without side effects.
+        let leaf = |m: &mut Mmu, l: u64, cr4: u64| -> u64 {
+            let mut rd = |a: u64| -> u64 {
+                let mut b = [0u8; 8];
+                m.phys.read(a, &mut b[..entry_size as usize]);
+                u64::from_le_bytes(b)
+            };
+            if pae {
+                let pde = rd(pd + ((l >> 21) & 0x1ff) * 8);
+                if pde & PTE_PS != 0 {
+                    return pde;
+                }
+                rd((pde & 0xf_ffff_f000) + ((l >> 12) & 0x1ff) * 8)
+            } else {
+                let pde = rd(pd + ((l >> 22) & 0x3ff) * 4);
+                if pde & PTE_PS != 0 && cr4 & CR4_PSE != 0 {
+                    return pde;
+                }
+                rd((pde & 0xffff_f000) + ((l >> 12) & 0x3ff) * 4)
+            }
+        };
+        // Most accesses go to a few hot pages, so stale entries would be hit.
+        let hot: Vec<u64> = (0..24).map(|_| (next() % span) & !0xfff).collect();
+        for step in 0..30_000 {
+            let r = next();
+            let user = r & 1 != 0;
+            let size = [1u64, 2, 4, 8][((r >> 1) & 3) as usize];
+            let base = if (r >> 50) & 7 != 0 {
+                hot[((r >> 53) % 24) as usize] | ((r >> 5) & 0xfff)
+            } else {
+                (r >> 5) % span
+            };
+            let lin = if (r >> 3) & 3 == 0 {
+                // Near a page end, to cross pages often.
+                (base | 0xff8) % span
+            } else {
+                base
+            };
+            let op = (r >> 40) % 100;
+            let ctx =
+                format!("seed {seed} step {step} op {op} lin {lin:#x} size {size} user {user}");
+            if op < 70 {
+                let acc = if op < 40 { Access::Read } else { Access::Write };
+                let val = next() & (u64::MAX >> (64 - 8 * size));
+                let got = if acc == Access::Read {
+                    match size {
+                        1 => m.read_u8(lin, user).map(u64::from),
+                        2 => m.read_u16(lin, user).map(u64::from),
+                        4 => m.read_u32(lin, user).map(u64::from),
+                        _ => m.read_u64(lin, user),
+                    }
+                } else {
+                    match size {
+                        1 => m.write_u8(lin, val as u8, user),
+                        2 => m.write_u16(lin, val as u16, user),
+                        4 => m.write_u32(lin, val as u32, user),
+                        _ => m.write_u64(lin, val, user),
+                    }
+                    .map(|()| val)
+                };
+                // The TLB path must have set A (and D for a write) in the final entry of
+                // every page it touched; checked before the reference walk sets them.
+                if got.is_ok() {
+                    let mut done = 0;
+                    while done < size {
+                        let l = (lin + done) & LIN_MASK;
+                        let e = leaf(&mut m, l, regs.cr4);
+                        assert_ne!(e & PTE_A, 0, "{ctx}: A not set for {l:#x}");
+                        if acc == Access::Write {
+                            assert_ne!(e & PTE_D, 0, "{ctx}: D not set for {l:#x}");
+                        }
+                        done += (0x1000 - (l & 0xfff)).min(size - done);
+                    }
+                }
+                // Reference: walk every page the access touches, in order.
+                let mut expect: Result<Vec<(u64, u64)>, PageFault> = Ok(Vec::new());
+                let mut done = 0;
+                while done < size {
+                    let l = (lin + done) & LIN_MASK;
+                    let n = (0x1000 - (l & 0xfff)).min(size - done);
+                    let pdptes = m.pdptes();
+                    match paging::walk(&mut m.phys, &regs, &pdptes, l, acc, user) {
+                        Ok(t) => {
+                            if let Ok(v) = expect.as_mut() {
+                                v.push((t.phys_addr(l), n));
+                            }
+                        }
+                        Err(pf) => {
+                            expect = Err(pf);
+                            break;
+                        }
+                    }
+                    done += n;
+                }
+                match (expect, got) {
+                    (Err(e), Err(g)) => assert_eq!(e, g, "{ctx}"),
+                    (Ok(pieces), Ok(g)) => {
+                        let mut bytes = Vec::new();
+                        for (pa, n) in pieces {
+                            let mut b = vec![0u8; n as usize];
+                            m.phys.read(pa, &mut b);
+                            bytes.extend(b);
+                        }
+                        bytes.resize(8, 0);
+                        let want = u64::from_le_bytes(bytes.try_into().unwrap());
+                        assert_eq!(want, g, "{ctx}");
+                    }
+                    (e, g) => panic!("{ctx}: reference {e:?}, TLB path {g:?}"),
+                }
+            } else if op < 75 {
+                let pdptes = m.pdptes();
+                let e = paging::walk(&mut m.phys, &regs, &pdptes, lin, Access::Fetch, user)
+                    .map(|t| t.phys_addr(lin));
+                assert_eq!(m.translate(lin, Access::Fetch, user), e, "{ctx}");
+            } else if op < 90 {
+                // Change a PTE, then INVLPG its page.
+                let v = (0x10_0000 + (next() % 0x100) * 0x1000) | rand_bits(next());
+                let page = lin & !0xfff;
+                let (t, n) = (page / (per_pt * 0x1000), (page >> 12) % per_pt);
+                wide(&mut m, pt_base + t * 0x1000 + n * entry_size, v);
+                m.invlpg(page);
+            } else if op < 93 {
+                // Change a PDE: no single INVLPG covers it, so flush everything.
+                let t = (r >> 8) % tables;
+                let v = pde_value(t, next());
+                wide(&mut m, pd + t * entry_size, v);
+                m.flush_all();
+            } else if op < 97 {
+                // MOV CR3, same value.
+                m.set_paging_regs(regs);
+            } else {
+                // Toggle WP or PGE (or PSE in 32-bit mode).
+                let bit = match (r >> 8) % 3 {
+                    0 => {
+                        regs.cr0 ^= CR0_WP;
+                        m.set_paging_regs(regs);
+                        continue;
+                    }
+                    1 => CR4_PGE,
+                    _ if !pae => CR4_PSE,
+                    _ => CR4_PGE,
+                };
+                regs.cr4 ^= bit;
+                m.set_paging_regs(regs);
+            }
+        }
+        assert!(m.tlb.stats.fills > 100);
     }
 
     #[test]
