@@ -850,10 +850,12 @@ fn fptan_c1_stats() {
         let (_, hsw) = h_fptan(buf16(a), [0; 32], cw);
         let mut c = Ctx::new(cw);
         let _ = c.tan(a);
-        let big = a.exp() >= 0x3ffe;
+        let big = (a.exp() as i32 - 0x3fff) / 8;
         *counts
-            .entry((big, hsw & 0x200 != 0, c.flags & C1 != 0))
+            .entry((big, a.sign(), hsw & 0x200 != 0, c.flags & C1 != 0))
             .or_insert(0) += 1;
     }
-    eprintln!("(|x|>=0.5, host C1, soft C1): count {counts:?}");
+    for (k, v) in &counts {
+        eprintln!("(exp/8, sign, host C1, soft C1) {k:?}: {v}");
+    }
 }

@@ -1504,7 +1504,19 @@ mod host_diff {
             v
         };
         b[..8].copy_from_slice(&v.to_le_bytes());
-        let _ = size;
+        if size == 10 {
+            let hi = r.next();
+            b[8] = hi as u8;
+            b[9] = (hi >> 8) as u8;
+            if hi & 0x10000 != 0 {
+                // A valid packed BCD value: digits 0-9, sign byte 0x00 or 0x80.
+                for x in b.iter_mut().take(9) {
+                    let d = r.next();
+                    *x = ((d % 10) as u8) | ((((d >> 8) % 10) as u8) << 4);
+                }
+                b[9] &= 0x80;
+            }
+        }
         b
     }
 
@@ -1554,6 +1566,11 @@ mod host_diff {
     host_memop!(h_ficoms, "ficoms ({b})");
     host_memop!(h_fld_s, "fstp %st(0)\n flds ({b})");
     host_memop!(h_fld_l, "fstp %st(0)\n fldl ({b})");
+    host_memop!(h_fld_t, "fstp %st(0)\n fldt ({b})");
+    host_memop!(h_fbld, "fstp %st(0)\n fbld ({b})");
+    host_memop!(h_fild_s, "fstp %st(0)\n filds ({b})");
+    host_memop!(h_fild_l, "fstp %st(0)\n fildl ({b})");
+    host_memop!(h_fild_ll, "fstp %st(0)\n fildll ({b})");
 
     /// Runs `fninit; fldcw; fld tword [a]; <op> [b]; fnstsw ax; fnclex; fstp tword [r]`
     /// in the interpreter.
@@ -1574,7 +1591,7 @@ mod host_diff {
 
     #[test]
     fn memory_operand_ops_match_host() {
-        let cases: [(&str, Host, &[u8], usize, bool); 14] = [
+        let cases: [(&str, Host, &[u8], usize, bool); 19] = [
             ("fadd m32", h_fadds, &[0xd8, 0x06, 0x10, 0x20], 4, true),
             ("fadd m64", h_faddl, &[0xdc, 0x06, 0x10, 0x20], 8, true),
             ("fsubr m32", h_fsubrs, &[0xd8, 0x2e, 0x10, 0x20], 4, true),
@@ -1600,6 +1617,41 @@ mod host_diff {
                 &[0xdd, 0xd8, 0xdd, 0x06, 0x10, 0x20],
                 8,
                 true,
+            ),
+            (
+                "fld m80",
+                h_fld_t,
+                &[0xdd, 0xd8, 0xdb, 0x2e, 0x10, 0x20],
+                10,
+                false,
+            ),
+            (
+                "fbld",
+                h_fbld,
+                &[0xdd, 0xd8, 0xdf, 0x26, 0x10, 0x20],
+                10,
+                false,
+            ),
+            (
+                "fild m16",
+                h_fild_s,
+                &[0xdd, 0xd8, 0xdf, 0x06, 0x10, 0x20],
+                2,
+                false,
+            ),
+            (
+                "fild m32",
+                h_fild_l,
+                &[0xdd, 0xd8, 0xdb, 0x06, 0x10, 0x20],
+                4,
+                false,
+            ),
+            (
+                "fild m64",
+                h_fild_ll,
+                &[0xdd, 0xd8, 0xdf, 0x2e, 0x10, 0x20],
+                8,
+                false,
             ),
         ];
         let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
