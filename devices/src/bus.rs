@@ -79,6 +79,7 @@ pub struct PortBus {
     /// Sorted by `base`, non-overlapping.
     ranges: Vec<Range>,
     written: Option<Arc<AtomicBool>>,
+    fallback: Option<SharedDevice>,
 }
 
 impl PortBus {
@@ -137,6 +138,18 @@ impl PortBus {
         self.written = Some(flag);
     }
 
+    /// Sends accesses no registered range claims to `dev` (with the absolute port as
+    /// offset), whole when no registered range touches them: the subtractive decode of
+    /// a PCI bus, whose devices' I/O BARs move at run time. The fallback answers 0xff
+    /// for ports nothing decodes.
+    pub fn set_fallback(&mut self, dev: SharedDevice) {
+        self.fallback = Some(dev);
+    }
+
+    fn unclaimed(&self, port: u16, size: u8) -> bool {
+        (0..size as u16).all(|k| self.find(port.wrapping_add(k)).is_none())
+    }
+
     /// The name of the range holding `port`, if any.
     pub fn owner(&self, port: u16) -> Option<&str> {
         self.find(port).map(|i| self.ranges[i].name.as_str())
@@ -159,6 +172,14 @@ impl PortBus {
     }
 }
 
+fn mask(v: u32, size: u8) -> u32 {
+    if size >= 4 {
+        v
+    } else {
+        v & ((1 << (8 * size)) - 1)
+    }
+}
+
 fn norm_size(size: u8) -> u8 {
     match size {
         1 | 2 => size,
@@ -174,11 +195,14 @@ impl IoBus for PortBus {
             let mut buf = [0xffu8; 4];
             lock(&r.dev).read((port - r.origin) as u64, &mut buf[..size as usize]);
             let v = u32::from_le_bytes(buf);
-            return if size == 4 {
-                v
-            } else {
-                v & ((1 << (8 * size)) - 1)
-            };
+            return mask(v, size);
+        }
+        if let Some(f) = &self.fallback {
+            if self.unclaimed(port, size) {
+                let mut buf = [0xffu8; 4];
+                lock(f).read(port as u64, &mut buf[..size as usize]);
+                return mask(u32::from_le_bytes(buf), size);
+            }
         }
         if size == 1 {
             return 0xff;
@@ -202,6 +226,16 @@ impl IoBus for PortBus {
             let bytes = value.to_le_bytes();
             lock(&r.dev).write((port - r.origin) as u64, &bytes[..size as usize]);
             return;
+        }
+        if let Some(f) = &self.fallback {
+            if self.unclaimed(port, size) {
+                if let Some(w) = &self.written {
+                    w.store(true, Ordering::Relaxed);
+                }
+                let bytes = value.to_le_bytes();
+                lock(f).write(port as u64, &bytes[..size as usize]);
+                return;
+            }
         }
         if size == 1 {
             log::trace!("write to unclaimed port {port:#x}: {value:#x}");
@@ -314,6 +348,33 @@ mod tests {
         assert!(!f.load(Ordering::Relaxed));
         bus.io_write(0x43, 1, 0x34);
         assert!(f.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn fallback_gets_unclaimed_accesses_whole() {
+        let mut bus = PortBus::new();
+        let (_, d) = probe();
+        bus.register("dev", 0x60, 1, 0x60, Width::Bytes, d).unwrap();
+        let (fb, f) = probe();
+        bus.set_fallback(f);
+        assert_eq!(bus.io_read(0xc000, 4), 0x1312_1110);
+        assert_eq!(
+            fb.lock().unwrap().log.last().unwrap().1,
+            0xc000,
+            "absolute port"
+        );
+        bus.io_write(0xc002, 2, 0xbeef);
+        assert_eq!(
+            fb.lock().unwrap().log.last().unwrap(),
+            &('w', 0xc002, vec![0xef, 0xbe])
+        );
+        // Straddling a registered port: split; the claimed byte goes to its device.
+        assert_eq!(
+            bus.io_read(0x5f, 2),
+            0x106f,
+            "0x5f from the fallback, 0x60 from dev"
+        );
+        assert_eq!(bus.io_read(0x60, 1), 0x10);
     }
 
     #[test]

@@ -48,6 +48,13 @@
 //! | isa-debug-exit | [`debug`] | 0xf4-0xf7 (acts on 0xf4) | - |
 //! | 16550A COM1-COM4 | [`serial`] | 0x3f8, 0x2f8, 0x3e8, 0x2e8 (+8) | 4, 3, 4, 3 |
 //! | PCI host (i440FX, PIIX3) | [`pci`] | 0xcf8-0xcff (0xcf9 reset control) | - |
+//! | PCI I/O BARs | [`pci`] | any port nothing else claims | PIRQA-D routing |
+//!
+//! PCI devices: implement [`pci::PciFunction`], `pc.pci.lock().add(slot, 0, dev)`, give
+//! the device [`PcPlatform::pci_intx`] for its interrupt, and map
+//! [`PcPlatform::pci_mmio_window`] at [`pci::PCI_MMIO_BASE`] in the physical memory map
+//! (`phys.add_mmio(PCI_MMIO_BASE, PCI_MMIO_LEN, pc.pci_mmio_window())`) so memory
+//! BARs are reachable. I/O BARs are reached through the port bus fallback.
 //!
 //! Threads and locks: every device sits in its own `Arc<Mutex<..>>`; the bus locks one
 //! device per access. A device may drive its [`irq::IrqLine`] while holding its own lock
@@ -243,6 +250,8 @@ impl PcPlatform {
 
         let pci = Arc::new(Mutex::new(pci::PciHost::new(control.clone())));
         io.register("pci", 0xcf8, 8, 0xcf8, Width::Any, pci.clone())?;
+        // Ports nobody claims are decoded by the PCI devices' I/O BARs.
+        io.set_fallback(Arc::new(Mutex::new(pci::PciIoWindow(pci.clone()))));
 
         Ok(PcPlatform {
             io: Some(io),
@@ -269,6 +278,17 @@ impl PcPlatform {
     /// Hands the port bus over (once) for `cpu.io`.
     pub fn take_io_bus(&mut self) -> Option<PortBus> {
         self.io.take()
+    }
+
+    /// The PCI memory hole as an MMIO device, to map in the physical memory map at
+    /// [`pci::PCI_MMIO_BASE`] for [`pci::PCI_MMIO_LEN`] bytes (memory BARs live there).
+    pub fn pci_mmio_window(&self) -> Box<dyn morph86_mmu::BusDevice> {
+        Box::new(pci::PciMmioWindow(self.pci.clone()))
+    }
+
+    /// The INTx# `pin` (1 = INTA#) of a PCI device at slot `dev`, routed by the PIIX3.
+    pub fn pci_intx(&self, dev: u8, pin: u8) -> pci::PciIntx {
+        lock(&self.pci).intx(&self.interrupts, dev, pin)
     }
 
     /// The input queue of COM`n+1`, if present.

@@ -21,6 +21,7 @@ use morph86_mmu::BusDevice;
 
 use crate::bus::lock;
 use crate::control::{PlatformControl, ResetSource};
+use crate::irq::{InterruptController, IrqLine};
 
 /// Configuration address port.
 pub const PORT_CONFIG_ADDRESS: u16 = 0xcf8;
@@ -275,6 +276,18 @@ pub trait PciFunction: Send {
     fn config_write(&mut self, off: u8, size: usize, value: u32) {
         self.config_mut().write(off, size, value);
     }
+    /// A guest read inside BAR `bar` (I/O or memory) at `offset` from its base.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        log::debug!("pci: read of BAR {bar} +{offset:#x} not handled");
+        data.fill(0xff);
+    }
+    /// A guest write inside BAR `bar` at `offset` from its base.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        log::debug!(
+            "pci: write of {} bytes to BAR {bar} +{offset:#x} not handled",
+            data.len()
+        );
+    }
 }
 
 /// A PCI function with nothing but its configuration space (host bridge, ISA bridge).
@@ -340,6 +353,91 @@ pub enum PciError {
         /// Function number.
         func: u8,
     },
+}
+
+fn pirq_route_of(isa: &Mutex<PlainFunction>, n: usize) -> Option<u8> {
+    let r = lock(isa).cfg.get8(PIIX3_PIRQRC + (n as u8 & 3));
+    let irq = r & PIRQ_IRQ;
+    // IRQs 0-2, 8 and 13 are reserved in PIRQRC.
+    (r & PIRQ_DISABLE == 0 && !matches!(irq, 0..=2 | 8 | 13)).then_some(irq)
+}
+
+/// Start of the PCI memory hole (below it: RAM; see [`crate::rtc::LOW_RAM_MAX`]).
+pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
+/// Length of the PCI memory window (up to the I/O APIC at 0xfec0_0000).
+pub const PCI_MMIO_LEN: u64 = 0xfec0_0000 - PCI_MMIO_BASE;
+
+/// The port bus fallback: I/O accesses nothing else claims go to PCI I/O BARs.
+pub struct PciIoWindow(pub Arc<Mutex<PciHost>>);
+
+impl BusDevice for PciIoWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.0).io_read(offset as u16, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.0).io_write(offset as u16, data);
+    }
+}
+
+/// The PCI memory hole as an MMIO region: map it at [`PCI_MMIO_BASE`] with length
+/// [`PCI_MMIO_LEN`] in the physical memory map; accesses go to memory BARs.
+pub struct PciMmioWindow(pub Arc<Mutex<PciHost>>);
+
+impl BusDevice for PciMmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.0).mem_read(PCI_MMIO_BASE + offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.0).mem_write(PCI_MMIO_BASE + offset, data);
+    }
+}
+
+#[derive(Default)]
+struct IntxState {
+    /// The IRQ the pin is asserted on, if asserted.
+    asserted_on: Option<u8>,
+    lines: BTreeMap<u8, IrqLine>,
+}
+
+/// A PCI function's INTx# pin, routed through PIRQA-D to whatever ISA IRQ the guest
+/// programmed in the PIIX3. Level-triggered and shareable; cheap to clone. A change of
+/// routing takes effect at the next [`PciIntx::set`].
+#[derive(Clone)]
+pub struct PciIntx {
+    isa_bridge: Arc<Mutex<PlainFunction>>,
+    ic: InterruptController,
+    pirq: usize,
+    state: Arc<Mutex<IntxState>>,
+}
+
+impl PciIntx {
+    /// Asserts (`true`) or deasserts the pin.
+    pub fn set(&self, level: bool) {
+        let route = pirq_route_of(&self.isa_bridge, self.pirq);
+        let mut s = lock(&self.state);
+        if let Some(old) = s.asserted_on {
+            if !level || Some(old) != route {
+                if let Some(l) = s.lines.get(&old) {
+                    l.lower();
+                }
+                s.asserted_on = None;
+            }
+        }
+        if level {
+            if let Some(irq) = route {
+                let ic = &self.ic;
+                s.lines.entry(irq).or_insert_with(|| ic.line(irq)).raise();
+                s.asserted_on = Some(irq);
+            } else {
+                log::debug!("pci: INTx on PIRQ{} asserted but not routed", self.pirq);
+            }
+        }
+    }
+
+    /// The PIRQ (0-3) this pin lands on.
+    pub fn pirq(&self) -> usize {
+        self.pirq
+    }
 }
 
 /// Saved state of the PCI host.
@@ -448,12 +546,79 @@ impl PciHost {
 
     /// The ISA IRQ that PIRQ `n` (0-3 = PIRQA-D) is routed to, if enabled.
     pub fn pirq_route(&self, n: usize) -> Option<u8> {
-        let r = lock(&self.isa_bridge)
-            .cfg
-            .get8(PIIX3_PIRQRC + (n as u8 & 3));
-        let irq = r & PIRQ_IRQ;
-        // IRQs 0-2, 8 and 13 are reserved in PIRQRC.
-        (r & PIRQ_DISABLE == 0 && !matches!(irq, 0..=2 | 8 | 13)).then_some(irq)
+        pirq_route_of(&self.isa_bridge, n)
+    }
+
+    /// An interrupt pin for the function at `dev` using INTx# `pin` (1 = INTA#): it
+    /// follows the PIIX3 routing the guest programs.
+    pub fn intx(&self, ic: &InterruptController, dev: u8, pin: u8) -> PciIntx {
+        PciIntx {
+            isa_bridge: self.isa_bridge.clone(),
+            ic: ic.clone(),
+            pirq: Self::swizzle(dev, pin),
+            state: Arc::new(Mutex::new(IntxState::default())),
+        }
+    }
+
+    /// Runs `f` on the function whose enabled BAR of the given space holds `addr..addr+len`.
+    fn bar_access(
+        &self,
+        io: bool,
+        addr: u64,
+        len: usize,
+        f: impl FnOnce(&mut dyn PciFunction, usize, u64),
+    ) -> bool {
+        for func in self.functions.values() {
+            let mut g = lock(func);
+            let hit = (0..6).find_map(|n| {
+                let cfg = g.config();
+                let bar = cfg.bars[n]?;
+                if (bar.kind == BarKind::Io) != io {
+                    return None;
+                }
+                let base = cfg.bar_address(n)? as u64;
+                let inside =
+                    base != 0 && addr >= base && addr + len as u64 <= base + bar.size as u64;
+                inside.then_some((n, addr - base))
+            });
+            if let Some((n, off)) = hit {
+                f(&mut *g, n, off);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A guest I/O read the port bus did not claim (see [`PciIoWindow`]).
+    pub fn io_read(&self, port: u16, data: &mut [u8]) {
+        if !self.bar_access(true, port as u64, data.len(), |f, n, off| {
+            f.bar_read(n, off, data)
+        }) {
+            data.fill(0xff);
+        }
+    }
+
+    /// A guest I/O write the port bus did not claim.
+    pub fn io_write(&self, port: u16, data: &[u8]) {
+        self.bar_access(true, port as u64, data.len(), |f, n, off| {
+            f.bar_write(n, off, data)
+        });
+    }
+
+    /// A guest memory read in the PCI hole (see [`PciMmioWindow`]).
+    pub fn mem_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.bar_access(false, addr, data.len(), |f, n, off| {
+            f.bar_read(n, off, data)
+        }) {
+            data.fill(0xff);
+        }
+    }
+
+    /// A guest memory write in the PCI hole.
+    pub fn mem_write(&self, addr: u64, data: &[u8]) {
+        self.bar_access(false, addr, data.len(), |f, n, off| {
+            f.bar_write(n, off, data)
+        });
     }
 
     /// The PIRQ a device's INTx# pin lands on with the usual swizzle: (pin - 1 + dev) % 4.
@@ -702,6 +867,123 @@ mod tests {
         assert_eq!(c.io_read(0xcf8, 4), cfg_addr(1, 0, 0x60));
         assert_eq!(c.io_read(0xcfc, 4), 0x8009_0b0a);
         assert_eq!(host2.lock().unwrap().pirq_route(0), Some(10));
+    }
+
+    /// A test device with one I/O BAR (16 bytes) and one memory BAR (4 KiB) of scratch
+    /// registers, and an INTx pin driven by writes to I/O offset 15.
+    struct Scratch {
+        cfg: PciConfig,
+        io: [u8; 16],
+        mem: Vec<u8>,
+        intx: Option<PciIntx>,
+    }
+    impl PciFunction for Scratch {
+        fn config(&self) -> &PciConfig {
+            &self.cfg
+        }
+        fn config_mut(&mut self) -> &mut PciConfig {
+            &mut self.cfg
+        }
+        fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
+            let src: &[u8] = if bar == 0 { &self.io } else { &self.mem };
+            for (k, b) in data.iter_mut().enumerate() {
+                *b = src[off as usize + k];
+            }
+        }
+        fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
+            let dst: &mut [u8] = if bar == 0 {
+                &mut self.io
+            } else {
+                &mut self.mem
+            };
+            dst[off as usize..off as usize + data.len()].copy_from_slice(data);
+            if bar == 0 && off == 15 {
+                if let Some(i) = &self.intx {
+                    i.set(data[0] & 1 != 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bars_decode_io_and_memory_and_intx_follows_pirq_routing() {
+        let ctl = PlatformControl::new();
+        let host = Arc::new(Mutex::new(PciHost::new(ctl)));
+        let ic = InterruptController::new();
+        {
+            let p = ic.ports();
+            let mut p = p.lock().unwrap();
+            for (port, v) in [
+                (0x20, 0x11),
+                (0x21, 0x08),
+                (0x21, 4),
+                (0x21, 1),
+                (0xa0, 0x11),
+                (0xa1, 0x70),
+                (0xa1, 2),
+                (0xa1, 1),
+                (0x21, 0),
+                (0xa1, 0),
+                (0x4d1, 0b0000_1000), // IRQ11 level, as PCI interrupts are
+            ] {
+                p.write(port, &[v]);
+            }
+        }
+        let mut cfg = PciConfig::new(0x1234, 0x5678, 0xff_00_00, 0, 0);
+        cfg.set_bar(0, BarKind::Io, 16);
+        cfg.set_bar(
+            1,
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            4096,
+        );
+        cfg.set8(CFG_INTERRUPT_PIN, 1);
+        let intx = host.lock().unwrap().intx(&ic, 3, 1);
+        assert_eq!(intx.pirq(), 3);
+        let dev = Arc::new(Mutex::new(Scratch {
+            cfg,
+            io: [0; 16],
+            mem: vec![0; 4096],
+            intx: Some(intx),
+        }));
+        host.lock().unwrap().add(3, 0, dev).unwrap();
+        let mut b = PortBus::new();
+        b.register("pci", 0xcf8, 8, 0xcf8, Width::Any, host.clone())
+            .unwrap();
+        b.set_fallback(Arc::new(Mutex::new(PciIoWindow(host.clone()))));
+        let mut mmio = PciMmioWindow(host.clone());
+        // Firmware assigns the BARs, then enables decoding.
+        b.io_write(0xcf8, 4, cfg_addr(3, 0, 0x10));
+        b.io_write(0xcfc, 4, 0xc000);
+        b.io_write(0xcf8, 4, cfg_addr(3, 0, 0x14));
+        b.io_write(0xcfc, 4, 0xfeb0_0000);
+        assert_eq!(b.io_read(0xc004, 4), 0xffff_ffff, "decoding still off");
+        b.io_write(0xcf8, 4, cfg_addr(3, 0, 0x04));
+        b.io_write(0xcfc, 2, (CMD_IO | CMD_MEM) as u32);
+        b.io_write(0xc004, 4, 0xdead_beef);
+        assert_eq!(b.io_read(0xc004, 4), 0xdead_beef);
+        assert_eq!(b.io_read(0xc010, 1), 0xff, "past the BAR");
+        mmio.write(0xfeb0_0010 - PCI_MMIO_BASE, &[1, 2, 3, 4]);
+        let mut d = [0u8; 4];
+        mmio.read(0xfeb0_0010 - PCI_MMIO_BASE, &mut d);
+        assert_eq!(d, [1, 2, 3, 4]);
+        mmio.read(0xfeb0_1000 - PCI_MMIO_BASE, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        // INTA# of device 3 lands on PIRQD; unrouted, nothing happens.
+        b.io_write(0xc00f, 1, 1);
+        assert!(!ic.pending());
+        b.io_write(0xc00f, 1, 0);
+        b.io_write(0xcf8, 4, cfg_addr(1, 0, 0x60));
+        b.io_write(0xcff, 1, 11); // PIRQRD -> IRQ11
+        b.io_write(0xc00f, 1, 1);
+        assert!(ic.pending());
+        assert_eq!(ic.acknowledge(), 0x73);
+        b.io_write(0xc00f, 1, 0);
+        let p = ic.ports();
+        p.lock().unwrap().write(0xa0, &[0x20]);
+        p.lock().unwrap().write(0x20, &[0x20]);
+        assert!(!ic.pending(), "level deasserted");
     }
 
     #[test]

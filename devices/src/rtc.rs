@@ -112,7 +112,7 @@ pub const ALARM_DONT_CARE: u8 = 0b1100_0000;
 pub const INDEX_NMI_DISABLE: u8 = 0b1000_0000;
 
 /// RAM above this address is placed above 4 GiB (the PCI hole starts here).
-pub const LOW_RAM_MAX: u64 = 0xe000_0000;
+pub const LOW_RAM_MAX: u64 = crate::pci::PCI_MMIO_BASE;
 
 const NS: i128 = 1_000_000_000;
 /// UIP rises this long before the second boundary (tBUC).
