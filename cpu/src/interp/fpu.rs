@@ -148,10 +148,9 @@ impl Cpu {
                 _ => break,
             }
         }
-        if (0xd8..=0xdf).contains(&b[k]) {
-            (((b[k] & 7) as u16) << 8) | b[k + 1] as u16
-        } else {
-            0
+        match (b[k], b.get(k + 1)) {
+            (op @ 0xd8..=0xdf, Some(&modrm)) => (((op & 7) as u16) << 8) | modrm as u16,
+            _ => 0,
         }
     }
 
@@ -1377,6 +1376,40 @@ mod tests {
         run(&mut c, &[0xdb, 0xe3, 0xd9, 0x26, 0x00, 0x21]).unwrap();
         assert_eq!(c.s.fpu.tw, saved.tw);
         assert_eq!(c.s.fpu.top(), 6);
+    }
+
+    #[test]
+    fn env_32bit_real_mode_layout() {
+        let mut c = cpu();
+        // CS = 0x1234 so that FIP's linear address has bits above 15.
+        c.s.seg[SegReg::Cs as usize] = crate::state::Segment::real(0x1234);
+        let lin = 0x12340 + CODE;
+        c.mmu
+            .phys
+            .write(lin, &[0xd9, 0xe8, 0x66, 0xd9, 0x36, 0x00, 0x21]);
+        c.dcache.clear();
+        c.s.rip = CODE;
+        for _ in 0..2 {
+            c.start_rip = c.s.rip;
+            let i = c.fetch_decode().unwrap();
+            c.execute(&i).unwrap();
+        }
+        let env = rd(&mut c, DATA + 0x100, 28);
+        let w = |k: usize| u32::from_le_bytes(env[4 * k..4 * k + 4].try_into().unwrap());
+        assert_eq!(w(0), 0xffff_037f);
+        // FLD1 at 1234:1000 → linear 0x13340; FOP 0x1e8.
+        assert_eq!(w(3), 0xffff_0000 | 0x3340);
+        assert_eq!(w(4), (0x1 << 12) | 0x1e8);
+        // Round trip through FLDENV with the same layout.
+        c.s.fpu.init();
+        c.mmu.phys.write(lin + 7, &[0x66, 0xd9, 0x26, 0x00, 0x21]);
+        c.dcache.clear();
+        c.start_rip = c.s.rip;
+        let i = c.fetch_decode().unwrap();
+        c.execute(&i).unwrap();
+        assert_eq!(c.s.fpu.fip, 0x13340);
+        assert_eq!(c.s.fpu.fop, 0x1e8);
+        assert_eq!(c.s.fpu.top(), 7);
     }
 
     #[test]
