@@ -560,6 +560,14 @@ impl Ctx {
         if x.sign() && kx != Kind::Zero {
             return self.invalid();
         }
+        // Finite nonzero y with x = 0: ZE alone, even for a denormal y (measured).
+        if kx == Kind::Zero && ky == Kind::Finite {
+            self.flags |= ZE;
+            if !self.masked(ZE) {
+                return None;
+            }
+            return Some(F80::inf(!y.sign()));
+        }
         if y.is_denormal() || x.is_denormal() {
             self.flags |= DE;
             if !self.masked(DE) {

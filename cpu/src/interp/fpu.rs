@@ -185,6 +185,17 @@ impl Cpu {
         self.write_lin_bytes(lin, data, user)
     }
 
+    /// Checks that the memory operand (if any) could be written, without writing.
+    fn fpu_probe_dest(&mut self, i: &Instruction) -> Res<()> {
+        if i.op_kind(0) != OpKind::Memory {
+            return Ok(());
+        }
+        let size = i.memory_size().size() as u32;
+        let seg = self.mem_seg(i);
+        let off = self.ea(i);
+        self.probe_write_mem(seg, off, size)
+    }
+
     /// Reads the floating-point, integer or BCD memory operand and converts it to
     /// extended (exactly). Flags from the conversion go to `ctx`.
     /// With `operand`, single/double values are converted as operands of an arithmetic
@@ -435,7 +446,8 @@ impl Cpu {
     /// Pushes `v` computed under `ctx`, with the stack-overflow check.
     fn fpu_push_value(&mut self, mut ctx: Ctx, v: F80) {
         let mut v = v;
-        if !self.s.fpu.empty(7) {
+        // An empty source (underflow, C1=0) is reported in preference to the overflow.
+        if !self.s.fpu.empty(7) && ctx.flags & SF == 0 {
             ctx.flags = (ctx.flags & !(SW_EXC | C1)) | stack_fault(true);
             v = F80::INDEFINITE;
         }
@@ -464,6 +476,9 @@ impl Cpu {
 
     /// FST/FSTP to memory or ST(i).
     fn fpu_fst(&mut self, i: &Instruction, pop: bool) -> Res<()> {
+        // The destination is checked (segment, paging) even when an unmasked exception
+        // then suppresses the store (measured on the host).
+        self.fpu_probe_dest(i)?;
         let mut ctx = Ctx::new(self.s.fpu.cw);
         let empty = self.s.fpu.empty(0);
         let src = if empty {
@@ -517,6 +532,7 @@ impl Cpu {
 
     /// FIST/FISTP m16/m32/m64.
     fn fpu_fist(&mut self, i: &Instruction, pop: bool) -> Res<()> {
+        self.fpu_probe_dest(i)?;
         let mut ctx = Ctx::new(self.s.fpu.cw);
         let size = i.memory_size().size() as u32;
         let v = if self.s.fpu.empty(0) {
@@ -545,6 +561,7 @@ impl Cpu {
 
     /// FBSTP m80bcd.
     fn fpu_fbstp(&mut self, i: &Instruction) -> Res<()> {
+        self.fpu_probe_dest(i)?;
         let mut ctx = Ctx::new(self.s.fpu.cw);
         let bytes = if self.s.fpu.empty(0) {
             ctx.flags |= stack_fault(false);
@@ -798,6 +815,10 @@ impl Cpu {
         }
         let (a, b) = (f.st(0), f.st(1));
         let r = ctx.prem(a, b, ieee);
+        // No result (unmasked invalid/denormal): the reduction counts as complete.
+        if r.is_none() || ctx.pre_fault() {
+            self.fpu_set_cc(self.s.fpu.sw & (SW_CC & !SW_C2));
+        }
         if let Some((v, q, partial)) = r {
             if !ctx.pre_fault() {
                 self.s.fpu.set_st(0, v);
@@ -829,10 +850,9 @@ impl Cpu {
             ctx.flags = stack_fault(false);
             if ctx.masked(IE) {
                 self.s.fpu.set_st(0, F80::INDEFINITE);
-                self.fpu_push_value(ctx, F80::INDEFINITE);
-            } else {
-                self.fpu_commit(&ctx);
+                self.s.fpu.push(F80::INDEFINITE);
             }
+            self.fpu_commit(&ctx);
             return;
         }
         if !f.empty(7) {
@@ -1102,7 +1122,7 @@ impl Cpu {
         }
         let seg = self.mem_seg(i);
         let off = self.ea(i);
-        let lin = self.seg_linear(seg, off, 512, rstor)?;
+        let lin = self.seg_linear(seg, off, 512, !rstor)?;
         if lin & 15 != 0 {
             return Err(Exception::gp(0));
         }
@@ -1164,13 +1184,15 @@ impl Cpu {
             b[o..o + 8].copy_from_slice(&self.s.sse.xmm[k][0].to_le_bytes());
             b[o + 8..o + 16].copy_from_slice(&self.s.sse.xmm[k][1].to_le_bytes());
         }
+        // The whole 512-byte area is checked before anything is stored.
+        let user = self.user();
+        self.mmu
+            .probe_write(lin, 512, user)
+            .map_err(|pf| self.page_fault(pf))?;
         if sse {
             self.fpu_write_bytes(i, 0, &b)
         } else {
             // Without CR4.OSFXSR, MXCSR and the XMM registers are not saved.
-            self.mmu
-                .probe_write(lin, 512, self.s.cpl == 3)
-                .map_err(|pf| self.page_fault(pf))?;
             self.fpu_write_bytes(i, 0, &b[..24])?;
             self.fpu_write_bytes(i, 32, &b[32..160])
         }
