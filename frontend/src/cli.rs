@@ -40,7 +40,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<String>,
     /// Kernel command line.
-    #[arg(long, value_name = "CMDLINE", default_value = "", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "CMDLINE",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
     pub append: String,
     /// Raw firmware image, mapped at the top of 4 GiB and aliased below 1 MiB.
     #[arg(long, value_name = "FILE")]
@@ -103,15 +108,49 @@ pub struct Args {
 
 /// Long options that QEMU spells with a single dash.
 const LONG: &[&str] = &[
-    "kernel", "initrd", "append", "bios", "hda", "cdrom", "drive", "boot", "nographic", "display",
-    "serial", "netdev", "device", "gdb", "snapshot", "no-reboot", "accel", "stats", "max-instructions",
-    "help", "version",
+    "kernel",
+    "initrd",
+    "append",
+    "bios",
+    "hda",
+    "cdrom",
+    "drive",
+    "boot",
+    "nographic",
+    "display",
+    "serial",
+    "netdev",
+    "device",
+    "gdb",
+    "snapshot",
+    "no-reboot",
+    "accel",
+    "stats",
+    "max-instructions",
+    "help",
+    "version",
 ];
 
 /// Options whose next argument is their value (so it is never taken for an option).
 const TAKES_VALUE: &[&str] = &[
-    "m", "kernel", "initrd", "append", "bios", "hda", "cdrom", "drive", "boot", "display", "serial",
-    "netdev", "device", "gdb", "accel", "d", "D", "max-instructions",
+    "m",
+    "kernel",
+    "initrd",
+    "append",
+    "bios",
+    "hda",
+    "cdrom",
+    "drive",
+    "boot",
+    "display",
+    "serial",
+    "netdev",
+    "device",
+    "gdb",
+    "accel",
+    "d",
+    "D",
+    "max-instructions",
 ];
 
 /// Rewrites `-kernel` into `--kernel` (`-m`, `-d`, `-D` and `-S` stay short options).
@@ -169,18 +208,33 @@ mod tests {
     use super::*;
 
     fn parse(v: &[&str]) -> Result<Args, clap::Error> {
-        let v = normalize(v.iter().map(|s| s.to_string())).map_err(|e| {
-            clap::Error::raw(clap::error::ErrorKind::UnknownArgument, e)
-        })?;
+        let v = normalize(v.iter().map(|s| s.to_string()))
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::UnknownArgument, e))?;
         Args::try_parse_from(v)
     }
 
     #[test]
     fn qemu_spellings_parse() {
         let a = parse(&[
-            "morph86", "-m", "256", "-kernel", "vmlinuz", "-initrd", "r.cpio.gz", "-append",
-            "console=ttyS0 quiet", "-nographic", "-no-reboot", "-accel", "interp", "-serial",
-            "file:log.txt", "-device", "isa-debug-exit", "-d", "post",
+            "morph86",
+            "-m",
+            "256",
+            "-kernel",
+            "vmlinuz",
+            "-initrd",
+            "r.cpio.gz",
+            "-append",
+            "console=ttyS0 quiet",
+            "-nographic",
+            "-no-reboot",
+            "-accel",
+            "interp",
+            "-serial",
+            "file:log.txt",
+            "-device",
+            "isa-debug-exit",
+            "-d",
+            "post",
         ])
         .unwrap();
         assert_eq!(a.kernel.unwrap().to_str(), Some("vmlinuz"));

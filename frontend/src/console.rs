@@ -50,48 +50,51 @@ where
     B: Fn(&[u8]) + Send + 'static,
     Q: Fn() + Send + 'static,
 {
-    std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 256];
-        let mut out = Vec::with_capacity(256);
-        let mut ctrl_a = false;
-        loop {
-            let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    if escapes {
-                        on_quit();
-                    }
-                    return;
-                }
-                Ok(n) => n,
-            };
-            out.clear();
-            for &b in &buf[..n] {
-                if escapes && ctrl_a {
-                    ctrl_a = false;
-                    match b {
-                        b'x' | b'X' => {
-                            on_byte(&out);
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 256];
+            let mut out = Vec::with_capacity(256);
+            let mut ctrl_a = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        if escapes {
                             on_quit();
-                            return;
                         }
-                        0x01 => out.push(0x01),
-                        b'h' | b'H' => {
-                            let mut e = std::io::stderr();
-                            let _ = write!(e, "\r\nC-a x    exit morph86\r\nC-a C-a  send C-a\r\n");
-                        }
-                        _ => {}
+                        return;
                     }
-                } else if escapes && b == 0x01 {
-                    ctrl_a = true;
-                } else {
-                    out.push(b);
+                    Ok(n) => n,
+                };
+                out.clear();
+                for &b in &buf[..n] {
+                    if escapes && ctrl_a {
+                        ctrl_a = false;
+                        match b {
+                            b'x' | b'X' => {
+                                on_byte(&out);
+                                on_quit();
+                                return;
+                            }
+                            0x01 => out.push(0x01),
+                            b'h' | b'H' => {
+                                let mut e = std::io::stderr();
+                                let _ =
+                                    write!(e, "\r\nC-a x    exit morph86\r\nC-a C-a  send C-a\r\n");
+                            }
+                            _ => {}
+                        }
+                    } else if escapes && b == 0x01 {
+                        ctrl_a = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                if !out.is_empty() {
+                    on_byte(&out);
                 }
             }
-            if !out.is_empty() {
-                on_byte(&out);
-            }
-        }
-    })?;
+        })?;
     Ok(())
 }

@@ -7,11 +7,27 @@ use std::sync::Mutex;
 
 /// The `-d` items we understand, with the log targets (module prefixes) they enable.
 pub const ITEMS: &[(&str, &[&str], &str)] = &[
-    ("post", &["morph86_devices::debug"], "POST codes written to port 0x80"),
-    ("int", &["morph86_cpu::interrupts"], "interrupts and exceptions"),
+    (
+        "post",
+        &["morph86_devices::debug"],
+        "POST codes written to port 0x80",
+    ),
+    (
+        "int",
+        &["morph86_cpu::interrupts"],
+        "interrupts and exceptions",
+    ),
     ("cpu_reset", &["morph86::machine"], "CPU resets"),
-    ("unimp", &["morph86_cpu::interp", "morph86_devices"], "unimplemented features"),
-    ("guest_errors", &["morph86_devices", "morph86_cpu"], "guest errors"),
+    (
+        "unimp",
+        &["morph86_cpu::interp", "morph86_devices"],
+        "unimplemented features",
+    ),
+    (
+        "guest_errors",
+        &["morph86_devices", "morph86_cpu"],
+        "guest errors",
+    ),
     ("all", &["morph86"], "everything"),
 ];
 
@@ -56,7 +72,8 @@ pub fn init(items: Option<&str>, file: Option<&std::path::Path>) -> Result<(), S
     }
     let out: Box<dyn Write + Send> = match file {
         Some(p) => Box::new(
-            std::fs::File::create(p).map_err(|e| format!("cannot create log file {}: {e}", p.display()))?,
+            std::fs::File::create(p)
+                .map_err(|e| format!("cannot create log file {}: {e}", p.display()))?,
         ),
         None => Box::new(std::io::stderr()),
     };

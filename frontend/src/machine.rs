@@ -78,7 +78,9 @@ impl BootImages {
         };
         let mut initrd = Vec::new();
         if let Some(list) = &args.initrd {
-            let linux = kernel.as_ref().is_some_and(|(_, k)| loader::linux::is_bzimage(k));
+            let linux = kernel
+                .as_ref()
+                .is_some_and(|(_, k)| loader::linux::is_bzimage(k));
             if linux {
                 initrd.push((list.clone(), read(Path::new(list))?, String::new()));
             } else {
@@ -112,10 +114,25 @@ impl BootImages {
             return Ok(None);
         };
         if loader::linux::is_bzimage(img) {
-            let rd = self.initrd.first().map(|(n, d, _)| (n.as_str(), d.as_slice()));
-            Ok(Some(loader::linux::load(phys, name, img, rd, &self.append)?))
+            let rd = self
+                .initrd
+                .first()
+                .map(|(n, d, _)| (n.as_str(), d.as_slice()));
+            Ok(Some(loader::linux::load(
+                phys,
+                name,
+                img,
+                rd,
+                &self.append,
+            )?))
         } else if loader::multiboot::find_header(img).is_some() {
-            Ok(Some(loader::multiboot::load(phys, name, img, &self.initrd, &self.append)?))
+            Ok(Some(loader::multiboot::load(
+                phys,
+                name,
+                img,
+                &self.initrd,
+                &self.append,
+            )?))
         } else {
             Err(LoadError::UnknownFormat(name.clone()))
         }
@@ -155,7 +172,8 @@ fn parse_serial(s: &str) -> Result<SerialSpec, MachineError> {
 
 /// Builds the machine described by `args` and runs it to the end.
 pub fn run(args: Args) -> Result<ExitCode, MachineError> {
-    crate::logging::init(args.debug.as_deref(), args.logfile.as_deref()).map_err(MachineError::Usage)?;
+    crate::logging::init(args.debug.as_deref(), args.logfile.as_deref())
+        .map_err(MachineError::Usage)?;
     let ram = parse_mem(&args.memory).map_err(MachineError::Usage)?;
     if ram < (1 << 20) {
         return Err(MachineError::Usage(format!(
@@ -183,7 +201,9 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
         }
     }
     if args.display == Some(Display::Sdl) {
-        return Err(MachineError::Usage("-display sdl is not supported yet (use -display none)".into()));
+        return Err(MachineError::Usage(
+            "-display sdl is not supported yet (use -display none)".into(),
+        ));
     }
     if args.accel == Accel::Jit {
         log::warn!("the JIT is not wired in yet; running with -accel interp");
@@ -193,7 +213,11 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     let entry = images.load(&mut phys, true)?;
 
     // Serial ports: COM1 defaults to the terminal unless -display none leaves it out.
-    let mut specs: Vec<SerialSpec> = args.serial.iter().map(|s| parse_serial(s)).collect::<Result<_, _>>()?;
+    let mut specs: Vec<SerialSpec> = args
+        .serial
+        .iter()
+        .map(|s| parse_serial(s))
+        .collect::<Result<_, _>>()?;
     if specs.is_empty() {
         specs.push(if args.display == Some(Display::None) && !args.nographic {
             SerialSpec::None
@@ -228,7 +252,10 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
     let mut cpu = Cpu::new(Mmu::new(phys));
-    cpu.io = Box::new(pc.take_io_bus().ok_or_else(|| MachineError::Host("no I/O bus".into()))?);
+    cpu.io = Box::new(
+        pc.take_io_bus()
+            .ok_or_else(|| MachineError::Host("no I/O bus".into()))?,
+    );
     cpu.intr = Some(Box::new(Intr(pc.interrupts.clone())));
     if let Some(e) = entry {
         e.apply(&mut cpu);
@@ -266,7 +293,9 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
         .name("vcpu".into())
         .spawn(move || vcpu_loop(cpu, pc, images, quit, no_reboot, limit, stats))
         .map_err(|e| MachineError::Host(e.to_string()))?;
-    let code = vcpu.join().map_err(|_| MachineError::Host("the vCPU thread panicked".into()))?;
+    let code = vcpu
+        .join()
+        .map_err(|_| MachineError::Host("the vCPU thread panicked".into()))?;
     Ok(code)
 }
 
@@ -351,7 +380,21 @@ fn vcpu_loop(
         }
     };
     if stats {
-        eprintln!("{:?}", cpu.stats);
+        let st = &cpu.stats;
+        eprintln!(
+            "morph86: {} instructions, {} exceptions, {} interrupts, decode cache {} hits / {} misses",
+            st.instructions, st.exceptions, st.interrupts, st.decode_hits, st.decode_misses
+        );
+        eprintln!(
+            "morph86: stopped at {:04x}:{:08x} cr0={:08x} cr3={:08x} cr4={:08x} eflags={:08x} cpl={}",
+            cpu.s.seg[morph86_cpu::SegReg::Cs as usize].selector,
+            cpu.s.rip,
+            cpu.s.cr0,
+            cpu.s.cr3,
+            cpu.s.cr4,
+            cpu.s.eflags(),
+            cpu.s.cpl
+        );
     }
     code
 }

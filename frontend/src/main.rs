@@ -5,8 +5,8 @@
 //! with one clear line on stderr and a non-zero exit status; never a panic.
 
 mod cli;
-mod loader;
 mod console;
+mod loader;
 mod logging;
 mod machine;
 

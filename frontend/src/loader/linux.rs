@@ -58,7 +58,11 @@ pub fn load(
     }
     let version = u16_at(image, OFF_VERSION);
     if version < 0x0204 {
-        return Err(LoadError::OldProtocol(name.into(), version >> 8, version & 0xff));
+        return Err(LoadError::OldProtocol(
+            name.into(),
+            version >> 8,
+            version & 0xff,
+        ));
     }
     let mut setup_sects = image[OFF_SETUP_SECTS] as usize;
     if setup_sects == 0 {
@@ -66,7 +70,10 @@ pub fn load(
     }
     let setup_len = (setup_sects + 1) * 512;
     if image.len() <= setup_len {
-        return Err(LoadError::Truncated(name.into(), "no protected-mode kernel after the setup code"));
+        return Err(LoadError::Truncated(
+            name.into(),
+            "no protected-mode kernel after the setup code",
+        ));
     }
     if image[OFF_LOADFLAGS] & LOADED_HIGH == 0 {
         return Err(LoadError::UnknownFormat(name.into()));
@@ -117,8 +124,10 @@ pub fn load(
         match addr {
             Some(a) if a >= kend && !rd.is_empty() => {
                 mem.write(a, rd);
-                bp[OFF_RAMDISK_IMAGE..OFF_RAMDISK_IMAGE + 4].copy_from_slice(&(a as u32).to_le_bytes());
-                bp[OFF_RAMDISK_SIZE..OFF_RAMDISK_SIZE + 4].copy_from_slice(&(size as u32).to_le_bytes());
+                bp[OFF_RAMDISK_IMAGE..OFF_RAMDISK_IMAGE + 4]
+                    .copy_from_slice(&(a as u32).to_le_bytes());
+                bp[OFF_RAMDISK_SIZE..OFF_RAMDISK_SIZE + 4]
+                    .copy_from_slice(&(size as u32).to_le_bytes());
             }
             _ if rd.is_empty() => {}
             _ => {
@@ -157,7 +166,8 @@ mod tests {
         img[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
         img[OFF_LOADFLAGS] = LOADED_HIGH;
         img[OFF_CODE32_START..OFF_CODE32_START + 4].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        img[OFF_INITRD_ADDR_MAX..OFF_INITRD_ADDR_MAX + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        img[OFF_INITRD_ADDR_MAX..OFF_INITRD_ADDR_MAX + 4]
+            .copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
         img[OFF_CMDLINE_SIZE..OFF_CMDLINE_SIZE + 4].copy_from_slice(&2047u32.to_le_bytes());
         for (i, b) in img[5 * 512..].iter_mut().enumerate() {
             *b = i as u8;
@@ -171,7 +181,10 @@ mod tests {
         let img = fake_bzimage(10000);
         let rd = vec![0x5a; 5000];
         let e = load(&mut mem, "k", &img, Some(("rd", &rd)), "console=ttyS0").unwrap();
-        assert_eq!((e.eip, e.esi, e.cs, e.ds), (0x10_0000, BOOT_PARAMS as u32, 0x10, 0x18));
+        assert_eq!(
+            (e.eip, e.esi, e.cs, e.ds),
+            (0x10_0000, BOOT_PARAMS as u32, 0x10, 0x18)
+        );
         let mut b = [0u8; 4];
         mem.read(0x10_0000 + 300, &mut b[..1]);
         assert_eq!(b[0], 300u32 as u8);
@@ -193,10 +206,16 @@ mod tests {
     #[test]
     fn rejects_bad_images() {
         let mut mem = PhysMem::new(8 << 20).unwrap();
-        assert!(matches!(load(&mut mem, "k", b"hello", None, ""), Err(LoadError::UnknownFormat(_))));
+        assert!(matches!(
+            load(&mut mem, "k", b"hello", None, ""),
+            Err(LoadError::UnknownFormat(_))
+        ));
         let mut img = fake_bzimage(100);
         img.truncate(5 * 512);
-        assert!(matches!(load(&mut mem, "k", &img, None, ""), Err(LoadError::Truncated(..))));
+        assert!(matches!(
+            load(&mut mem, "k", &img, None, ""),
+            Err(LoadError::Truncated(..))
+        ));
         let img = fake_bzimage(100);
         let rd = vec![1u8; 8 << 20];
         assert!(matches!(
@@ -204,13 +223,19 @@ mod tests {
             Err(LoadError::DoesNotFit { .. })
         ));
         let big = fake_bzimage(9 << 20);
-        assert!(matches!(load(&mut mem, "k", &big, None, ""), Err(LoadError::DoesNotFit { .. })));
+        assert!(matches!(
+            load(&mut mem, "k", &big, None, ""),
+            Err(LoadError::DoesNotFit { .. })
+        ));
         assert!(matches!(
             load(&mut mem, "k", &img, None, &"x".repeat(5000)),
             Err(LoadError::CmdlineTooLong(..))
         ));
         let mut old = fake_bzimage(100);
         old[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&0x0201u16.to_le_bytes());
-        assert!(matches!(load(&mut mem, "k", &old, None, ""), Err(LoadError::OldProtocol(..))));
+        assert!(matches!(
+            load(&mut mem, "k", &old, None, ""),
+            Err(LoadError::OldProtocol(..))
+        ));
     }
 }

@@ -40,7 +40,9 @@ pub enum LoadError {
     #[error("{0}: bad Multiboot image: {1}")]
     BadMultiboot(String, String),
     /// A firmware image of an impossible size.
-    #[error("{0}: firmware image must be 64 KiB to 16 MiB and a multiple of 64 KiB (got {1} bytes)")]
+    #[error(
+        "{0}: firmware image must be 64 KiB to 16 MiB and a multiple of 64 KiB (got {1} bytes)"
+    )]
     BadFirmware(String, u64),
 }
 

@@ -21,7 +21,8 @@ const MI_MMAP: u32 = 1 << 6;
 const MI_LOADER_NAME: u32 = 1 << 9;
 
 fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(o..o + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 fn u16_at(b: &[u8], o: usize) -> Option<u16> {
     b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
@@ -34,7 +35,8 @@ pub fn find_header(image: &[u8]) -> Option<(usize, u32)> {
         let magic = u32_at(image, o)?;
         let flags = u32_at(image, o + 4)?;
         let sum = u32_at(image, o + 8)?;
-        (magic == HEADER_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0).then_some((o, flags))
+        (magic == HEADER_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0)
+            .then_some((o, flags))
     })
 }
 
@@ -52,7 +54,8 @@ pub fn load(
     let fits = |a: u64, len: u64| a >= 0x1000 && a.checked_add(len).is_some_and(|e| e <= ram);
     let (entry, kend) = if flags & FLAG_AOUT_KLUDGE != 0 {
         let f = |i: usize| u32_at(image, hoff + 12 + i * 4).ok_or_else(|| bad("header truncated"));
-        let (header_addr, load_addr, load_end, bss_end, entry) = (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?);
+        let (header_addr, load_addr, load_end, bss_end, entry) =
+            (f(0)?, f(1)?, f(2)?, f(3)?, f(4)?);
         if header_addr < load_addr || (header_addr - load_addr) as usize > hoff {
             return Err(bad("header_addr below load_addr or beyond the file"));
         }
@@ -60,12 +63,21 @@ pub fn load(
         let len = if load_end == 0 {
             image.len() - file_off
         } else {
-            load_end.checked_sub(load_addr).ok_or_else(|| bad("load_end_addr < load_addr"))? as usize
+            load_end
+                .checked_sub(load_addr)
+                .ok_or_else(|| bad("load_end_addr < load_addr"))? as usize
         };
         let data = image
             .get(file_off..file_off + len)
-            .ok_or(LoadError::Truncated(name.into(), "load_end_addr past the end of the file"))?;
-        let end = if bss_end > load_addr + len as u32 { bss_end } else { load_addr + len as u32 };
+            .ok_or(LoadError::Truncated(
+                name.into(),
+                "load_end_addr past the end of the file",
+            ))?;
+        let end = if bss_end > load_addr + len as u32 {
+            bss_end
+        } else {
+            load_addr + len as u32
+        };
         if !fits(load_addr as u64, (end - load_addr) as u64) {
             return Err(LoadError::DoesNotFit {
                 what: format!("kernel {name}"),
@@ -173,12 +185,17 @@ fn load_elf(mem: &mut PhysMem, name: &str, image: &[u8]) -> Result<(u32, u64), L
     let ram = mem.ram_size();
     let mut end = 0u64;
     for i in 0..phnum {
-        let o = phoff.checked_add(i * phentsize).ok_or_else(|| bad("program header offset overflows"))?;
-        let f = |k: usize| u32_at(image, o + k * 4).ok_or(LoadError::Truncated(name.into(), "program headers"));
+        let o = phoff
+            .checked_add(i * phentsize)
+            .ok_or_else(|| bad("program header offset overflows"))?;
+        let f = |k: usize| {
+            u32_at(image, o + k * 4).ok_or(LoadError::Truncated(name.into(), "program headers"))
+        };
         if f(0)? != 1 {
             continue; // not PT_LOAD
         }
-        let (off, paddr, filesz, memsz) = (f(1)? as usize, f(3)? as u64, f(4)? as usize, f(5)? as u64);
+        let (off, paddr, filesz, memsz) =
+            (f(1)? as usize, f(3)? as u64, f(4)? as usize, f(5)? as u64);
         if memsz < filesz as u64 {
             return Err(bad("segment memsz < filesz"));
         }
@@ -191,9 +208,15 @@ fn load_elf(mem: &mut PhysMem, name: &str, image: &[u8]) -> Result<(u32, u64), L
         }
         let data = image
             .get(off..off.saturating_add(filesz))
-            .ok_or(LoadError::Truncated(name.into(), "segment data past the end of the file"))?;
+            .ok_or(LoadError::Truncated(
+                name.into(),
+                "segment data past the end of the file",
+            ))?;
         mem.write(paddr, data);
-        mem.write(paddr + filesz as u64, &vec![0u8; (memsz - filesz as u64) as usize]);
+        mem.write(
+            paddr + filesz as u64,
+            &vec![0u8; (memsz - filesz as u64) as usize],
+        );
         end = end.max(paddr + memsz);
     }
     if end == 0 {
@@ -236,19 +259,28 @@ mod tests {
         let mut b = [0u8; 88];
         mem.read(INFO, &mut b);
         let w = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        assert_eq!(w(0) & (MI_MEM | MI_MODS | MI_MMAP), MI_MEM | MI_MODS | MI_MMAP);
+        assert_eq!(
+            w(0) & (MI_MEM | MI_MODS | MI_MMAP),
+            MI_MEM | MI_MODS | MI_MMAP
+        );
         assert_eq!(w(8), (3 << 20) >> 10);
         assert_eq!(w(20), 1);
         let mut m = [0u8; 16];
         mem.read(w(24) as u64, &mut m);
         let start = u32::from_le_bytes(m[0..4].try_into().unwrap());
-        assert_eq!(start, 0x10_2000, "module placed after the bss, page aligned");
+        assert_eq!(
+            start, 0x10_2000,
+            "module placed after the bss, page aligned"
+        );
     }
 
     #[test]
     fn rejects_garbage() {
         let mut mem = PhysMem::new(4 << 20).unwrap();
-        assert!(matches!(load(&mut mem, "k", &[0u8; 100], &[], ""), Err(LoadError::UnknownFormat(_))));
+        assert!(matches!(
+            load(&mut mem, "k", &[0u8; 100], &[], ""),
+            Err(LoadError::UnknownFormat(_))
+        ));
         let mut img = aout_kernel();
         // load_end before load_addr
         img[20..24].copy_from_slice(&0x1000u32.to_le_bytes());
