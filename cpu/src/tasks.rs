@@ -169,6 +169,17 @@ impl Cpu {
             return Err(Exception::ts(otr.selector as u32 & 0xfffc));
         }
         let oaddr = self.desc_addr(otr.selector);
+        // A 32-bit TSS loads CR3 when paging is on; with PAE its PDPTEs must be valid.
+        let load_cr3 = new32 && self.s.cr0 & CR0_PG != 0;
+        if load_cr3 {
+            let new = morph86_mmu::PagingRegs {
+                cr3: img.cr3 as u64,
+                ..self.cur_paging_regs()
+            };
+            if !self.mmu.pdptes_valid(&new) {
+                return Err(Exception::gp(0));
+            }
+        }
         // Probe every write before the first one.
         self.mmu
             .probe_write(otr.base + save_off, save_len, false)
@@ -210,11 +221,14 @@ impl Cpu {
         let mut tr = d.to_segment(sel);
         tr.attrs |= TSS_BUSY_BIT as u32;
         self.s.tr = tr;
+        let old_cr0 = self.s.cr0;
         self.s.cr0 |= CR0_TS;
-        if new32 && self.s.cr0 & CR0_PG != 0 {
+        if load_cr3 {
             self.s.cr3 = img.cr3 as u64;
+            self.sync_paging();
+        } else if self.s.cr0 != old_cr0 {
+            self.sync_paging();
         }
-        self.sync_paging();
         if new32 {
             self.s.set_eflags(nfl);
             for k in 0..8 {

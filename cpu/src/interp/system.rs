@@ -8,6 +8,7 @@ use crate::exception::{vec, Exception, Res};
 use crate::state::*;
 use crate::Cpu;
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use morph86_mmu::PagingRegs;
 
 /// CPUID.1:EDX feature bits morph86 implements (SDM vol. 2, CPUID, table 3-11). This is
 /// the one place the reported feature set is defined.
@@ -454,8 +455,11 @@ impl Cpu {
         self.require_cpl0()?;
         let v = self.read_sel(i, 0)? as u64;
         let keep_pe = self.s.cr0 & CR0_PE;
-        self.s.cr0 = (self.s.cr0 & !0xf) | (v & 0xf) | keep_pe;
-        self.sync_paging();
+        let cr0 = (self.s.cr0 & !0xf) | (v & 0xf) | keep_pe;
+        if cr0 != self.s.cr0 {
+            self.s.cr0 = cr0;
+            self.sync_paging();
+        }
         Ok(())
     }
 
@@ -595,21 +599,58 @@ impl Cpu {
                     | CR0_NW
                     | CR0_CD
                     | CR0_PG;
-                self.s.cr0 = v & known;
+                let new = PagingRegs {
+                    cr0: v & known,
+                    ..self.cur_paging_regs()
+                };
+                self.install_paging(new)?;
                 if self.s.real() {
                     self.s.cpl = 0;
                 }
             }
             2 => self.s.cr2 = v,
-            3 => self.s.cr3 = v,
+            3 => {
+                let new = PagingRegs {
+                    cr3: v,
+                    ..self.cur_paging_regs()
+                };
+                self.install_paging(new)?;
+            }
             4 => {
                 if v & !CR4_WRITABLE != 0 {
                     return Err(Exception::gp(0));
                 }
-                self.s.cr4 = v;
+                let new = PagingRegs {
+                    cr4: v,
+                    ..self.cur_paging_regs()
+                };
+                self.install_paging(new)?;
             }
             _ => return Err(Exception::ud()),
         }
+        Ok(())
+    }
+
+    /// The paging registers as the architectural state holds them.
+    pub(crate) fn cur_paging_regs(&self) -> PagingRegs {
+        PagingRegs {
+            cr0: self.s.cr0,
+            cr3: self.s.cr3,
+            cr4: self.s.cr4,
+            efer: self.s.efer,
+        }
+    }
+
+    /// Commits a MOV to CR0/CR3/CR4: #GP(0) when it would enable PAE paging over
+    /// PDPTEs with reserved bits set (SDM vol. 3, 4.4.1); otherwise the registers and
+    /// the MMU are updated together (one `sync_paging` per write, as the MMU expects).
+    fn install_paging(&mut self, new: PagingRegs) -> Res<()> {
+        if !self.mmu.pdptes_valid(&new) {
+            return Err(Exception::gp(0));
+        }
+        self.s.cr0 = new.cr0;
+        self.s.cr3 = new.cr3;
+        self.s.cr4 = new.cr4;
         self.sync_paging();
         Ok(())
     }
@@ -773,8 +814,10 @@ impl Cpu {
                 if v & !EFER_NXE != 0 {
                     return gp;
                 }
-                self.s.efer = v;
-                self.sync_paging();
+                if v != self.s.efer {
+                    self.s.efer = v;
+                    self.sync_paging();
+                }
             }
             MSR_MTRRCAP => return gp,
             _ => {
@@ -1051,6 +1094,20 @@ mod tests {
         // CPL 3: #GP(0).
         c.s.cpl = 3;
         assert_eq!(exec(&mut c, &[0x0f, 0x20, 0xc0]), Err(Exception::gp(0)));
+    }
+
+    #[test]
+    fn pae_paging_needs_valid_pdptes() {
+        let mut c = pm_cpu(&[]);
+        // PDPT at 0x5000: entry 0 present with reserved bit 1 set.
+        c.mmu.phys.write(0x5000, &0x0000_6003u64.to_le_bytes());
+        c.s.cr3 = 0x5000;
+        c.s.cr4 = CR4_PAE;
+        c.sync_paging();
+        c.s.gpr[reg::RAX] = c.s.cr0 | CR0_PG;
+        assert_eq!(exec(&mut c, &[0x0f, 0x22, 0xc0]), Err(Exception::gp(0)));
+        assert_eq!(c.s.cr0 & CR0_PG, 0, "CR0 unchanged");
+        assert_eq!(c.mmu.paging_regs().cr0 & CR0_PG, 0);
     }
 
     #[test]
