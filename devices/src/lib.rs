@@ -291,6 +291,11 @@ impl PcPlatform {
         lock(&self.pci).intx(&self.interrupts, dev, pin)
     }
 
+    /// Whether the guest masked NMIs through bit 7 of port 0x70.
+    pub fn nmi_masked(&self) -> bool {
+        lock(&self.rtc).nmi_disabled()
+    }
+
     /// The input queue of COM`n+1`, if present.
     pub fn serial_input(&self, n: usize) -> Option<serial::SerialInput> {
         self.uarts.get(n)?.as_ref().map(|u| lock(u).input())
@@ -606,6 +611,73 @@ mod tests {
         io2.io_write(0x20, 1, 0x20);
         let d = q.poll().unwrap();
         assert!(d > 1_000_000_000 && d <= 1_000_000_000 + 839_000, "{d}");
+    }
+
+    #[test]
+    fn random_port_traffic_never_panics_or_hangs() {
+        let clock = ManualClock::new();
+        let (p, mut io, _, _) = pc(&clock);
+        let ports: Vec<u16> = [0x20u16, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1]
+            .into_iter()
+            .chain(0x40..=0x43)
+            .chain([0x60, 0x61, 0x64, 0x70, 0x71, 0x80, 0x92, 0xe9, 0xf5])
+            .chain(0x3f8..=0x3ff)
+            .chain(0xcf8..=0xcff)
+            .chain([0x2f8, 0xc000, 0xffff])
+            .collect();
+        let mut x = 0x0bad_cafeu32;
+        for i in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let port = ports[(x as usize >> 4) % ports.len()];
+            let size = [1, 1, 1, 2, 4][(x % 5) as usize];
+            if x & 0x8000 != 0 {
+                if port == 0x92 || (port == 0x64 && (x >> 16) as u8 >= 0xf0) {
+                    continue; // resets are fine but make the rest of the run dull
+                }
+                io.io_write(port, size, x.rotate_right(11));
+            } else {
+                io.io_read(port, size);
+            }
+            if i % 64 == 0 {
+                clock.advance((x >> 8) as u64 % 2_000_000);
+                let d = p.poll();
+                assert!(d.is_none_or(|d| d > clock.now_ns()), "deadline in the past");
+                if p.interrupts.pending() {
+                    p.interrupts.acknowledge();
+                }
+                p.key_event((x >> 3) as u16 & 0x7f, x & 1 != 0);
+                p.mouse_event(3, -2, 0, 1);
+            }
+            p.control.take_reset();
+            p.control.take_exit();
+        }
+        let json = serde_json::to_string(&p.save()).unwrap();
+        p.restore(&serde_json::from_str(&json).unwrap());
+    }
+
+    /// Cost of one port access through the bus (run with --ignored --nocapture).
+    #[test]
+    #[ignore]
+    fn measure_port_access_cost() {
+        let clock = ManualClock::new();
+        let (_p, mut io, _, _) = pc(&clock);
+        let n = 2_000_000u32;
+        for (what, port) in [
+            ("PIC IMR", 0x21u16),
+            ("RTC data", 0x71),
+            ("unclaimed", 0x1234),
+        ] {
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(io.io_read(port, 1));
+            }
+            println!(
+                "{what}: {:.1} ns per IN",
+                t.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl Uart {
             dll: 0x0c, // 9600 baud, a common BIOS default
             dlm: 0,
             ier: 0,
-            lcr: 0b0000_0011,
+            lcr: 0, // datasheet table IV: LCR resets to 0
             mcr: 0,
             scr: 0,
             fifo: false,
@@ -289,7 +289,7 @@ impl Uart {
         self.dll = 0x0c;
         self.dlm = 0;
         self.ier = 0;
-        self.lcr = 0b0000_0011;
+        self.lcr = 0;
         self.mcr = 0;
         self.scr = 0;
         self.fifo = false;
