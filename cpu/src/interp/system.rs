@@ -186,7 +186,13 @@ impl Cpu {
                 let v = self.s.cr0 & 0xffff_ffff;
                 self.write_op(i, 0, v)
             }
-            Mnemonic::Clts => self.require_cpl0().map(|()| self.s.cr0 &= !CR0_TS),
+            Mnemonic::Clts => self.require_cpl0().map(|()| {
+                if self.s.cr0 & CR0_TS != 0 {
+                    // Keep the MMU's copy of CR0 exact (it compares whole registers).
+                    self.s.cr0 &= !CR0_TS;
+                    self.sync_paging();
+                }
+            }),
             Mnemonic::Arpl => self.arpl(i),
             Mnemonic::Verr | Mnemonic::Verw => self.verr_verw(i),
             Mnemonic::Lar | Mnemonic::Lsl => self.lar_lsl(i),
