@@ -1,7 +1,7 @@
 //! Comparing the two engines after one instruction, masking only what the manuals
 //! leave undefined for that instruction (see the module doc of `hostdiff`).
 
-use super::{vector_name, Fault, Outcome, State, DATA_BASE, DATA_SIZE};
+use super::{vector_name, Fault, Outcome, State, MEM_BASE, MEM_SIZE};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register, RflagsBits};
 
 /// EFLAGS.CF.
@@ -546,7 +546,7 @@ pub fn compare(
         );
     }
     let fbld_undefined = done && m == Mnemonic::Fbld && {
-        let a = mem_addr(ins, pre).unwrap_or(0).wrapping_sub(DATA_BASE) as usize;
+        let a = mem_addr(ins, pre).unwrap_or(0).wrapping_sub(MEM_BASE) as usize;
         pre.mem
             .get(a..a + 9)
             .is_some_and(|b| b.iter().any(|x| x & 0xf > 9 || x >> 4 > 9))
@@ -598,15 +598,15 @@ pub fn compare(
     let masked = |addr: u32| mem_mask.iter().any(|&(s, e)| addr >= s && addr < e);
     let mut first: Option<usize> = None;
     let mut count = 0;
-    for k in 0..DATA_SIZE as usize {
-        if ns.mem[k] != is.mem[k] && !masked(DATA_BASE + k as u32) {
+    for k in 0..MEM_SIZE as usize {
+        if ns.mem[k] != is.mem[k] && !masked(MEM_BASE + k as u32) {
             count += 1;
             first.get_or_insert(k);
         }
     }
     if let Some(k) = first {
-        let end = (k + 16).min(DATA_SIZE as usize);
-        let at = DATA_BASE + k as u32;
+        let end = (k + 16).min(MEM_SIZE as usize);
+        let at = MEM_BASE + k as u32;
         let rel = match mem_addr(ins, pre) {
             Some(a) if at.wrapping_sub(a) < 0x1000 => format!(" = operand+{:#x}", at - a),
             _ => String::new(),
@@ -734,7 +734,7 @@ mod tests {
         let i = dec(&[0xd9, 0x30]);
         assert_eq!(env_pointer_ranges(&i), &[(12, 28)]);
         let mut pre = State::default();
-        pre.gpr[0] = DATA_BASE + 0x40;
-        assert_eq!(mem_addr(&i, &pre), Some(DATA_BASE + 0x40));
+        pre.gpr[0] = MEM_BASE + 0x40;
+        assert_eq!(mem_addr(&i, &pre), Some(MEM_BASE + 0x40));
     }
 }

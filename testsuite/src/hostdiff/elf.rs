@@ -3,7 +3,7 @@
 //! headers; file-backed in full so none of it is writable) and one read/write zero-filled `PT_LOAD` for the scratch data. The entry
 //! point is an INT3: under `ptrace` the child stops at `execve` and never runs it.
 
-use super::{CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE};
+use super::{CODE_BASE, CODE_RW, CODE_SIZE, DATA_BASE, DATA_SIZE};
 
 /// ELF header size (ELF32).
 const EHDR_SIZE: usize = 52;
@@ -22,7 +22,7 @@ const PF_W: u32 = 2;
 /// p_flags: read.
 const PF_R: u32 = 4;
 /// Offset of the entry point in the file (and in the code area).
-pub const ENTRY_OFFSET: u32 = 0x80;
+pub const ENTRY_OFFSET: u32 = 0x100;
 /// File length: the whole code area is file-backed, so all of it is mapped read/execute
 /// (the zero-filled tail of a segment, like .bss, would be mapped writable).
 const FILE_LEN: usize = CODE_SIZE as usize;
@@ -49,17 +49,23 @@ pub fn image() -> Vec<u8> {
     put32(&mut b, 0); // e_flags
     put16(&mut b, EHDR_SIZE as u16);
     put16(&mut b, PHDR_SIZE as u16);
-    put16(&mut b, 2); // e_phnum
+    put16(&mut b, 3); // e_phnum
     put16(&mut b, 0); // e_shentsize
     put16(&mut b, 0); // e_shnum
     put16(&mut b, 0); // e_shstrndx
                       // Code: file offset 0 mapped at CODE_BASE.
     for (vaddr, filesz, memsz, flags) in [
-        (CODE_BASE, FILE_LEN as u32, CODE_SIZE, PF_R | PF_X),
+        (CODE_BASE, 0x1000, 0x1000, PF_R | PF_X),
+        (
+            CODE_RW,
+            CODE_SIZE - 0x1000,
+            CODE_SIZE - 0x1000,
+            PF_R | PF_W | PF_X,
+        ),
         (DATA_BASE, 0, DATA_SIZE, PF_R | PF_W),
     ] {
         put32(&mut b, PT_LOAD);
-        put32(&mut b, 0); // p_offset
+        put32(&mut b, if filesz == 0 { 0 } else { vaddr - CODE_BASE }); // p_offset
         put32(&mut b, vaddr);
         put32(&mut b, vaddr); // p_paddr
         put32(&mut b, filesz);

@@ -8,9 +8,13 @@
 //! register already points into the data area), small REP counts, dividends and
 //! divisors that mostly do not fault, return addresses for RET, EBP inside the stack for
 //! LEAVE/ENTER, clean flags images for POPF, a saved environment before FLDENV/FRSTOR/
-//! FXRSTOR. Branches go forward to the start of a later group (or the end).
+//! FXRSTOR. Branches go forward to the start of a later group (or the end). Prefixes:
+//! LOCK (mostly where allowed, rarely elsewhere for #UD) and segment overrides (FS/GS
+//! are null: #GP). A quarter of the sequences start just before the end of the first
+//! code page and run into the writable second one, which memory operands sometimes
+//! target: instruction fetch across pages and self-modifying code.
 
-use super::{Fx, Rng, State, CODE_BASE, DATA_BASE, DATA_SIZE, STACK_INIT};
+use super::{Fx, Rng, State, CODE_BASE, CODE_RW, DATA_BASE, DATA_SIZE, MEM_BASE, STACK_INIT};
 use iced_x86::{
     Code, Encoder, EncodingKind, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic,
     OpAccess, OpCodeOperandKind as K, Register, RepPrefixKind,
@@ -615,6 +619,8 @@ impl Gen<'_> {
         match self.rng.below(50) {
             0 => DATA_BASE + DATA_SIZE - 1 - self.rng.below(size as u64) as u32,
             1 => DATA_BASE - 1 - self.rng.below(size as u64) as u32,
+            // The writable code page: self-modifying code when the sequence runs there.
+            2 => CODE_RW + self.rng.below(0x100) as u32,
             _ => {
                 let room = (DATA_SIZE - 0x1000).saturating_sub(size).max(16);
                 let mut a = self.rng.below(room as u64) as u32;
@@ -1375,7 +1381,15 @@ impl Generator {
         if self.pool.is_empty() {
             return Err("no instruction forms selected".into());
         }
-        let init = initial_state(rng);
+        let mut init = initial_state(rng);
+        // A quarter of the sequences start near the end of the first code page, so they
+        // run across the page boundary into the writable page.
+        let start: u32 = if rng.chance(1, 4) {
+            0xfff - rng.below(160) as u32
+        } else {
+            0
+        };
+        init.eip = CODE_BASE + start;
         let mut g = Gen {
             rng,
             items: Vec::new(),
@@ -1394,7 +1408,7 @@ impl Generator {
         // Lay out: lengths do not depend on targets (fixed branch forms).
         let mut enc = Encoder::new(32);
         let mut addrs = Vec::with_capacity(items.len() + 1);
-        let mut ip = CODE_BASE as u64;
+        let mut ip = (CODE_BASE + start) as u64;
         for it in &items {
             addrs.push(ip);
             let mut ins = it.ins;
@@ -1410,7 +1424,7 @@ impl Generator {
         addrs.push(end);
         let target_addr =
             |grp: usize| -> u64 { group_start.get(grp).map(|&i| addrs[i]).unwrap_or(end) };
-        let mut code = Vec::new();
+        let mut code = vec![0xcc; start as usize];
         for (n, it) in items.iter().enumerate() {
             let mut ins = it.ins;
             match it.target {
@@ -1428,7 +1442,17 @@ impl Generator {
             code.extend_from_slice(&enc.take_buffer());
         }
         if code.len() + 16 > super::CODE_SIZE as usize {
-            code.truncate(0);
+            return Err("sequence too long for the code area".into());
+        }
+        // The writable code page is part of the compared memory: it holds the code that
+        // runs into it and INT3 after that.
+        let page2 = (CODE_RW - MEM_BASE) as usize..(DATA_BASE - MEM_BASE) as usize;
+        init.mem[page2].fill(0xcc);
+        for (k, b) in code.iter().enumerate() {
+            let a = CODE_BASE + k as u32;
+            if a >= MEM_BASE {
+                init.mem[(a - MEM_BASE) as usize] = *b;
+            }
         }
         Ok(Case { code, init })
     }

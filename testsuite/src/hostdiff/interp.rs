@@ -3,7 +3,9 @@
 //! A `Cpu` at CPL 3 in 32-bit protected mode with flat 4 GiB segments (descriptor caches
 //! set directly, selectors copied from the host child), CR0 as Linux runs user code
 //! (PE, MP, ET, NE, WP, AM, PG) and page tables that map exactly the host child's pages:
-//! the code area user read-only, the data area user read/write, nothing else. The page
+//! the first code page user read-only, the second code page and the data area user
+//! read/write, nothing else (32-bit paging has no NX, so data is executable here while
+//! the host faults; generated code never jumps there). The page
 //! tables live in physical memory no linear address reaches.
 //!
 //! If the MMU cannot walk page tables yet (a probe of an unmapped page does not fault),
@@ -11,7 +13,10 @@
 //! areas is an MMIO window that records being touched: an instruction that touches it
 //! counts as a #PF without a known CR2, and its other effects are not compared.
 
-use super::{Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE};
+use super::{
+    Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_RW, CODE_SIZE, DATA_BASE, DATA_SIZE,
+    MEM_BASE, MEM_SIZE,
+};
 use morph86_cpu::fpu::F80;
 use morph86_cpu::state::*;
 use morph86_cpu::{Cpu, SegReg, Segment};
@@ -91,7 +96,7 @@ impl Interp {
         let pde = PAGE_TABLE as u32 | PTE_P | PTE_RW | PTE_US;
         cpu.mmu.phys.write(PAGE_DIR, &pde.to_le_bytes());
         for a in (CODE_BASE..CODE_BASE + CODE_SIZE).step_by(4096) {
-            let pte = a | PTE_P | PTE_US;
+            let pte = a | PTE_P | PTE_US | if a >= CODE_RW { PTE_RW } else { 0 };
             cpu.mmu
                 .phys
                 .write(PAGE_TABLE + (a as u64 >> 12) * 4, &pte.to_le_bytes());
@@ -235,7 +240,7 @@ impl Engine for Interp {
         let mut img = vec![0xccu8; CODE_SIZE as usize];
         img[..code.len()].copy_from_slice(code);
         self.cpu.mmu.phys.write(CODE_BASE as u64, &img);
-        self.cpu.mmu.phys.write(DATA_BASE as u64, &st.mem);
+        self.cpu.mmu.phys.write(MEM_BASE as u64, &st.mem);
         let s = &mut self.cpu.s;
         for (i, v) in st.gpr.iter().enumerate() {
             s.gpr[i] = *v as u64;
@@ -291,12 +296,12 @@ impl Engine for Interp {
             eip: s.rip as u32,
             eflags: s.eflags(),
             fx: self.fx(),
-            mem: vec![0; DATA_SIZE as usize],
+            mem: vec![0; MEM_SIZE as usize],
         };
         for i in 0..8 {
             st.gpr[i] = s.gpr[i] as u32;
         }
-        self.cpu.mmu.phys.read(DATA_BASE as u64, &mut st.mem);
+        self.cpu.mmu.phys.read(MEM_BASE as u64, &mut st.mem);
         Ok(st)
     }
 }

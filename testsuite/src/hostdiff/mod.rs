@@ -5,15 +5,18 @@
 //! compared after every instruction:
 //!
 //! - [`native::Native`]: the host CPU. A tiny static ELF32 executable ([`elf`]) with a
-//!   code area at [`CODE_BASE`] (read/execute) and scratch data at [`DATA_BASE`]
-//!   (read/write, the top part is the stack) is started under `ptrace`. The 64-bit
-//!   parent writes code and data through `/proc/PID/mem`, sets the registers
-//!   (`PTRACE_SETREGS`) and the x87/SSE state (`PTRACE_SETFPREGS`, FXSAVE layout) and
-//!   single-steps (`PTRACE_SINGLESTEP`). A REP string instruction traps after each
-//!   iteration, so a "step" repeats until EIP leaves the instruction. Signals map back
-//!   to vectors: SIGSEGV with SEGV_MAPERR/ACCERR = #PF (fault address = CR2), other
-//!   SIGSEGV = #GP, SIGILL = #UD, SIGFPE FPE_INTDIV = #DE, other SIGFPE = #MF, SIGBUS
-//!   BUS_ADRALN = #AC. One child serves every sequence.
+//!   code area at [`CODE_BASE`] (first page read/execute, second page [`CODE_RW`]
+//!   read/write/execute, for self-modifying code) and scratch data at [`DATA_BASE`]
+//!   (read/write, the top part is the stack) is started under `ptrace`; everything else
+//!   the kernel mapped (stack, vDSO) is unmapped. The 64-bit parent writes code and data
+//!   through `/proc/PID/mem`, sets the registers (`PTRACE_SETREGS`) and the x87/SSE state
+//!   (`PTRACE_SETFPREGS`, FXSAVE layout) and single-steps with
+//!   `PTRACE_SYSEMU_SINGLESTEP` (so a system call reached by accident is never run). A
+//!   REP string instruction traps after each iteration, so a "step" repeats until EIP
+//!   leaves the instruction. Signals map back to vectors: SIGSEGV with
+//!   SEGV_MAPERR/ACCERR = #PF (fault address = CR2), other SIGSEGV = #GP, SIGILL = #UD,
+//!   SIGFPE FPE_INTDIV = #DE, other SIGFPE = #MF, SIGBUS BUS_ADRALN = #AC. One child
+//!   serves every sequence.
 //! - [`interp::Interp`]: the morph86 interpreter, a `Cpu` at CPL 3 in 32-bit protected
 //!   mode with flat segments, the same pages mapped at the same linear addresses (page
 //!   tables with only those pages present, so stray accesses fault as on the host) and
@@ -59,6 +62,14 @@ pub const CODE_SIZE: u32 = 0x2000;
 pub const DATA_BASE: u32 = 0x0010_2000;
 /// Size of the scratch data area (the top page is the stack).
 pub const DATA_SIZE: u32 = 0x4000;
+/// The second code page is writable on both engines, so self-modifying code is
+/// exercised when a sequence runs into it.
+pub const CODE_RW: u32 = CODE_BASE + 0x1000;
+/// Start of the memory compared after every instruction: the writable code page and
+/// the data area.
+pub const MEM_BASE: u32 = CODE_RW;
+/// Size of the compared memory.
+pub const MEM_SIZE: u32 = DATA_BASE + DATA_SIZE - MEM_BASE;
 /// Initial ESP of each sequence.
 pub const STACK_INIT: u32 = DATA_BASE + DATA_SIZE - 0x800;
 
@@ -130,7 +141,7 @@ pub struct State {
     pub eflags: u32,
     /// x87 and SSE registers.
     pub fx: Fx,
-    /// The scratch data area, `DATA_SIZE` bytes from `DATA_BASE`.
+    /// The writable code page and the data area, `MEM_SIZE` bytes from `MEM_BASE`.
     pub mem: Vec<u8>,
 }
 
@@ -141,7 +152,7 @@ impl Default for State {
             eip: CODE_BASE,
             eflags: 0x202,
             fx: Fx::default(),
-            mem: vec![0; DATA_SIZE as usize],
+            mem: vec![0; MEM_SIZE as usize],
         }
     }
 }
@@ -263,17 +274,28 @@ fn run_case_inner(
         if pre.eip == end {
             break;
         }
-        let off = pre.eip.wrapping_sub(CODE_BASE) as usize;
-        let ins = match code.get(off..) {
-            Some(b) if !b.is_empty() => {
-                Decoder::with_ip(32, b, pre.eip as u64, DecoderOptions::NONE).decode()
-            }
-            _ => Instruction::default(),
+        // The instruction as it is now in memory (the writable code page may have been
+        // rewritten by the sequence itself).
+        let mut window = Vec::with_capacity(15);
+        for k in 0..15u32 {
+            let a = pre.eip.wrapping_add(k);
+            let b = if a >= MEM_BASE && a - MEM_BASE < MEM_SIZE {
+                pre.mem[(a - MEM_BASE) as usize]
+            } else if a >= CODE_BASE && ((a - CODE_BASE) as usize) < code.len() {
+                code[(a - CODE_BASE) as usize]
+            } else if a >= CODE_BASE && a - CODE_BASE < CODE_SIZE {
+                0xcc
+            } else {
+                break;
+            };
+            window.push(b);
+        }
+        let ins = if window.is_empty() {
+            Instruction::default()
+        } else {
+            Decoder::with_ip(32, &window, pre.eip as u64, DecoderOptions::NONE).decode()
         };
-        let bytes = code
-            .get(off..off + ins.len())
-            .map(|b| b.to_vec())
-            .unwrap_or_default();
+        let bytes = window[..ins.len().min(window.len())].to_vec();
         let no = native.step()?;
         let ns = native.state()?;
         let (io, is) = match other.step().and_then(|o| Ok((o, other.state()?))) {
@@ -442,5 +464,45 @@ mod tests {
             Rng::for_sequence(7, 3).next_u64(),
             Rng::for_sequence(7, 4).next_u64()
         );
+    }
+}
+
+#[cfg(test)]
+mod smc_tests {
+    use super::*;
+
+    /// Code that rewrites an instruction ahead of itself in the writable code page:
+    /// both engines must run the new instruction (INC EAX), not the old NOP.
+    #[test]
+    fn self_modifying_code_agrees() {
+        let target = CODE_RW + 0x10;
+        let mut code = vec![0xcc; (CODE_RW - CODE_BASE) as usize];
+        // mov byte ptr [target], 0x40 (INC EAX)
+        code.extend_from_slice(&[0xc6, 0x05]);
+        code.extend_from_slice(&target.to_le_bytes());
+        code.push(0x40);
+        code.resize((target - CODE_BASE) as usize, 0x90);
+        code.push(0x90); // rewritten to INC EAX before it runs
+        let mut init = State {
+            eip: CODE_RW,
+            ..Default::default()
+        };
+        init.gpr[4] = STACK_INIT;
+        init.fx.fcw = 0x37f;
+        init.fx.mxcsr = 0x1f80;
+        init.mem[..0x1000].fill(0xcc);
+        for (k, b) in code.iter().enumerate() {
+            let a = CODE_BASE + k as u32;
+            if a >= MEM_BASE {
+                init.mem[(a - MEM_BASE) as usize] = *b;
+            }
+        }
+        let case = generate::Case { code, init };
+        let mut n = native::Native::new();
+        let mut i = interp::Interp::new().unwrap();
+        let r = run_case(&mut n, &mut i, &case, 0, &compare::Config::default(), None).unwrap();
+        assert_eq!(r.failed, 0, "{:?}", r.mismatches.first().map(|m| &m.diffs));
+        assert_eq!(r.executed.last(), Some(&Mnemonic::Inc));
+        assert_eq!(i.state().unwrap().gpr[0], 1);
     }
 }

@@ -4,12 +4,16 @@
 //! in through `/proc/PID/mem` (which may write the read/execute code pages), registers
 //! through `PTRACE_SETREGS` (the 64-bit `user_regs_struct`, 32-bit values; the segment
 //! selectors are left as the kernel set them) and the x87/SSE state through
-//! `PTRACE_SETFPREGS` (FXSAVE layout). Each step is one `PTRACE_SINGLESTEP` (several for
-//! a REP string instruction, which traps after each iteration). A sequence that does
+//! `PTRACE_SETFPREGS` (FXSAVE layout). Each step is one `PTRACE_SYSEMU_SINGLESTEP`
+//! (several for a REP string instruction, which traps after each iteration); SYSEMU
+//! means a system call reached by accident (self-modified code) stops without running. A sequence that does
 //! not come back within [`TIMEOUT_SECS`] (SIGALRM interrupts the wait) kills the child,
 //! and the next `load` starts a new one.
 
-use super::{elf, Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE};
+use super::{
+    elf, Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE, MEM_BASE,
+    MEM_SIZE,
+};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -166,7 +170,7 @@ impl Child {
         ptrace(
             libc::PTRACE_SETOPTIONS,
             pid,
-            libc::PTRACE_O_EXITKILL as usize as *mut libc::c_void,
+            (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACESYSGOOD) as usize as *mut libc::c_void,
         )?;
         let mem = std::fs::OpenOptions::new()
             .read(true)
@@ -285,9 +289,9 @@ impl Child {
             eip: r.rip as u32,
             eflags: r.eflags as u32 & !EFLAGS_TF,
             fx: self.fx()?,
-            mem: vec![0; DATA_SIZE as usize],
+            mem: vec![0; MEM_SIZE as usize],
         };
-        self.read(DATA_BASE, &mut st.mem)?;
+        self.read(MEM_BASE, &mut st.mem)?;
         Ok(st)
     }
 }
@@ -368,8 +372,11 @@ impl Native {
         let mut n = 0;
         loop {
             let c = self.child()?;
-            ptrace(libc::PTRACE_SINGLESTEP, c.pid, std::ptr::null_mut())?;
+            ptrace(libc::PTRACE_SYSEMU_SINGLESTEP, c.pid, std::ptr::null_mut())?;
             let sig = wait_stop(c.pid)?;
+            if sig == libc::SIGTRAP | 0x80 {
+                return Err("the code made a system call (stopped, not run)".into());
+            }
             if sig != libc::SIGTRAP {
                 let f = self.fault(sig)?;
                 self.child()?.getregs()?;
@@ -414,7 +421,7 @@ impl Engine for Native {
         let r = (|| {
             let c = self.child()?;
             c.write(CODE_BASE, &code)?;
-            c.write(DATA_BASE, &st.mem)?;
+            c.write(MEM_BASE, &st.mem)?;
             let g = &st.gpr;
             let r = &mut c.regs;
             r.rax = g[0] as u64;
@@ -500,7 +507,8 @@ mod tests {
         assert_eq!(s1.eflags & (cf | pf | af | zf | sf | of), of | sf | af | pf);
         assert_eq!(n.step().unwrap(), Outcome::Done);
         let s2 = n.state().unwrap();
-        assert_eq!(&s2.mem[0x10..0x14], &0x8000_0000u32.to_le_bytes());
+        let at = (DATA_BASE + 0x10 - MEM_BASE) as usize;
+        assert_eq!(&s2.mem[at..at + 4], &0x8000_0000u32.to_le_bytes());
         assert_eq!(
             n.step().unwrap(),
             Outcome::Fault(Fault {
