@@ -318,7 +318,17 @@ impl Ctx {
             };
             // Unmasked underflow to a register biases the exponent up by 24576, unless
             // even that does not bring it into range (FSCALE): then the masked response.
-            if fmt.wrap && !self.masked(UE) && e + WRAP >= fmt.emin {
+            if fmt.wrap && !self.masked(UE) {
+                if e + WRAP < fmt.emin {
+                    // Beyond the bias adjustment (FSCALE): a signed zero whatever the
+                    // rounding control (measured on the host).
+                    self.flags |= UE | PE;
+                    return Rounded::Finite {
+                        sign,
+                        exp: fmt.emin,
+                        mant: 0,
+                    };
+                }
                 e += WRAP;
             } else {
                 s = shr_jam(s, (fmt.emin - e) as u32);
@@ -342,9 +352,15 @@ impl Ctx {
         }
         if e > fmt.emax {
             self.flags |= OE;
-            if !(self.masked(OE) || fmt.wrap && e - WRAP > fmt.emax) {
+            if !self.masked(OE) {
                 if !fmt.wrap {
                     return Rounded::None;
+                }
+                if e - WRAP > fmt.emax {
+                    // Beyond the bias adjustment (FSCALE): infinity whatever the rounding
+                    // control, C1 set (measured on the host).
+                    self.flags |= PE | C1;
+                    return Rounded::Inf(sign);
                 }
                 e -= WRAP;
             } else {

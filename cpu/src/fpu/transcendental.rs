@@ -281,9 +281,9 @@ fn log2_w(x: W) -> W {
     // x = m * 2^k with m in [sqrt(1/2), sqrt(2)).
     let mut k = x.e;
     let mut m = W { e: 0, ..x };
-    if m.m < 0xb504_f333_f9de_6484_597d_89b3_754a_be9f {
-        k -= 1;
-        m.e = 1;
+    if m.m >= 0xb504_f333_f9de_6484_597d_89b3_754a_be9f {
+        k += 1;
+        m.e = -1;
     }
     let ln = ln1p_w(m.sub(W::int(1)));
     W::int(k as i64).add(ln.div(ln2()))
@@ -577,6 +577,8 @@ impl Ctx {
         let one = F80::new(false, 0x3fff, 1 << 63);
         match (ky, kx) {
             (Kind::Zero, Kind::Zero) | (Kind::Zero, Kind::Inf) => return self.invalid(),
+            // ±inf · log2(0) = ∓inf, no exception (measured).
+            (Kind::Inf, Kind::Zero) => return Some(F80::inf(!y.sign())),
             (_, Kind::Zero) => {
                 self.flags |= ZE;
                 if !self.masked(ZE) {
