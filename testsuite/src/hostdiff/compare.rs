@@ -399,7 +399,8 @@ pub fn compare(
         mem_addr(ins, pre).is_some_and(|a| x.wrapping_sub(a) < size.max(1))
     };
     // CMPS reads two operands; the SDM does not order the reads, so a page fault may
-    // name either (the host reads ES:EDI first).
+    // name either (the host reads ES:EDI first), and one engine may take a #PF on one
+    // operand where the other takes an #AC on the other.
     let size = ins.memory_size().size() as u32;
     let in_cmps_operand = |x: u32| {
         matches!(
@@ -409,8 +410,20 @@ pub fn compare(
             .iter()
             .any(|&a| x.wrapping_sub(a) < size.max(1))
     };
+    let cmps = matches!(
+        ins.mnemonic(),
+        Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd
+    );
     let same_outcome = match (no, io) {
         (Outcome::Done, Outcome::Done) => true,
+        // Each engine faulted on a different CMPS operand (#PF on one, #AC on the other).
+        (Outcome::Fault(a), Outcome::Fault(b))
+            if cmps
+                && a.vector != b.vector
+                && [a.vector, b.vector].iter().all(|v| *v == 14 || *v == 17) =>
+        {
+            true
+        }
         (Outcome::Fault(a), Outcome::Fault(b)) => {
             a.vector == b.vector
                 && match (a.addr, b.addr) {
