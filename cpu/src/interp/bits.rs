@@ -39,7 +39,11 @@ impl Cpu {
             };
             (Loc::Mem(self.mem_seg(i), a), s as u32 & (bits - 1))
         };
-        let v = self.loc_read(l, size)?;
+        let v = if m == Mnemonic::Bt {
+            self.loc_read(l, size)?
+        } else {
+            self.loc_read_rmw(l, size)?
+        };
         let cf = (v >> b) & 1 != 0;
         let nv = match m {
             Mnemonic::Bts => v | (1 << b),
@@ -77,7 +81,7 @@ impl Cpu {
         let size = self.op_size(i, 0);
         let mask = size_mask(size);
         let l = self.loc(i, 0);
-        let a = self.loc_read(l, size)?;
+        let a = self.loc_read_rmw(l, size)?;
         let b = self.reg_read(i.op1_register());
         let r = a.wrapping_add(b) & mask;
         if let Loc::Mem(..) = l {
@@ -97,7 +101,7 @@ impl Cpu {
         let size = self.op_size(i, 0);
         let mask = size_mask(size);
         let l = self.loc(i, 0);
-        let d = self.loc_read(l, size)?;
+        let d = self.loc_read_rmw(l, size)?;
         let acc = self.s.gpr[reg::RAX] & mask;
         let src = self.reg_read(i.op1_register());
         if acc == d {
@@ -120,7 +124,7 @@ impl Cpu {
         }
         let seg = self.mem_seg(i);
         let off = self.ea(i);
-        let v = self.read_mem(seg, off, 8)?;
+        let v = self.loc_read_rmw(Loc::Mem(seg, off), 8)?;
         let cmp = (self.s.gpr[reg::RDX] & 0xffff_ffff) << 32 | (self.s.gpr[reg::RAX] & 0xffff_ffff);
         if v == cmp {
             let n =

@@ -47,6 +47,20 @@ impl Cpu {
         }
     }
 
+    /// Reads the destination of a read-modify-write: a memory operand gets the
+    /// segment checks of a write (so a write to a read-only segment is #GP before any
+    /// page fault of the read), then is read.
+    #[inline]
+    pub(crate) fn loc_read_rmw(&mut self, l: Loc, size: u32) -> Res<u64> {
+        match l {
+            Loc::Reg(r) => Ok(self.reg_read(r)),
+            Loc::Mem(s, off) => {
+                let lin = self.seg_linear(s, off, size, true)?;
+                self.read_lin(lin, size, self.user())
+            }
+        }
+    }
+
     /// Writes `size` bytes to a [`Loc`].
     #[inline]
     pub(crate) fn loc_write(&mut self, l: Loc, size: u32, v: u64) -> Res<()> {
@@ -285,7 +299,11 @@ impl Cpu {
         let size = self.osize(i);
         let mask = size_mask(size);
         let dst = self.loc(i, 0);
-        let a = self.loc_read(dst, size)?;
+        let a = if matches!(m, Mnemonic::Cmp | Mnemonic::Test) {
+            self.loc_read(dst, size)?
+        } else {
+            self.loc_read_rmw(dst, size)?
+        };
         let b = self.read_op(i, 1)? & mask;
         let (op, res, cin, write) = match m {
             Mnemonic::Add => (FlagOp::Add, a.wrapping_add(b), false, true),
@@ -328,7 +346,7 @@ impl Cpu {
         let size = self.op_size(i, 0);
         let mask = size_mask(size);
         let dst = self.loc(i, 0);
-        let a = self.loc_read(dst, size)?;
+        let a = self.loc_read_rmw(dst, size)?;
         match m {
             Mnemonic::Inc => {
                 let r = a.wrapping_add(1) & mask;
@@ -355,8 +373,8 @@ impl Cpu {
         let size = self.op_size(i, 0);
         let l0 = self.loc(i, 0);
         let l1 = self.loc(i, 1);
-        let a = self.loc_read(l0, size)?;
-        let b = self.loc_read(l1, size)?;
+        let a = self.loc_read_rmw(l0, size)?;
+        let b = self.loc_read_rmw(l1, size)?;
         if matches!(l1, Loc::Mem(..)) {
             self.loc_write(l1, size, a)?;
             self.loc_write(l0, size, b)
@@ -667,6 +685,21 @@ mod tests {
         assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
         assert_eq!(c.s.eflags(), FLAG_1 | ZF);
         assert_eq!(c.s.rip, FLAT_CODE);
+    }
+
+    #[test]
+    fn rmw_to_code_segment_is_gp() {
+        // add cs:[ebx], eax: CS is readable but never writable -> #GP(0), no change.
+        let mut c = flat32(&[0x2e, 0x01, 0x03]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        poke(&mut c, 0x3000, 4, 1);
+        let e = exec(&mut c).unwrap_err();
+        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!(peek(&mut c, 0x3000, 4), 1);
+        // cmp cs:[ebx], eax only reads: fine.
+        let mut c = flat32(&[0x2e, 0x39, 0x03]);
+        c.s.gpr[reg::RBX] = 0x3000;
+        run(&mut c, 1);
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl Cpu {
         let bits = size * 8;
         let mask = size_mask(size);
         let dst = self.loc(i, 0);
-        let v = self.loc_read(dst, size)?;
+        let v = self.loc_read_rmw(dst, size)?;
         let cnt = (self.read_op(i, 1)? & 0x1f) as u32;
         if cnt == 0 {
             // Nothing changes, but a memory destination is still checked for writing.
@@ -134,7 +134,7 @@ impl Cpu {
         let bits = size * 8;
         let mask = size_mask(size);
         let dst = self.loc(i, 0);
-        let v = self.loc_read(dst, size)?;
+        let v = self.loc_read_rmw(dst, size)?;
         let src = self.read_op(i, 1)? & mask;
         let cnt = (self.read_op(i, 2)? & 0x1f) as u32;
         if cnt == 0 {

@@ -125,14 +125,22 @@ impl Cpu {
         let di = (self.s.gpr[reg::RDI] & amask) as u32;
         match kind {
             Kind::Movs => {
-                let v = self.read_mem(src, si, size)?;
-                self.write_mem(SegReg::Es, di, size, v)?;
+                // Both segment checks (limits, rights, alignment) come before either
+                // access, as on the hardware.
+                let ls = self.seg_linear(src, si, size, false)?;
+                let ld = self.seg_linear(SegReg::Es, di, size, true)?;
+                let user = self.user();
+                let v = self.read_lin(ls, size, user)?;
+                self.write_lin(ld, size, v, user)?;
                 self.str_advance(reg::RSI, size, a32);
                 self.str_advance(reg::RDI, size, a32);
             }
             Kind::Cmps => {
-                let a = self.read_mem(src, si, size)?;
-                let b = self.read_mem(SegReg::Es, di, size)?;
+                let ls = self.seg_linear(src, si, size, false)?;
+                let ld = self.seg_linear(SegReg::Es, di, size, false)?;
+                let user = self.user();
+                let a = self.read_lin(ls, size, user)?;
+                let b = self.read_lin(ld, size, user)?;
                 let r = a.wrapping_sub(b) & size_mask(size);
                 self.s.set_lazy_flags(FlagOp::Sub, size, r, a, b, false);
                 self.str_advance(reg::RSI, size, a32);
