@@ -306,6 +306,26 @@ impl Cpu {
         }
     }
 
+    /// Instruction breakpoints (SDM vol. 3, 17.2.4): the DR6 B0-B3 bits of the enabled
+    /// execute breakpoints (DR7 R/W = 00) whose address is the linear address of the
+    /// next instruction, or 0. Data and I/O breakpoints are not implemented.
+    pub(crate) fn code_breakpoints(&self) -> u64 {
+        let dr7 = self.s.dr[7];
+        let lin = self.s.seg[SegReg::Cs as usize]
+            .base
+            .wrapping_add(self.s.rip & if self.s.code32() { 0xffff_ffff } else { 0xffff })
+            & 0xffff_ffff;
+        let mut hit = 0;
+        for n in 0..4 {
+            let enabled = dr7 & (3 << (2 * n)) != 0;
+            let rw = (dr7 >> (16 + 4 * n)) & 3;
+            if enabled && rw == 0 && self.s.dr[n] & 0xffff_ffff == lin {
+                hit |= 1 << n;
+            }
+        }
+        hit
+    }
+
     /// Raises a non-maskable interrupt: it is delivered before the next instruction
     /// unless an NMI handler is running (until its IRET) or MOV SS inhibits events.
     pub fn nmi(&mut self) {
@@ -398,6 +418,38 @@ mod tests {
         let sp = c.s.gpr[reg::RSP];
         assert_eq!(rd32(&mut c, sp), 0x10004);
         assert_eq!(rd32(&mut c, sp + 8) & RF, 0);
+    }
+
+    #[test]
+    fn instruction_breakpoint_and_rf() {
+        let mut c = cpu();
+        c.mmu.phys.write(0x10000, &[0x90, 0x90, 0x90]);
+        // #DB handler: set RF in the pushed EFLAGS (or dword [esp+8], 0x10000), IRETD.
+        c.mmu
+            .phys
+            .write(0x5010, &[0x81, 0x4c, 0x24, 0x08, 0, 0, 1, 0, 0xcf]);
+        c.s.dr[0] = 0x10001;
+        c.s.dr[7] = 0x401; // L0, R/W0 = 00 (execute)
+        c.s.rip = 0x10000;
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x10001);
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x5010, "breakpoint fault before the second NOP");
+        assert_eq!(c.s.dr[6] & 0xf, 1, "DR6.B0");
+        let sp = c.s.gpr[reg::RSP];
+        assert_eq!(rd32(&mut c, sp), 0x10001);
+        assert_eq!(
+            rd32(&mut c, sp + 8) & RF,
+            0,
+            "no RF for an instruction breakpoint"
+        );
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x10001, "back at the breakpoint with RF set");
+        assert_ne!(c.s.eflags() & RF, 0);
+        assert_eq!(c.step(), StepEvent::Ok);
+        assert_eq!(c.s.rip, 0x10002, "RF let the instruction run once");
+        assert_eq!(c.s.eflags() & RF, 0, "and is cleared after it");
     }
 
     #[test]

@@ -147,6 +147,14 @@ impl Cpu {
             return StepEvent::Halted;
         }
         self.start_rip = self.s.rip;
+        if self.s.dr[7] & 0xff != 0 && self.s.eflags_raw & state::RF == 0 {
+            let hit = self.code_breakpoints();
+            if hit != 0 {
+                // Instruction breakpoint: a fault before the instruction runs.
+                self.s.dr[6] = (self.s.dr[6] & !0xf) | hit;
+                return self.raise(Exception::new(exception::vec::DB));
+            }
+        }
         let tf = self.s.eflags_raw & state::TF != 0;
         let rf = self.s.eflags_raw & state::RF != 0;
         self.ev.inhibit_trap = false;
