@@ -177,7 +177,7 @@ fn main() -> ExitCode {
         }
         let t0 = std::time::Instant::now();
         let result = run_case(&mut native, &mut interp, &case, seq, &cfg, trace);
-        if t0.elapsed().as_secs_f64() > 0.5 {
+        if t0.elapsed().as_secs_f64() > 2.0 {
             eprintln!(
                 "hostdiff: note: sequence {seed}:{seq} took {:.1} s",
                 t0.elapsed().as_secs_f64()

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 /// Seconds a sequence may take on the host before the child is declared hung.
-pub const TIMEOUT_SECS: i64 = 2;
+pub const TIMEOUT_SECS: i64 = 10;
 /// Single steps allowed for one instruction (REP iterations).
 const MAX_ITERATIONS: u32 = 200_000;
 /// EFLAGS.TF.
