@@ -453,6 +453,43 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_bit_interrupt_gate_from_ring3() {
+        let mut c = cpu();
+        let g = Descriptor::gate(CODE0, 0xabcd_1234, 0xe6, 0); // 16-bit interrupt gate, DPL 3
+        c.mmu.phys.write(IDT + 8 * 0x41, &g.0.to_le_bytes());
+        c.s.cpl = 3;
+        c.s.seg[SegReg::Cs as usize] =
+            Descriptor::segment(0, 0xfffff, 0xfb, 0xc).to_segment(CODE3 | 3);
+        c.s.seg[SegReg::Ss as usize] =
+            Descriptor::segment(0, 0xfffff, 0xf3, 0xc).to_segment(DATA3 | 3);
+        c.s.gpr[reg::RSP] = 0x8888;
+        c.s.rip = 0x4567;
+        c.s.set_eflags(FLAG_1 | IF | CF);
+        assert_eq!(c.deliver(0x41, IntKind::Software, None), Ok(()));
+        assert_eq!(c.s.rip, 0x1234, "offset bits 15-0");
+        assert_eq!(c.s.cpl, 0);
+        assert_eq!(c.s.gpr[reg::RSP], 0x7000 - 10);
+        let mut b = [0u8; 10];
+        c.mmu.phys.read(0x7000 - 10, &mut b);
+        let w: Vec<u16> = b
+            .chunks(2)
+            .map(|x| u16::from_le_bytes([x[0], x[1]]))
+            .collect();
+        // IP, CS, FLAGS, SP, SS (16 bits each).
+        assert_eq!(
+            w,
+            vec![
+                0x4567,
+                CODE3 | 3,
+                (FLAG_1 | IF | CF) as u16,
+                0x8888,
+                DATA3 | 3
+            ]
+        );
+        assert_eq!(c.s.eflags() & IF, 0);
+    }
+
+    #[test]
     fn failed_inner_stack_push_rolls_back() {
         let mut c = cpu();
         // Ring 3 with an 8-byte ring-0 stack (SS0 = TINY_SS0): #SS(SS0) from the push.
