@@ -749,3 +749,35 @@ fn v86_monitor_skips_cli_and_irets_back() {
     assert_ne!(rd32(&mut c, top + 8) & VM, 0);
     assert_eq!(top as u32, STACK0 - 36, "V86 frame without error code");
 }
+
+#[test]
+fn trap_gate_from_ring3_and_iret_back() {
+    let mut c = boot();
+    // DPL-3 trap gate; the handler halts, then IRETDs back to ring 3.
+    set_idt(
+        &mut c,
+        0x83,
+        Descriptor::gate(CODE0, handler(0x83) as u32, 0xef, 0),
+    );
+    code(&mut c, 32, handler(0x83), |a| {
+        a.hlt().unwrap();
+        a.iretd().unwrap();
+    });
+    let ev = to_ring3(&mut c, 0x1_1000, |a| {
+        a.int(0x83).unwrap();
+        a.mov(ecx, 0x33).unwrap();
+        a.int(0x80).unwrap(); // DPL-0 gate from ring 3: #GP, to stop
+    });
+    assert_eq!(ev, StepEvent::Halted);
+    assert_eq!(c.s.rip, handler(0x83) + 1);
+    assert_eq!(c.s.cpl, 0);
+    assert_ne!(c.s.eflags() & IF, 0, "trap gate keeps IF");
+    let top = c.s.gpr[reg::RSP];
+    assert_eq!(top as u32, STACK0 - 20, "stack switch to ESP0");
+    assert_eq!(rd32(&mut c, top), 0x1_1002);
+    assert_eq!(rd32(&mut c, top + 12), STACK3);
+    // IRETD to ring 3, which then runs MOV ECX and faults on INT 0x80.
+    assert_eq!(resume(&mut c), StepEvent::Halted);
+    assert_eq!(c.s.gpr[reg::RCX] as u32, 0x33, "back in ring 3");
+    assert_eq!(c.s.rip, handler(13) + 1);
+}
