@@ -278,6 +278,20 @@ pub fn pool(classes: &[Class]) -> Vec<Form> {
     v
 }
 
+/// Whether `code` is a form the generator produces (any class), or XLAT (emitted as a
+/// raw byte). The runner stops a sequence that reaches anything else, which only
+/// self-modified code can do (it would run instructions the fuzzer excludes: CPUID,
+/// RDTSC, INT, I/O...).
+pub fn is_known_form(code: Code) -> bool {
+    static ALL: std::sync::OnceLock<std::collections::HashSet<Code>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        let all: Vec<Class> = CLASS_NAMES.iter().map(|c| c.1).collect();
+        pool(&all).iter().map(|f| f.code).collect()
+    })
+    .contains(&code)
+        || code == Code::Xlat_m8
+}
+
 /// A generated test case.
 #[derive(Debug, Clone)]
 pub struct Case {
