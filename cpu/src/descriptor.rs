@@ -32,6 +32,8 @@ pub const SYS_INT32: u8 = 0xe;
 pub const SYS_TRAP32: u8 = 0xf;
 /// TSS type bit 1: busy.
 pub const TSS_BUSY_BIT: u8 = 0x2;
+/// System type bit 3: a 32-bit TSS or gate (clear: the 80286 16-bit form).
+pub const SYS_32BIT: u8 = 0x8;
 
 /// A raw 8-byte descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -152,7 +154,7 @@ impl Descriptor {
     /// A 32-bit TSS or gate (type bit 3).
     #[inline]
     pub fn sys32(&self) -> bool {
-        self.typ() & 0x8 != 0
+        self.typ() & SYS_32BIT != 0
     }
     /// Gates: the target selector (bits 16-31).
     #[inline]

@@ -287,7 +287,7 @@ impl Cpu {
     pub(crate) fn tss_stack(&mut self, dpl: u8) -> Res<(u16, u32)> {
         let tr = self.s.tr;
         let tcode = tr.selector as u32 & 0xfffc;
-        if tr.attrs & ATTR_TYPE & 0x8 != 0 {
+        if tr.attrs & SYS_32BIT as u32 != 0 {
             let off = 4 + 8 * dpl as u32;
             if off + 7 > tr.limit {
                 return Err(Exception::ts(tcode));

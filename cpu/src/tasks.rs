@@ -159,7 +159,7 @@ impl Cpu {
         let nbase = d.base() as u64;
         let img = self.read_tss(nbase, new32)?;
         let otr = self.s.tr;
-        let old32 = otr.attrs & 0x8 != 0;
+        let old32 = otr.attrs & SYS_32BIT as u32 != 0;
         let (save_off, save_len) = if old32 {
             (T32_EIP, 0x40)
         } else {
