@@ -859,3 +859,16 @@ fn fptan_c1_stats() {
         eprintln!("(exp/8, sign, host C1, soft C1) {k:?}: {v}");
     }
 }
+
+#[test]
+fn cos_near_half_pi_uses_pi66() {
+    let x = F80::new(false, 0x3fff, 0xc90f_daa2_2168_c234);
+    let cw = cw_of(0, 3, 0x3f);
+    let (hv, _) = h_fcos(x, F80::ZERO, cw);
+    let mut c = Ctx::new(cw);
+    let sv = c.sin_or_cos(x, false).flatten().unwrap();
+    let mut c2 = Ctx::new(cw);
+    let sc = c2.sin_cos(x).flatten().unwrap();
+    assert_eq!(hv, sv);
+    assert_eq!(hv, sc.1);
+}

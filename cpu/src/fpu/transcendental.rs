@@ -351,8 +351,11 @@ fn reduce_bits(x: F80, bits: u32) -> (W, u64) {
         // being π/2 rounded to `bits` bits.
         let half_pi = pi().mul(W::new(false, -1, 1 << 127));
         let q = w.div(half_pi);
-        let k: u64 = if q.e < 0 {
+        let k: u64 = if q.e < -1 {
             0
+        } else if q.e == -1 {
+            // 0.5 <= q < 1 rounds to 1.
+            1
         } else {
             let int = q.m >> (127 - q.e);
             let frac_half = (q.m >> (126 - q.e)) & 1;
