@@ -110,6 +110,7 @@ impl Cpu {
     /// RESET: architectural state back to power-on values (memory untouched).
     pub fn reset(&mut self) {
         self.s.reset();
+        self.ev = interrupts::EventState::default();
         self.sync_paging();
     }
 
