@@ -728,6 +728,26 @@ mod tests {
     }
 
     #[test]
+    fn x87_condition_codes_follow_the_sdm_table() {
+        // SDM vol. 1 table 8-3: arithmetic leaves C0 C2 C3 undefined, C1 = round-up/#IS.
+        assert_eq!(undefined_cc(Mnemonic::Fadd), C0 | C2 | C3);
+        // Compares define all four.
+        assert_eq!(undefined_cc(Mnemonic::Fcom), 0);
+        assert_eq!(undefined_cc(Mnemonic::Fxam), 0);
+        // FLDCW, FSTSW, FNSTENV, FCLEX, FFREE, FNOP: all undefined.
+        assert_eq!(undefined_cc(Mnemonic::Fldcw), C0 | C1 | C2 | C3);
+        // FSIN & co.: C2 (out of range) defined.
+        assert_eq!(undefined_cc(Mnemonic::Fsin) & C2, 0);
+        // FPREM with a NaN dividend: no quotient bits.
+        let mut pre = State::default();
+        pre.fx.st[0] = [1, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0x7f];
+        assert_eq!(undefined_cc_dynamic(Mnemonic::Fprem, &pre, 0), C0 | C1 | C3);
+        pre.fx.st[0] = [0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f];
+        pre.fx.st[1] = pre.fx.st[0];
+        assert_eq!(undefined_cc_dynamic(Mnemonic::Fprem, &pre, 0), 0);
+    }
+
+    #[test]
     fn ulp_distance() {
         let one = [0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f];
         let mut next = one;

@@ -44,7 +44,10 @@
 //! 1), and C1 (the rounding direction) is not compared for them.
 //!
 //! After a mismatch the interpreter is resynchronised to the host state, so every
-//! instruction is judged on its own; a fault ends the sequence.
+//! instruction is judged on its own; a fault ends the sequence, and so does reaching
+//! the INT3 padding or self-modified bytes that decode to something the generator never
+//! emits (CPUID, RDTSC, INT... would compare the host with itself, or worse).
+//! `N passed, M failed` counts instructions: N + M is the number executed.
 
 pub mod compare;
 pub mod elf;
