@@ -291,6 +291,20 @@ impl PcPlatform {
         lock(&self.pci).intx(&self.interrupts, dev, pin)
     }
 
+    /// For direct kernel boots (no BIOS): routes PCI interrupts as SeaBIOS does
+    /// (PIRQA/B -> IRQ10, PIRQC/D -> IRQ11), fills in the interrupt line registers and
+    /// marks those IRQs level-triggered in the ELCR. Call after adding PCI devices.
+    pub fn setup_pci_irqs_for_direct_boot(&self) {
+        let used = lock(&self.pci).route_irqs([10, 10, 11, 11]);
+        self.interrupts.with_pic(|p| {
+            for irq in used {
+                let port = if irq < 8 { pic::ELCR1 } else { pic::ELCR2 };
+                let v = p.read_port(port) | 1 << (irq % 8);
+                p.write_port(port, v);
+            }
+        });
+    }
+
     /// Whether the guest masked NMIs through bit 7 of port 0x70.
     pub fn nmi_masked(&self) -> bool {
         lock(&self.rtc).nmi_disabled()
@@ -611,6 +625,20 @@ mod tests {
         io2.io_write(0x20, 1, 0x20);
         let d = q.poll().unwrap();
         assert!(d > 1_000_000_000 && d <= 1_000_000_000 + 839_000, "{d}");
+    }
+
+    #[test]
+    fn direct_boot_pci_irq_setup() {
+        let clock = ManualClock::new();
+        let (p, mut io, _, _) = pc(&clock);
+        let mut cfg = pci::PciConfig::new(0x1022, 0x2000, 0x02_00_00, 0x10, 0);
+        cfg.set8(pci::CFG_INTERRUPT_PIN, 1);
+        let nic = Arc::new(Mutex::new(pci::PlainFunction { cfg }));
+        p.pci.lock().unwrap().add(2, 0, nic).unwrap();
+        p.setup_pci_irqs_for_direct_boot();
+        io.io_write(0xcf8, 4, 0x8000_103c); // 00:02.0, interrupt line/pin
+        assert_eq!(io.io_read(0xcfc, 2), 0x010b, "INTA# -> PIRQC -> IRQ11");
+        assert_eq!(io.io_read(0x4d1, 1), 0b0000_1000, "IRQ11 level");
     }
 
     #[test]

@@ -621,6 +621,36 @@ impl PciHost {
         });
     }
 
+    /// What PC firmware does before an OS boots: routes PIRQA-D to `irqs` in the PIIX3
+    /// and writes each function's interrupt line register from its interrupt pin.
+    /// Returns the ISA IRQs used (for the ELCR). For direct kernel boots, where no BIOS
+    /// runs (Linux then takes IRQs from the interrupt line registers).
+    pub fn route_irqs(&mut self, irqs: [u8; 4]) -> Vec<u8> {
+        {
+            let mut isa = lock(&self.isa_bridge);
+            for (k, &irq) in irqs.iter().enumerate() {
+                isa.cfg.set8(PIIX3_PIRQRC + k as u8, irq & PIRQ_IRQ);
+            }
+        }
+        let mut used = Vec::new();
+        for (&devfn, f) in &self.functions {
+            let mut g = lock(f);
+            let pin = g.config().get8(CFG_INTERRUPT_PIN);
+            if !(1..=4).contains(&pin) {
+                continue;
+            }
+            let route = pirq_route_of(&self.isa_bridge, Self::swizzle(devfn >> 3, pin));
+            g.config_mut()
+                .set8(CFG_INTERRUPT_LINE, route.unwrap_or(0xff));
+            if let Some(irq) = route {
+                if !used.contains(&irq) {
+                    used.push(irq);
+                }
+            }
+        }
+        used
+    }
+
     /// The PIRQ a device's INTx# pin lands on with the usual swizzle: (pin - 1 + dev) % 4.
     pub fn swizzle(dev: u8, pin: u8) -> usize {
         ((pin.max(1) - 1 + dev) % 4) as usize
@@ -984,6 +1014,19 @@ mod tests {
         p.lock().unwrap().write(0xa0, &[0x20]);
         p.lock().unwrap().write(0x20, &[0x20]);
         assert!(!ic.pending(), "level deasserted");
+    }
+
+    #[test]
+    fn firmware_style_irq_routing() {
+        let mut h = PciHost::new(PlatformControl::new());
+        let mut cfg = PciConfig::new(1, 2, 0x02_00_00, 0, 0);
+        cfg.set8(CFG_INTERRUPT_PIN, 1);
+        let f: SharedFunction = Arc::new(Mutex::new(PlainFunction { cfg }));
+        h.add(3, 0, f.clone()).unwrap();
+        let used = h.route_irqs([10, 10, 11, 11]);
+        assert_eq!(used, vec![11], "slot 3 INTA# -> PIRQD -> IRQ11");
+        assert_eq!(f.lock().unwrap().config().get8(CFG_INTERRUPT_LINE), 11);
+        assert_eq!(h.pirq_route(0), Some(10));
     }
 
     #[test]
