@@ -24,10 +24,11 @@
 //!         if pc.control.take_reset() { pc.reset(); /* + cpu reset */ }
 //!         if let Some(a20) = pc.control.take_a20_change() { /* mmu.phys.set_a20(a20) */ }
 //!     }
-//!     // When the CPU is halted with nothing pending: sleep until the next deadline
-//!     // or until another thread raises something (0% host CPU while idle).
-//!     # let halted = false;
-//!     if halted && !intr.pending() {
+//!     // When the CPU is halted and cannot take an interrupt (none pending, or IF=0:
+//!     // then only a reset or NMI ends HLT): sleep until the next deadline or until
+//!     // another thread raises something (0% host CPU while idle).
+//!     # let (halted, eflags_if) = (false, true);
+//!     if halted && !(eflags_if && intr.pending()) {
 //!         pc.wait_for_event(deadline);
 //!         deadline = pc.poll();
 //!     }
@@ -55,6 +56,10 @@
 //! [`PcPlatform::pci_mmio_window`] at [`pci::PCI_MMIO_BASE`] in the physical memory map
 //! (`phys.add_mmio(PCI_MMIO_BASE, PCI_MMIO_LEN, pc.pci_mmio_window())`) so memory
 //! BARs are reachable. I/O BARs are reached through the port bus fallback.
+//!
+//! Direct kernel boots (no BIOS) should call [`PcPlatform::setup_pci_irqs_for_direct_boot`]
+//! after adding PCI devices. Snapshots: [`PcPlatform::save`] / [`PcPlatform::restore`]
+//! (serde; the frontend picks the format).
 //!
 //! Threads and locks: every device sits in its own `Arc<Mutex<..>>`; the bus locks one
 //! device per access. A device may drive its [`irq::IrqLine`] while holding its own lock
