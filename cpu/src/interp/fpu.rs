@@ -167,17 +167,33 @@ impl Cpu {
 
     /// Reads `buf.len()` bytes of the memory operand starting `delta` bytes in.
     fn fpu_read_bytes(&mut self, i: &Instruction, delta: u32, buf: &mut [u8]) -> Res<()> {
-        let off = self.fpu_mem_off(i, delta);
-        let lin = self.seg_linear(self.mem_seg(i), off, buf.len() as u32, false)?;
+        let lin = self.fpu_area_linear(i, delta, buf.len() as u32, false)?;
         let user = self.user();
         self.read_lin_bytes(lin, buf, user)
+    }
+
+    /// Segment checks for `len` bytes of the memory operand from `delta` on. Environment
+    /// and state images are alignment-checked (#AC) by their operand size, 2 or 4 bytes
+    /// (Intel SDM vol. 3, "Alignment Requirements by Data Type"), not by their length.
+    fn fpu_area_linear(&mut self, i: &Instruction, delta: u32, len: u32, write: bool) -> Res<u64> {
+        let seg = self.mem_seg(i);
+        let off = self.fpu_mem_off(i, delta);
+        let unit = match i.memory_size() {
+            MemorySize::FpuEnv14 | MemorySize::FpuState94 => 2,
+            MemorySize::FpuEnv28 | MemorySize::FpuState108 => 4,
+            _ => return self.seg_linear(seg, off, len, write),
+        };
+        let lin = self.seg_linear(seg, off, unit, write)?;
+        // The limit check of the whole image: its last byte (not wrapped, so an image
+        // running past a 64 KiB segment end faults).
+        self.seg_linear(seg, off.wrapping_add(len - 1), 1, write)?;
+        Ok(lin)
     }
 
     /// Writes `data` to the memory operand starting `delta` bytes in; both pages are
     /// checked before any byte is written.
     fn fpu_write_bytes(&mut self, i: &Instruction, delta: u32, data: &[u8]) -> Res<()> {
-        let off = self.fpu_mem_off(i, delta);
-        let lin = self.seg_linear(self.mem_seg(i), off, data.len() as u32, true)?;
+        let lin = self.fpu_area_linear(i, delta, data.len() as u32, true)?;
         let user = self.user();
         self.mmu
             .probe_write(lin, data.len() as u64, user)
@@ -1432,6 +1448,25 @@ mod tests {
         assert_eq!(c.s.fpu.fip, 0x13340);
         assert_eq!(c.s.fpu.fop, 0x1e8);
         assert_eq!(c.s.fpu.top(), 7);
+    }
+
+    #[test]
+    fn env_alignment_check_uses_operand_size() {
+        let mut c = cpu();
+        // Alignment checking on (CPL 3, CR0.AM, EFLAGS.AC; CPL forced for the test).
+        c.s.cpl = 3;
+        c.s.cr0 |= crate::state::CR0_AM;
+        c.s.set_eflags(c.s.eflags() | crate::state::AC);
+        // 66 fnstenv [0x2104]: 4-byte aligned 28-byte image → fine.
+        run(&mut c, &[0x66, 0xd9, 0x36, 0x04, 0x21]).unwrap();
+        // 66 fnstenv [0x2102] → #AC(0).
+        let e = run(&mut c, &[0x66, 0xd9, 0x36, 0x02, 0x21]).unwrap_err();
+        assert_eq!(e.vector, vec::AC);
+        // fnstenv [0x2102] (16-bit image) is 2-byte aligned → fine.
+        run(&mut c, &[0xd9, 0x36, 0x02, 0x21]).unwrap();
+        // An image running past the 64 KiB limit → #GP(0).
+        let e = run(&mut c, &[0xd9, 0x36, 0xf8, 0xff]).unwrap_err();
+        assert_eq!(e, Exception::gp(0));
     }
 
     #[test]
