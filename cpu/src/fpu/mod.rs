@@ -4,6 +4,26 @@
 //!
 //! The interpreter side (decoding of D8-DF and WAIT, memory operands, #NM/#MF) is in
 //! `interp/fpu.rs`.
+//!
+//! Oracle: the host's own x87. The tests in `fpu/host_tests.rs` and `interp/fpu.rs`
+//! (x86-64 hosts only) run the same operations natively through `asm!` and compare
+//! results and status words bit for bit, under every rounding and precision control,
+//! masked and unmasked. Behaviours found that way, beyond what the SDM spells out:
+//! - tininess (UE) is detected after rounding;
+//! - stores (FST, FIST, FBSTP) never signal DE; a single/double denormal memory
+//!   operand of an arithmetic instruction signals DE only after the NaN checks, and a
+//!   signalling NaN from memory takes part in NaN selection as signalling;
+//! - x / 0 with a denormal x signals ZE alone; FLD m32/m64 still pushes under an
+//!   unmasked DE;
+//! - compares write C0-C3 (FCOMI: ZF/PF/CF) even under unmasked IE/DE, but do not pop;
+//! - FSCALE beyond the ±24576 bias adjustment gives a signed zero (UE, PE) or an
+//!   infinity (OE, PE, C1) whatever the rounding control;
+//! - FSIN/FCOS/FSINCOS/FPTAN reduce modulo π/2 with the 66-bit π;
+//! - F2XM1 with |x| > 1 and FYL2XP1 with x <= -1 leave the operand as result, with PE.
+//!
+//! FERR#: [`FpuState::ferr`] (also `Cpu::ferr`) is the FPU's error output; with CR0.NE
+//! clear a PC routes it to IRQ 13, and the waiting instruction proceeds (as if IGNNE#
+//! were asserted) instead of freezing.
 
 pub mod softfloat;
 pub mod transcendental;

@@ -789,12 +789,6 @@ impl Ctx {
         }
     }
 
-    /// Rounds to an extended value (for FST m80 etc. no rounding is needed; this
-    /// checks nothing and is the identity). Provided for symmetry.
-    pub fn to_f80(&mut self, a: F80) -> F80 {
-        a
-    }
-
     /// Converts a signed integer exactly.
     pub fn from_int(&mut self, v: i64) -> F80 {
         if v == 0 {

@@ -46,7 +46,8 @@ impl Cpu {
     pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> Option<Res<()>> {
         use Mnemonic::*;
         let m = i.mnemonic();
-        // (is x87, is waiting, is a control instruction that leaves FIP/FOP alone)
+        // (waiting: checks for a pending unmasked exception first; control: leaves
+        // FIP/FCS/FOP/FDP/FDS alone)
         let (waiting, control) = match m {
             Wait => return Some(self.fpu_wait()),
             Fxsave | Fxrstor => return Some(self.fpu_fxsave_rstor(i, m == Fxrstor)),
@@ -529,8 +530,7 @@ impl Cpu {
                 self.fpu_commit(&ctx);
                 return Ok(());
             }
-            // Unmasked OE/UE on a memory store: nothing stored, but the pop happens? No:
-            // the instruction is treated as not completed.
+            // Unmasked OE/UE on a memory store: nothing stored and no pop (measured).
             if ctx.flags & (softfloat::OE | softfloat::UE) & !ctx.cw != 0 {
                 self.fpu_commit(&ctx);
                 return Ok(());
@@ -989,11 +989,8 @@ impl Cpu {
         let tw = f.full_tag();
         let mut w: Vec<u32> = Vec::with_capacity(7);
         if real {
-            let ip = if self.s.v86() || !self.s.protected() {
-                ((f.fcs as u32) << 4).wrapping_add(f.fip)
-            } else {
-                f.fip
-            };
+            // Real/V86 layouts hold 20/32-bit linear addresses.
+            let ip = ((f.fcs as u32) << 4).wrapping_add(f.fip);
             let dp = ((f.fds as u32) << 4).wrapping_add(f.fdp);
             if size32 {
                 w.extend_from_slice(&[
