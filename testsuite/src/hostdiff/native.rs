@@ -369,6 +369,11 @@ impl Native {
     fn step_inner(&mut self) -> Result<Outcome, String> {
         let c = self.child()?;
         let start = c.regs.rip as u32;
+        // The instruction's bytes, to notice a REP string instruction overwriting itself:
+        // single-stepping re-fetches it after every iteration, which an uninterrupted
+        // REP does not, so such a case cannot be reproduced and is given up.
+        let mut first = [0u8; 16];
+        let _ = c.mem.read_at(&mut first, start as u64);
         let mut n = 0;
         loop {
             let c = self.child()?;
@@ -386,6 +391,11 @@ impl Native {
             n += 1;
             if c.regs.rip as u32 != start || n >= MAX_ITERATIONS {
                 break;
+            }
+            let mut now = [0u8; 16];
+            let _ = c.mem.read_at(&mut now, start as u64);
+            if now != first {
+                return Err("a REP string instruction overwrote itself".into());
             }
         }
         // PUSHF under single-step pushes the TF the tracer set: clear it in the image.
