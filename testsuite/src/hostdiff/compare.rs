@@ -424,6 +424,16 @@ pub fn compare(
         {
             true
         }
+        // A misaligned FXSAVE/FXRSTOR area with alignment checking on: the SDM lets
+        // the implementation signal #AC or #GP.
+        (Outcome::Fault(a), Outcome::Fault(b))
+            if matches!(ins.mnemonic(), Mnemonic::Fxsave | Mnemonic::Fxrstor)
+                && a.vector != b.vector
+                && [a.vector, b.vector].iter().all(|v| *v == 13 || *v == 17)
+                && mem_addr(ins, pre).is_some_and(|x| x & 15 != 0) =>
+        {
+            true
+        }
         (Outcome::Fault(a), Outcome::Fault(b)) => {
             a.vector == b.vector
                 && match (a.addr, b.addr) {
