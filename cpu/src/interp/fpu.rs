@@ -1466,6 +1466,55 @@ mod tests {
         assert_eq!(e, Exception::gp(0));
     }
 
+    /// Hostile guest: random escape opcodes over random x87 state never panic.
+    #[test]
+    fn random_escapes_never_panic() {
+        let mut c = cpu();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..30000 {
+            let f = &mut c.s.fpu;
+            for r in f.regs.iter_mut() {
+                let v = next();
+                *r = F80 {
+                    mant: v,
+                    se: (v >> 48) as u16 ^ (next() as u16),
+                };
+            }
+            f.tw = next() as u16;
+            f.cw = next() as u16;
+            f.sw = next() as u16 & !(SW_ES | SW_B);
+            c.s.cr0 = (c.s.cr0 & !(CR0_TS | CR0_EM | CR0_MP)) | (next() & 0xe) * (next() & 1);
+            c.s.cr4 = next() & CR4_OSFXSR;
+            let mut code = vec![0u8; 8];
+            for b in code.iter_mut() {
+                *b = next() as u8;
+            }
+            code[0] = match next() % 10 {
+                0 => 0x9b,
+                1 => 0x0f,
+                _ => 0xd8 | (next() as u8 & 7),
+            };
+            if code[0] == 0x0f {
+                code[1] = 0xae;
+                code[2] &= 0x0f;
+            }
+            // Keep memory operands inside the first 64 KiB (real mode).
+            c.mmu.phys.write(CODE, &code);
+            c.dcache.clear();
+            c.s.rip = CODE;
+            c.start_rip = CODE;
+            if let Ok(i) = c.fetch_decode() {
+                let _ = c.execute(&i);
+            }
+        }
+    }
+
     #[test]
     fn fxsave_fxrstor() {
         let mut c = cpu();
