@@ -1489,7 +1489,7 @@ mod tests {
             f.tw = next() as u16;
             f.cw = next() as u16;
             f.sw = next() as u16 & !(SW_ES | SW_B);
-            c.s.cr0 = (c.s.cr0 & !(CR0_TS | CR0_EM | CR0_MP)) | (next() & 0xe) * (next() & 1);
+            c.s.cr0 = (c.s.cr0 & !(CR0_TS | CR0_EM | CR0_MP)) | ((next() & 0xe) * (next() & 1));
             c.s.cr4 = next() & CR4_OSFXSR;
             let mut code = vec![0u8; 8];
             for b in code.iter_mut() {
