@@ -1466,6 +1466,31 @@ mod tests {
         assert_eq!(e, Exception::gp(0));
     }
 
+    /// Throughput of a short x87 loop through `Cpu::run` (prints a figure; run with
+    /// `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn x87_loop_throughput() {
+        let mut c = cpu();
+        // l: fld1; fldpi; fmulp; fsqrt; fstp st0; jmp l
+        c.mmu.phys.write(
+            CODE,
+            &[
+                0xd9, 0xe8, 0xd9, 0xeb, 0xde, 0xc9, 0xd9, 0xfa, 0xdd, 0xd8, 0xeb, 0xf4,
+            ],
+        );
+        c.s.rip = CODE;
+        let n = 3_000_000;
+        let t = std::time::Instant::now();
+        c.run(n);
+        let dt = t.elapsed().as_secs_f64();
+        eprintln!(
+            "{n} instructions in {dt:.3} s: {:.1} M instr/s",
+            n as f64 / dt / 1e6
+        );
+        assert_eq!(c.s.fpu.top(), 0);
+    }
+
     /// Hostile guest: random escape opcodes over random x87 state never panic.
     #[test]
     fn random_escapes_never_panic() {
