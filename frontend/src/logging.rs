@@ -18,6 +18,7 @@ pub const ITEMS: &[(&str, &[&str], &str)] = &[
         "interrupts and exceptions",
     ),
     ("cpu_reset", &["morph86::machine"], "CPU resets"),
+    ("io", &["morph86::io"], "every port I/O access (slow)"),
     (
         "unimp",
         &["morph86_cpu::interp", "morph86_devices"],

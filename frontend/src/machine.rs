@@ -12,7 +12,7 @@ use crate::loader::{self, Entry32, LoadError};
 use morph86_cpu::{Cpu, InterruptSource, StepEvent};
 use morph86_devices::serial::{SerialBackend, WriterBackend};
 use morph86_devices::{InterruptController, PcPlatform, PlatformConfig};
-use morph86_mmu::{Mmu, PhysError, PhysMem};
+use morph86_mmu::{IoBus, Mmu, PhysError, PhysMem};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,6 +139,21 @@ impl BootImages {
     }
 }
 
+/// `-d io`: logs every port access on its way to the real bus.
+struct TracedIo(Box<dyn IoBus>);
+
+impl IoBus for TracedIo {
+    fn io_read(&mut self, port: u16, size: u8) -> u32 {
+        let v = self.0.io_read(port, size);
+        log::debug!(target: "morph86::io", "in  {port:#06x}/{size} -> {v:#x}");
+        v
+    }
+    fn io_write(&mut self, port: u16, size: u8, value: u32) {
+        log::debug!(target: "morph86::io", "out {port:#06x}/{size} <- {value:#x}");
+        self.0.io_write(port, size, value)
+    }
+}
+
 /// The PIC pair as the CPU's INTR line.
 struct Intr(InterruptController);
 
@@ -256,6 +271,10 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
         pc.take_io_bus()
             .ok_or_else(|| MachineError::Host("no I/O bus".into()))?,
     );
+    if log::log_enabled!(target: "morph86::io", log::Level::Debug) {
+        let bus = std::mem::replace(&mut cpu.io, Box::new(morph86_mmu::NullIo));
+        cpu.io = Box::new(TracedIo(bus));
+    }
     cpu.intr = Some(Box::new(Intr(pc.interrupts.clone())));
     if let Some(e) = entry {
         e.apply(&mut cpu);
@@ -371,7 +390,8 @@ fn vcpu_loop(
             deadline = pc.poll();
             continue;
         }
-        if halted && !pc.interrupts.pending() {
+        let if_set = cpu.s.eflags_raw & morph86_cpu::state::IF != 0;
+        if halted && !(if_set && pc.interrupts.pending()) {
             if cpu.s.eflags_raw & morph86_cpu::state::IF == 0 && deadline.is_none() {
                 log::warn!("guest halted with interrupts disabled and no timer running (only Ctrl-A x or a reset ends this)");
             }
