@@ -35,11 +35,13 @@ pub mod features {
     pub const PGE: u32 = 1 << 13;
     /// Bit 15: CMOVcc (and FCMOVcc/FCOMI with the FPU).
     pub const CMOV: u32 = 1 << 15;
+    /// Bit 17: 36-bit physical addresses in 4 MiB PSE pages (the MMU's PSE-36).
+    pub const PSE36: u32 = 1 << 17;
     /// Bit 24: FXSAVE/FXRSTOR (CR4.OSFXSR).
     pub const FXSR: u32 = 1 << 24;
     /// CPUID.1:EDX as reported.
     pub const LEAF1_EDX: u32 =
-        FPU | VME | DE | PSE | TSC | MSR | PAE | CX8 | SEP | PGE | CMOV | FXSR;
+        FPU | VME | DE | PSE | TSC | MSR | PAE | CX8 | SEP | PGE | CMOV | PSE36 | FXSR;
     /// CPUID.80000001h:EDX bit 20: execute-disable (EFER.NXE).
     pub const EXT_NX: u32 = 1 << 20;
     /// CPUID.1:EAX: family 6, model 3, stepping 3 (a Pentium II, as DX holds at reset).
