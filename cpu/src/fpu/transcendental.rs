@@ -325,17 +325,26 @@ impl Ctx {
 
     /// Reduces x modulo π/2 the way the x87 does (66-bit π): (r, quadrant).
     fn reduce(&self, x: F80) -> (W, u64) {
-        reduce_bits(x, REDUCE_BITS.load(std::sync::atomic::Ordering::Relaxed))
+        reduce_bits(x, REDUCE_BITS)
     }
 }
 
-/// Precision in bits of the π/2 used for argument reduction.
-static REDUCE_BITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(66);
+/// Precision in bits of the π used for argument reduction: 66, as measured against the
+/// host (`reduction_pi_experiment` in the host tests).
+const REDUCE_BITS: u32 = 66;
 
-/// Sets the precision of π used by the argument reduction (experiments only).
+/// sin(x) for |x| < 2^63 with π rounded to `bits` bits in the reduction (experiments).
 #[cfg(test)]
-pub(crate) fn set_reduce_bits(b: u32) {
-    REDUCE_BITS.store(b, std::sync::atomic::Ordering::Relaxed);
+pub(crate) fn sin_with_reduce_bits(ctx: &mut Ctx, x: F80, bits: u32) -> F80 {
+    let (r, q) = reduce_bits(x, bits);
+    let (s, c) = sin_cos_w(r);
+    match q {
+        0 => s,
+        1 => c,
+        2 => s.neg(),
+        _ => c.neg(),
+    }
+    .round(ctx)
 }
 
 /// Reduction of x modulo π/2 with π rounded to `bits` bits.
