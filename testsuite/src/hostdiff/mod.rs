@@ -41,7 +41,14 @@
 //! transcendentals (FSIN FCOS FSINCOS FPTAN FPATAN F2XM1 FYL2X FYL2XP1), for which
 //! Intel documents an error bound rather than exact results, are compared within a
 //! tolerance in units in the last place of the 64-bit significand (`--fp-ulps`, default
-//! 1), and C1 (the rounding direction) is not compared for them.
+//! 1), and C1 (the rounding direction) is not compared for them. Further per-input
+//! cases (FPREM without a quotient, C1 of FCMOVcc/FCOMI without a stack fault, FCOMI
+//! flags after an unmasked invalid operation, F2XM1/FYL2XP1 outside their documented
+//! domains, FBLD of invalid BCD, FXSAVE's MXCSR_MASK) and the few host behaviours the
+//! SDM leaves to the implementation (which CMPS operand or x87 image field faults first,
+//! #AC versus #GP for a misaligned FXSAVE, no #AC for x87 environment images on AMD) are
+//! documented where they are coded, in `compare.rs`, and listed in
+//! `testsuite/hostdiff-findings.md`.
 //!
 //! After a mismatch the interpreter is resynchronised to the host state, so every
 //! instruction is judged on its own; a fault ends the sequence, and so does reaching

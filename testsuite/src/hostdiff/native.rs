@@ -8,7 +8,8 @@
 //! (several for a REP string instruction, which traps after each iteration); SYSEMU
 //! means a system call reached by accident (self-modified code) stops without running. A sequence that does
 //! not come back within [`TIMEOUT_SECS`] (SIGALRM interrupts the wait) kills the child,
-//! and the next `load` starts a new one.
+//! and the next `load` starts a new one. A tracee answers only to the thread that
+//! started it: use a `Native` from the thread that made its first `load`.
 
 use super::{
     elf, Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE, MEM_BASE,
