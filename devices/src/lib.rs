@@ -82,6 +82,7 @@ pub mod pit;
 pub mod port92;
 pub mod rtc;
 pub mod serial;
+pub mod vga;
 pub mod wake;
 
 use std::io::Write;
