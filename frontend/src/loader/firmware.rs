@@ -8,7 +8,7 @@ use morph86_mmu::PhysMem;
 /// Maps `image` as the system firmware.
 pub fn load(mem: &mut PhysMem, name: &str, image: &[u8]) -> Result<(), LoadError> {
     let len = image.len() as u64;
-    if len < 0x1_0000 || len > 16 << 20 || len % 0x1_0000 != 0 {
+    if !(0x1_0000..=16 << 20).contains(&len) || !len.is_multiple_of(0x1_0000) {
         return Err(LoadError::BadFirmware(name.into(), len));
     }
     mem.add_rom((1u64 << 32) - len, image.to_vec());
