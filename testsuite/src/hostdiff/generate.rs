@@ -299,6 +299,9 @@ pub struct Case {
     pub code: Vec<u8>,
     /// The starting state.
     pub init: State,
+    /// Addresses where generated instructions start (self-modified code may be entered
+    /// elsewhere; see `run_case`).
+    pub starts: Vec<u32>,
 }
 
 #[derive(Clone, Copy)]
@@ -1464,7 +1467,8 @@ impl Generator {
                 init.mem[(a - MEM_BASE) as usize] = *b;
             }
         }
-        Ok(Case { code, init })
+        let starts = addrs.iter().map(|&a| a as u32).collect();
+        Ok(Case { code, init, starts })
     }
 }
 
