@@ -68,6 +68,13 @@ pub struct Args {
     /// Display back end.
     #[arg(long, value_enum)]
     pub display: Option<Display>,
+    /// Write the screen to this PNG file when the machine stops.
+    #[arg(long, value_name = "FILE.png")]
+    pub screenshot: Option<PathBuf>,
+    /// Type these characters on the emulated keyboard, starting after a short delay
+    /// (for tests: lower-case letters, digits, space, newline).
+    #[arg(long, value_name = "TEXT")]
+    pub send_keys: Option<String>,
     /// Serial port back end: stdio, file:PATH or none (repeat for COM2..COM4).
     #[arg(long, value_name = "DEV")]
     pub serial: Vec<String>,

@@ -67,8 +67,8 @@ struct BootImages {
 }
 
 impl BootImages {
-    fn from_args(args: &Args) -> Result<Self, MachineError> {
-        let bios = match &args.bios {
+    fn from_args(args: &Args, window: bool) -> Result<Self, MachineError> {
+        let mut bios = match &args.bios {
             Some(p) => Some((p.display().to_string(), read(p)?)),
             None => None,
         };
@@ -91,9 +91,9 @@ impl BootImages {
             }
         }
         if kernel.is_none() && bios.is_none() {
-            return Err(MachineError::Usage(
-                "nothing to boot: give -kernel FILE or -bios FILE (see --help)".into(),
-            ));
+            // Nothing named: boot the built-in demo (roms/demo), which ends by itself
+            // when there is no window.
+            bios = Some((crate::demo::NAME.into(), crate::demo::image(!window)));
         }
         Ok(BootImages {
             bios,
@@ -215,15 +215,13 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
             other => return Err(MachineError::Usage(format!("unsupported device '{other}'"))),
         }
     }
-    if args.display == Some(Display::Sdl) {
-        return Err(MachineError::Usage(
-            "-display sdl is not supported yet (use -display none)".into(),
-        ));
-    }
+    let window =
+        crate::display::wants_window(args.display, args.nographic).map_err(MachineError::Usage)?;
     if args.accel == Accel::Jit {
         log::warn!("the JIT is not wired in yet; running with -accel interp");
     }
-    let images = BootImages::from_args(&args)?;
+    let images = BootImages::from_args(&args, window)?;
+    let demo = args.kernel.is_none() && args.bios.is_none();
     let mut phys = PhysMem::new(ram)?;
     let entry = images.load(&mut phys, true)?;
 
@@ -266,6 +264,8 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
         };
     }
     let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
+    let vga = crate::display::install(&mut pc, &mut phys).map_err(MachineError::Host)?;
+    let input = crate::display::Input::new(&pc);
     let mut cpu = Cpu::new(Mmu::new(phys));
     cpu.io = Box::new(
         pc.take_io_bus()
@@ -306,15 +306,26 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     };
 
     let stats = args.stats;
-    let no_reboot = args.no_reboot;
+    // The headless demo ends by resetting the machine: that reset is its exit.
+    let no_reboot = args.no_reboot || (demo && !window);
+    let display_opts = crate::display::DisplayOptions {
+        sdl: window,
+        screenshot: args.screenshot.clone(),
+        send_keys: args.send_keys.clone(),
+    };
+    let quit_display = quit.clone();
     let limit = args.max_instructions.unwrap_or(u64::MAX);
     let vcpu = std::thread::Builder::new()
         .name("vcpu".into())
         .spawn(move || vcpu_loop(cpu, pc, images, quit, no_reboot, limit, stats))
         .map_err(|e| MachineError::Host(e.to_string()))?;
+    let shown = crate::display::run(&display_opts, vga, input, quit_display, || {
+        vcpu.is_finished()
+    });
     let code = vcpu
         .join()
         .map_err(|_| MachineError::Host("the vCPU thread panicked".into()))?;
+    shown.map_err(MachineError::Host)?;
     Ok(code)
 }
 

@@ -6,6 +6,8 @@
 
 mod cli;
 mod console;
+mod demo;
+mod display;
 mod loader;
 mod logging;
 mod machine;

@@ -1,0 +1,350 @@
+//! The SDL2 window: a streaming texture updated with the VGA's changed rectangles, scaled
+//! to the window (resizable, aspect kept), host keys as PS/2 set 1 codes, the mouse on
+//! the PS/2 aux port while grabbed (click to grab, Ctrl-Alt-G to release, as in QEMU).
+
+use super::{DisplayOptions, Input, Screen, SEND_KEYS_DELAY, SEND_KEYS_GAP};
+use sdl2::event::{Event, WindowEvent};
+use sdl2::keyboard::{Keycode, Mod, Scancode};
+use sdl2::mouse::MouseButton;
+use sdl2::pixels::PixelFormatEnum;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Set 1 make code of a host key (`0xE0xx` for the extended keys of the AT keyboard).
+pub fn set1_code(sc: Scancode) -> Option<u16> {
+    use Scancode::*;
+    Some(match sc {
+        Escape => 0x01,
+        Num1 => 0x02,
+        Num2 => 0x03,
+        Num3 => 0x04,
+        Num4 => 0x05,
+        Num5 => 0x06,
+        Num6 => 0x07,
+        Num7 => 0x08,
+        Num8 => 0x09,
+        Num9 => 0x0a,
+        Num0 => 0x0b,
+        Minus => 0x0c,
+        Equals => 0x0d,
+        Backspace => 0x0e,
+        Tab => 0x0f,
+        Q => 0x10,
+        W => 0x11,
+        E => 0x12,
+        R => 0x13,
+        T => 0x14,
+        Y => 0x15,
+        U => 0x16,
+        I => 0x17,
+        O => 0x18,
+        P => 0x19,
+        LeftBracket => 0x1a,
+        RightBracket => 0x1b,
+        Return => 0x1c,
+        LCtrl => 0x1d,
+        A => 0x1e,
+        S => 0x1f,
+        D => 0x20,
+        F => 0x21,
+        G => 0x22,
+        H => 0x23,
+        J => 0x24,
+        K => 0x25,
+        L => 0x26,
+        Semicolon => 0x27,
+        Apostrophe => 0x28,
+        Grave => 0x29,
+        LShift => 0x2a,
+        Backslash => 0x2b,
+        Z => 0x2c,
+        X => 0x2d,
+        C => 0x2e,
+        V => 0x2f,
+        B => 0x30,
+        N => 0x31,
+        M => 0x32,
+        Comma => 0x33,
+        Period => 0x34,
+        Slash => 0x35,
+        RShift => 0x36,
+        KpMultiply => 0x37,
+        LAlt => 0x38,
+        Space => 0x39,
+        CapsLock => 0x3a,
+        F1 => 0x3b,
+        F2 => 0x3c,
+        F3 => 0x3d,
+        F4 => 0x3e,
+        F5 => 0x3f,
+        F6 => 0x40,
+        F7 => 0x41,
+        F8 => 0x42,
+        F9 => 0x43,
+        F10 => 0x44,
+        NumLockClear => 0x45,
+        ScrollLock => 0x46,
+        Kp7 => 0x47,
+        Kp8 => 0x48,
+        Kp9 => 0x49,
+        KpMinus => 0x4a,
+        Kp4 => 0x4b,
+        Kp5 => 0x4c,
+        Kp6 => 0x4d,
+        KpPlus => 0x4e,
+        Kp1 => 0x4f,
+        Kp2 => 0x50,
+        Kp3 => 0x51,
+        Kp0 => 0x52,
+        KpPeriod => 0x53,
+        NonUsBackslash => 0x56,
+        F11 => 0x57,
+        F12 => 0x58,
+        KpEnter => 0xe01c,
+        RCtrl => 0xe01d,
+        KpDivide => 0xe035,
+        PrintScreen => 0xe037,
+        RAlt => 0xe038,
+        Home => 0xe047,
+        Up => 0xe048,
+        PageUp => 0xe049,
+        Left => 0xe04b,
+        Right => 0xe04d,
+        End => 0xe04f,
+        Down => 0xe050,
+        PageDown => 0xe051,
+        Insert => 0xe052,
+        Delete => 0xe053,
+        LGui => 0xe05b,
+        RGui => 0xe05c,
+        Application => 0xe05d,
+        _ => return None,
+    })
+}
+
+fn scancode_for_char(c: char) -> Option<Scancode> {
+    match c {
+        ' ' => Some(Scancode::Space),
+        '\n' => Some(Scancode::Return),
+        _ => Keycode::from_name(&c.to_string()).and_then(Scancode::from_keycode),
+    }
+}
+
+/// The window loop (see [`super::run`]).
+pub(super) fn run(
+    opts: &DisplayOptions,
+    screen: &mut Screen,
+    input: &Input,
+    quit: &Arc<AtomicBool>,
+    finished: &dyn Fn() -> bool,
+) -> Result<(), String> {
+    let ctx = sdl2::init()?;
+    let video = ctx.video()?;
+    let events = ctx.event()?;
+    screen.refresh();
+    let (mut w, mut h) = (screen.frame.width as u32, screen.frame.height as u32);
+    let window = video
+        .window("morph86", w, h)
+        .position_centered()
+        .resizable()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut canvas = window.into_canvas().build().map_err(|e| e.to_string())?;
+    canvas.set_logical_size(w, h).map_err(|e| e.to_string())?;
+    let tc = canvas.texture_creator();
+    let mut texture = tc
+        .create_texture_streaming(PixelFormatEnum::RGB888, w, h)
+        .map_err(|e| e.to_string())?;
+    upload(&mut texture, screen, None)?;
+    let mut pump = ctx.event_pump()?;
+    let mouse = ctx.mouse();
+    let mut grabbed = false;
+    let mut buttons = 0u8;
+    let mut frames = 0u32;
+    let mut last_title = Instant::now();
+    let mut keys: Vec<char> = opts
+        .send_keys
+        .clone()
+        .unwrap_or_default()
+        .chars()
+        .rev()
+        .collect();
+    let mut next_key = Instant::now() + SEND_KEYS_DELAY;
+    while !finished() {
+        for ev in pump.poll_iter() {
+            match ev {
+                Event::Quit { .. } => {
+                    quit.store(true, Ordering::SeqCst);
+                    input.wakeup.notify();
+                }
+                Event::KeyDown {
+                    scancode: Some(sc),
+                    keymod,
+                    ..
+                } if sc == Scancode::G
+                    && keymod.intersects(Mod::LCTRLMOD | Mod::RCTRLMOD)
+                    && keymod.intersects(Mod::LALTMOD | Mod::RALTMOD) =>
+                {
+                    grabbed = false;
+                    mouse.set_relative_mouse_mode(false);
+                }
+                Event::KeyDown {
+                    scancode: Some(sc), ..
+                } => {
+                    if let Some(code) = set1_code(sc) {
+                        input.key(code, true);
+                    }
+                }
+                Event::KeyUp {
+                    scancode: Some(sc), ..
+                } => {
+                    if let Some(code) = set1_code(sc) {
+                        input.key(code, false);
+                    }
+                }
+                Event::MouseButtonDown { mouse_btn, .. } if !grabbed => {
+                    let _ = mouse_btn;
+                    grabbed = true;
+                    mouse.set_relative_mouse_mode(true);
+                }
+                Event::MouseButtonDown { mouse_btn, .. }
+                | Event::MouseButtonUp { mouse_btn, .. }
+                    if grabbed =>
+                {
+                    let bit = match mouse_btn {
+                        MouseButton::Left => 1,
+                        MouseButton::Right => 2,
+                        MouseButton::Middle => 4,
+                        _ => 0,
+                    };
+                    if matches!(ev, Event::MouseButtonDown { .. }) {
+                        buttons |= bit;
+                    } else {
+                        buttons &= !bit;
+                    }
+                    input.mouse(0, 0, 0, buttons);
+                }
+                Event::MouseMotion { xrel, yrel, .. } if grabbed => {
+                    input.mouse(xrel, -yrel, 0, buttons);
+                }
+                Event::MouseWheel { y, .. } if grabbed => input.mouse(0, 0, -y, buttons),
+                Event::Window {
+                    win_event: WindowEvent::Exposed | WindowEvent::SizeChanged(..),
+                    ..
+                } => {}
+                _ => {}
+            }
+        }
+        if let Some(c) = keys.last().copied() {
+            if Instant::now() >= next_key {
+                keys.pop();
+                if let Some(sc) = scancode_for_char(c) {
+                    for down in [true, false] {
+                        let ev = if down {
+                            Event::KeyDown {
+                                timestamp: 0,
+                                window_id: 0,
+                                keycode: None,
+                                scancode: Some(sc),
+                                keymod: Mod::NOMOD,
+                                repeat: false,
+                            }
+                        } else {
+                            Event::KeyUp {
+                                timestamp: 0,
+                                window_id: 0,
+                                keycode: None,
+                                scancode: Some(sc),
+                                keymod: Mod::NOMOD,
+                                repeat: false,
+                            }
+                        };
+                        events.push_event(ev)?;
+                    }
+                }
+                next_key = Instant::now() + SEND_KEYS_GAP;
+            }
+        }
+        let changed = screen.refresh();
+        let (fw, fh) = (screen.frame.width as u32, screen.frame.height as u32);
+        if (fw, fh) != (w, h) {
+            (w, h) = (fw, fh);
+            texture = tc
+                .create_texture_streaming(PixelFormatEnum::RGB888, w, h)
+                .map_err(|e| e.to_string())?;
+            canvas.set_logical_size(w, h).map_err(|e| e.to_string())?;
+            let _ = canvas.window_mut().set_size(w, h);
+            upload(&mut texture, screen, None)?;
+        } else if let Some(r) = changed {
+            upload(&mut texture, screen, Some(r))?;
+        }
+        canvas.clear();
+        canvas.copy(&texture, None, None)?;
+        canvas.present();
+        frames += 1;
+        if last_title.elapsed() >= Duration::from_secs(1) {
+            let state = if quit.load(Ordering::Relaxed) {
+                "stopping"
+            } else {
+                "running"
+            };
+            let grab = if grabbed {
+                " - Ctrl-Alt-G releases the mouse"
+            } else {
+                ""
+            };
+            let title = format!("morph86 - {state} - {w}x{h} - {frames} fps{grab}");
+            let _ = canvas.window_mut().set_title(&title);
+            frames = 0;
+            last_title = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    Ok(())
+}
+
+/// Copies the frame (or just rectangle `r` of it) into the texture.
+fn upload(
+    texture: &mut sdl2::render::Texture,
+    screen: &Screen,
+    r: Option<morph86_devices::vga::Rect>,
+) -> Result<(), String> {
+    let f = &screen.frame;
+    let r = r.unwrap_or(morph86_devices::vga::Rect {
+        x: 0,
+        y: 0,
+        w: f.width,
+        h: f.height,
+    });
+    if r.w == 0 || r.h == 0 {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity(r.w * r.h * 4);
+    for y in r.y..r.y + r.h {
+        for p in &f.pixels[y * f.width + r.x..y * f.width + r.x + r.w] {
+            bytes.extend_from_slice(&p.to_ne_bytes());
+        }
+    }
+    let rect = sdl2::rect::Rect::new(r.x as i32, r.y as i32, r.w as u32, r.h as u32);
+    texture
+        .update(rect, &bytes, r.w * 4)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extended_keys_get_the_e0_prefix() {
+        // Set 1: cursor keys and the right-hand Ctrl/Alt are E0-prefixed (IBM AT tables).
+        assert_eq!(set1_code(Scancode::Up), Some(0xe048));
+        assert_eq!(set1_code(Scancode::Left), Some(0xe04b));
+        assert_eq!(set1_code(Scancode::RCtrl), Some(0xe01d));
+        assert_eq!(set1_code(Scancode::KpEnter), Some(0xe01c));
+        assert_eq!(set1_code(Scancode::A), Some(0x1e));
+        assert_eq!(set1_code(Scancode::F12), Some(0x58));
+        assert_eq!(set1_code(Scancode::Kp8), Some(0x48));
+    }
+}
