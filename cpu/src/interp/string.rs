@@ -162,14 +162,14 @@ impl Cpu {
         let user = self.user();
         let mut buf = [0u8; PAGE_SIZE as usize];
         if kind == Kind::Movs {
-            // Same order as one iteration: both segment checks, then the read's
-            // paging, then the write's.
+            // Same order as one iteration: the source's checks and paging, then the
+            // destination's.
             let ls = self.seg_linear(src, si as u32, bytes as u32, false)?;
-            let ld = self.seg_linear(SegReg::Es, di as u32, bytes as u32, true)?;
             let ps = self
                 .mmu
                 .translate(ls, Access::Read, user)
                 .map_err(|pf| self.page_fault(pf))?;
+            let ld = self.seg_linear(SegReg::Es, di as u32, bytes as u32, true)?;
             let pd = self
                 .mmu
                 .translate(ld, Access::Write, user)
@@ -245,17 +245,17 @@ impl Cpu {
         let di = (self.s.gpr[reg::RDI] & amask) as u32;
         match kind {
             Kind::Movs => {
-                // Both segment checks (limits, rights, alignment) come before either
-                // access, as on the hardware.
-                let ls = self.seg_linear(src, si, size, false)?;
-                let ld = self.seg_linear(SegReg::Es, di, size, true)?;
-                let user = self.user();
-                let v = self.read_lin(ls, size, user)?;
-                self.write_lin(ld, size, v, user)?;
+                // The source read (checks and paging) comes before any check of the
+                // destination, as on the hardware.
+                let v = self.read_mem(src, si, size)?;
+                self.write_mem(SegReg::Es, di, size, v)?;
                 self.str_advance(reg::RSI, size, a32);
                 self.str_advance(reg::RDI, size, a32);
             }
             Kind::Cmps => {
+                // Both operands' segment and alignment checks come before either read
+                // (a misaligned ES:EDI gives #AC before a page fault of DS:ESI, as on
+                // the host CPU); the reads then go source first.
                 let ls = self.seg_linear(src, si, size, false)?;
                 let ld = self.seg_linear(SegReg::Es, di, size, false)?;
                 let user = self.user();
