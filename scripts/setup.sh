@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v nasm >/dev/null || need+=(nasm)
+command -v cmake >/dev/null || need+=(cmake)  # SDL2 is built from source (crate sdl2, bundled)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: please install: ${need[*]}" >&2
