@@ -31,11 +31,14 @@
 //! Chaining overwrites a stub's first 5 bytes with `jmp rel32` to the target's entry;
 //! invalidation overwrites a block's entry with `jmp rel32` to its own reentry stub.
 
-use crate::translate::{BlockPlan, Term};
+use crate::translate::{count_dependent, rflags_to_eflags, BlockPlan, Kind, Term};
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use iced_x86::Instruction;
 use morph86_cpu::state::ARITH_FLAGS;
-use morph86_cpu::CpuState;
+use morph86_cpu::{Cpu, CpuState, Exception};
+use morph86_mmu::tlb::TLB_SIZE;
+use morph86_mmu::TlbEntry;
 use std::mem::offset_of;
 
 /// Exit id meaning "no stub to chain": the dispatcher just looks the next block up.
@@ -43,7 +46,7 @@ pub const NO_CHAIN: u64 = u64::MAX;
 
 /// Dispatcher ↔ host code communication block (pointed to by r12).
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JitCtx {
     /// Blocks that may still be entered before returning to the dispatcher; 0 stops at
     /// the next block entry (stop requests store 0).
@@ -54,11 +57,84 @@ pub struct JitCtx {
     pub icount: u64,
     /// Id of the stub that left host code ([`NO_CHAIN`] if none).
     pub exit: u64,
+    /// Base of the TLB entry array (`Tlb::entries_ptr`).
+    pub tlb: u64,
+    /// The CPU, for the slow path.
+    pub cpu: *mut Cpu,
+    /// An exception raised in a slow path (delivered by the dispatcher).
+    pub exception: Option<Exception>,
+    /// Code pages written by slow-path instructions (invalidated by the dispatcher).
+    pub dirty: Vec<u64>,
+}
+
+impl Default for JitCtx {
+    fn default() -> Self {
+        JitCtx {
+            budget: 0,
+            _pad: 0,
+            icount: 0,
+            exit: NO_CHAIN,
+            tlb: 0,
+            cpu: std::ptr::null_mut(),
+            exception: None,
+            dirty: Vec::new(),
+        }
+    }
+}
+
+/// The slow path of a memory access: runs the instruction at `cpu.s.rip` in the
+/// interpreter. `not_retired` is the number of block instructions (counted at block
+/// entry) from this one to the block end. Returns 0 to continue in the block, 1 to leave
+/// it (an exception, stored in `ctx.exception`, with EIP at the instruction; or a write
+/// to a code page, with EIP after it).
+///
+/// # Safety
+/// `ctx` must point to a live `JitCtx` whose `cpu` points to a live `Cpu`, neither
+/// otherwise accessed during the call (the host code that calls this holds no reference
+/// into them across the call: it spilled the guest state to `CpuState` first).
+pub unsafe extern "sysv64" fn jit_slow(ctx: *mut JitCtx, not_retired: u32) -> u32 {
+    // SAFETY: per the function contract.
+    let ctx = unsafe { &mut *ctx };
+    // SAFETY: per the function contract.
+    let cpu = unsafe { &mut *ctx.cpu };
+    // The interpreter's fetch would consume pending code-write notices: keep them.
+    if cpu.mmu.phys.has_dirty_code() {
+        ctx.dirty.extend(cpu.take_dirty_code());
+    }
+    let counted = cpu.stats.instructions;
+    let r = cpu.try_step();
+    cpu.s.materialize_flags();
+    match r {
+        Ok(()) => {
+            // The block counted this instruction at entry.
+            cpu.stats.instructions = counted;
+            if cpu.mmu.phys.has_dirty_code() {
+                ctx.dirty.extend(cpu.take_dirty_code());
+                ctx.icount = ctx.icount.saturating_sub(not_retired as u64 - 1);
+                return 1;
+            }
+            0
+        }
+        Err(e) => {
+            ctx.exception = Some(e);
+            ctx.icount = ctx.icount.saturating_sub(not_retired as u64);
+            1
+        }
+    }
 }
 
 const OFF_BUDGET: i32 = offset_of!(JitCtx, budget) as i32;
 const OFF_ICOUNT: i32 = offset_of!(JitCtx, icount) as i32;
 const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
+const OFF_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
+const TLB_TAG_READ: i32 = TlbEntry::OFFSET_READ as i32;
+const TLB_TAG_WRITE: i32 = TlbEntry::OFFSET_WRITE as i32;
+const TLB_ADDEND: i32 = TlbEntry::OFFSET_ADDEND as i32;
+/// log2 of the TLB entry size (the probe scales the index with a shift).
+const TLB_ENTRY_SHIFT: i8 = 5;
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 1 << TLB_ENTRY_SHIFT);
+/// Byte offset of the user set in the TLB array.
+pub const TLB_USER_SET: i32 = (TLB_SIZE * std::mem::size_of::<TlbEntry>()) as i32;
 const OFF_GPR: i32 = offset_of!(CpuState, gpr) as i32;
 const OFF_RIP: i32 = offset_of!(CpuState, rip) as i32;
 const OFF_EFLAGS: i32 = offset_of!(CpuState, eflags_raw) as i32;
@@ -77,11 +153,21 @@ pub fn host_of(g: u8) -> u8 {
 /// Signature of the entry trampoline.
 pub type EnterFn = unsafe extern "sysv64" fn(*mut CpuState, *mut JitCtx, usize);
 
-/// Assembles the entry/exit trampoline for base address `base`. Returns the code and the
-/// offset of the shared exit path.
-pub fn trampoline(base: usize) -> (Vec<u8>, usize) {
+/// Offsets inside the trampoline.
+pub struct TrampolineOffsets {
+    /// The shared exit path.
+    pub exit: usize,
+    /// The shared slow path (spill, call [`jit_slow`], reload).
+    pub slow: usize,
+}
+
+/// Assembles the entry/exit trampoline for base address `base`.
+pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
     let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(base);
     let exit = ops.new_dynamic_label();
+    let slow = ops.new_dynamic_label();
+    let leave = ops.new_dynamic_label();
+    let helper = jit_slow as *const () as usize as i64;
     let g = |r: i32| OFF_GPR + 8 * r;
     dynasm!(ops
         ; .arch x64
@@ -135,10 +221,71 @@ pub fn trampoline(base: usize) -> (Vec<u8>, usize) {
         ; pop rbp
         ; pop rbx
         ; ret
+        // Slow path: called from block code with guest state in host registers and
+        // host flags, EIP stored, r14d = instructions not retired if this one leaves.
+        ; =>slow
+        ; mov QWORD [r15 + g(0)], rax
+        ; mov QWORD [r15 + g(1)], rcx
+        ; mov QWORD [r15 + g(2)], rdx
+        ; mov QWORD [r15 + g(3)], rbx
+        ; mov QWORD [r15 + g(4)], r8
+        ; mov QWORD [r15 + g(5)], rbp
+        ; mov QWORD [r15 + g(6)], rsi
+        ; mov QWORD [r15 + g(7)], rdi
+        ; pushfq
+        ; pop r13
+        ; and r13d, ARITH_FLAGS as i32
+        ; mov r11d, DWORD [r15 + OFF_EFLAGS]
+        ; and r11d, !ARITH_FLAGS as i32
+        ; or r11d, r13d
+        ; mov DWORD [r15 + OFF_EFLAGS], r11d
+        ; mov rdi, r12
+        ; mov esi, r14d
+        ; sub rsp, 8
+        ; mov rax, QWORD helper
+        ; call rax
+        ; add rsp, 8
+        ; test eax, eax
+        ; jnz =>leave
+        ; mov eax, DWORD [r15 + OFF_EFLAGS]
+        ; and eax, ARITH_FLAGS as i32
+        ; or eax, FLAGS_FIXED
+        ; push rax
+        ; popfq
+        ; mov rax, QWORD [r15 + g(0)]
+        ; mov rcx, QWORD [r15 + g(1)]
+        ; mov rdx, QWORD [r15 + g(2)]
+        ; mov rbx, QWORD [r15 + g(3)]
+        ; mov r8, QWORD [r15 + g(4)]
+        ; mov rbp, QWORD [r15 + g(5)]
+        ; mov rsi, QWORD [r15 + g(6)]
+        ; mov rdi, QWORD [r15 + g(7)]
+        ; ret
+        ; =>leave
+        ; mov eax, DWORD [r15 + OFF_EFLAGS]
+        ; and eax, ARITH_FLAGS as i32
+        ; or eax, FLAGS_FIXED
+        ; push rax
+        ; popfq
+        ; mov rax, QWORD [r15 + g(0)]
+        ; mov rcx, QWORD [r15 + g(1)]
+        ; mov rdx, QWORD [r15 + g(2)]
+        ; mov rbx, QWORD [r15 + g(3)]
+        ; mov r8, QWORD [r15 + g(4)]
+        ; mov rbp, QWORD [r15 + g(5)]
+        ; mov rsi, QWORD [r15 + g(6)]
+        ; mov rdi, QWORD [r15 + g(7)]
+        ; add rsp, 8
+        ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
+        ; jmp =>exit
     );
-    let exit_off = ops.labels().resolve_dynamic(exit).map(|o| o.0).unwrap_or(0);
+    let off = |l| ops.labels().resolve_dynamic(l).map(|o| o.0).unwrap_or(0);
+    let offs = TrampolineOffsets {
+        exit: off(exit),
+        slow: off(slow),
+    };
     let code = ops.finalize().unwrap_or_default();
-    (code, exit_off)
+    (code, offs)
 }
 
 /// Where an exit stub goes.
@@ -208,16 +355,109 @@ fn emit_jcc(ops: &mut VecAssembler<X64Relocation>, cc: u8, l: DynamicLabel) {
     }
 }
 
-/// Assembles `plan` for host address `base`. `stubs` gives, for the terminator's exits
-/// in order (fall-through or taken for JMP; not-taken then taken for Jcc; none for JMP
-/// reg), the stub ids; `exit_addr` is the trampoline's exit path.
-pub fn emit_block(
-    plan: &BlockPlan,
-    base: usize,
-    stub_ids: &[u64],
-    exit_addr: usize,
-) -> Option<Emitted> {
-    let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(base);
+/// Host addresses a block jumps or calls to.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    /// The trampoline's exit path.
+    pub exit: usize,
+    /// The trampoline's slow path.
+    pub slow: usize,
+    /// Offset of the TLB set for this block's privilege (0 or [`TLB_USER_SET`]).
+    pub tlb_set: i32,
+}
+
+/// Where guest flags are during emission (see `emit_block`).
+struct FlagState {
+    /// Host EFLAGS hold the guest flags.
+    host: bool,
+    /// r9 holds the guest flags in LAHF/SETO form.
+    saved: bool,
+}
+
+type Asm = VecAssembler<X64Relocation>;
+
+/// Saves host flags into r9 (AH image from LAHF, AL = OF), without touching guest EAX.
+fn save_flags(ops: &mut Asm) {
+    dynasm!(ops
+        ; .arch x64
+        ; xchg rax, r9
+        ; lahf
+        ; seto al
+        ; xchg rax, r9
+    );
+}
+
+/// Loads host flags from r9 (keeps r9): CMP AL, -127 sets OF exactly when AL = 1,
+/// then SAHF sets SF ZF AF PF CF from AH.
+fn restore_flags(ops: &mut Asm) {
+    dynasm!(ops
+        ; .arch x64
+        ; xchg rax, r9
+        ; cmp al, -127
+        ; sahf
+        ; xchg rax, r9
+    );
+}
+
+/// Whether an instruction needs the guest flags in host EFLAGS before it runs (it
+/// reads some, or writes only some), and whether it writes any.
+fn flag_use(i: &Instruction) -> (bool, bool) {
+    let read = rflags_to_eflags(i.rflags_read());
+    let modified = rflags_to_eflags(i.rflags_modified());
+    let def = rflags_to_eflags(
+        i.rflags_written() | i.rflags_cleared() | i.rflags_set() | i.rflags_undefined(),
+    );
+    if count_dependent(i) {
+        // Shifts and rotates may leave some or all flags alone (count 0, or a rotate
+        // through carry by a multiple of the width) and set OF even then on some hosts.
+        return (true, true);
+    }
+    let needs = read != 0 || (modified != 0 && def != ARITH_FLAGS);
+    (needs, modified != 0)
+}
+
+/// One out-of-line slow path.
+struct Slow {
+    label: DynamicLabel,
+    resume: DynamicLabel,
+    eip: u32,
+    not_retired: u32,
+}
+
+/// The inline TLB probe: r13 = linear address in, host address out; misses go to
+/// `slow`. Clobbers r10, r11 and host flags.
+fn probe(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: DynamicLabel) {
+    let tag = tlb_set + if write { TLB_TAG_WRITE } else { TLB_TAG_READ };
+    let addend = tlb_set + TLB_ADDEND;
+    let last = size as i32 - 1;
+    dynasm!(ops
+        ; .arch x64
+        ; mov r10d, r13d
+        ; shr r10d, 12
+        ; and r10d, (TLB_SIZE - 1) as i32
+        ; shl r10d, TLB_ENTRY_SHIFT
+        ; add r10, QWORD [r12 + OFF_TLB]
+        ; lea r11, [r13 + last]
+        ; and r11, -4096
+        ; cmp r11, QWORD [r10 + tag]
+        ; jne =>slow
+        ; add r13, QWORD [r10 + addend]
+    );
+}
+
+fn call_abs(ops: &mut Asm, base: usize, to: usize) {
+    let at = base + ops.offset().0;
+    let mut b = jmp_rel32(at, to).unwrap_or([0xcc; 5]);
+    b[0] = 0xe8;
+    ops.extend(b.iter());
+}
+
+/// Assembles `plan` for host address `base`. `stub_ids` gives, for the terminator's
+/// exits in order (fall-through or taken for JMP/CALL; not-taken then taken for Jcc;
+/// none for JMP reg and RET), the stub ids.
+pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) -> Option<Emitted> {
+    let exit_addr = t.exit;
+    let mut ops: Asm = VecAssembler::new(base);
     let out = ops.new_dynamic_label();
     let reentry = ops.new_dynamic_label();
     let n = plan.insn_count() as i32;
@@ -240,11 +480,117 @@ pub fn emit_block(
         ; lea r14, [r14 + n]
         ; mov QWORD [r12 + OFF_ICOUNT], r14
     );
+    let mut fs = FlagState {
+        host: true,
+        saved: false,
+    };
+    let mut slows: Vec<Slow> = Vec::new();
     let mut ranges = Vec::with_capacity(plan.insns.len());
-    for g in &plan.insns {
+    let mut ret_exit = None;
+    for (k, g) in plan.insns.iter().enumerate() {
         let start = ops.offset().0;
-        ops.extend(g.host.iter());
+        let eip = g.instr.ip32();
+        let not_retired = (plan.insns.len() - k) as u32;
+        // Memory forms: save flags, compute the address, probe.
+        let mem = match &g.kind {
+            Kind::Mem { ea, size, write } => Some((ea.clone(), *size, *write)),
+            Kind::Push(_) | Kind::PushImm(_) => Some((lea_esp(-4), 4, true)),
+            Kind::Pop(_) => Some((lea_esp(0), 4, false)),
+            Kind::Branch => match plan.term {
+                Term::Call { .. } => Some((lea_esp(-4), 4, true)),
+                Term::Ret { .. } => Some((lea_esp(0), 4, false)),
+                _ => None,
+            },
+            Kind::Reg => None,
+        };
+        let mut resume = None;
+        if let Some((ea, size, write)) = mem {
+            if !fs.saved {
+                save_flags(&mut ops);
+                fs.saved = true;
+            }
+            ops.extend(ea.iter());
+            let label = ops.new_dynamic_label();
+            let r = ops.new_dynamic_label();
+            probe(&mut ops, size, write, t.tlb_set, label);
+            fs.host = false;
+            slows.push(Slow {
+                label,
+                resume: r,
+                eip,
+                not_retired,
+            });
+            resume = Some(r);
+        }
+        match &g.kind {
+            Kind::Reg | Kind::Mem { .. } => {
+                let (needs, writes) = flag_use(&g.instr);
+                if needs && !fs.host {
+                    restore_flags(&mut ops);
+                    fs.host = true;
+                }
+                ops.extend(g.host.iter());
+                if writes {
+                    fs.host = true;
+                    fs.saved = false;
+                }
+            }
+            Kind::Push(r) => {
+                let h = host_of(*r);
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov DWORD [r13], Rd(h)
+                    ; lea r8d, [r8 - 4]
+                );
+            }
+            Kind::PushImm(v) => {
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov DWORD [r13], *v as i32
+                    ; lea r8d, [r8 - 4]
+                );
+            }
+            Kind::Pop(r) => {
+                let h = host_of(*r);
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov r11d, DWORD [r13]
+                    ; lea r8d, [r8 + 4]
+                    ; mov Rd(h), r11d
+                );
+            }
+            Kind::Branch => match plan.term {
+                Term::Call { ret, .. } => {
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov DWORD [r13], ret as i32
+                        ; lea r8d, [r8 - 4]
+                    );
+                }
+                Term::Ret { imm } => {
+                    let rel = 4 + imm as i32;
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11d, DWORD [r13]
+                        ; lea r8d, [r8 + rel]
+                    );
+                }
+                _ => {}
+            },
+        }
+        if let Some(r) = resume {
+            if matches!(g.kind, Kind::Branch) && matches!(plan.term, Term::Ret { .. }) {
+                // The slow path of RET leaves with EIP set by the interpreter.
+                ret_exit = Some(r);
+            } else {
+                dynasm!(ops ; .arch x64 ; =>r);
+            }
+        }
         ranges.push((start, ops.offset().0));
+    }
+    // Exits need the guest flags in host EFLAGS.
+    if !fs.host {
+        restore_flags(&mut ops);
     }
     let mut stubs = Vec::new();
     let term_start = ops.offset().0;
@@ -253,7 +599,7 @@ pub fn emit_block(
             stubs.push(ops.offset().0);
             emit_stub(&mut ops, base, next, *stub_ids.first()?, exit_addr);
         }
-        Term::Jmp { target } => {
+        Term::Jmp { target } | Term::Call { target, .. } => {
             stubs.push(ops.offset().0);
             emit_stub(&mut ops, base, target, *stub_ids.first()?, exit_addr);
         }
@@ -275,14 +621,41 @@ pub fn emit_block(
             );
             jmp_abs(&mut ops, base, exit_addr);
         }
-    }
-    if matches!(
-        plan.term,
-        Term::Jmp { .. } | Term::Jcc { .. } | Term::JmpReg { .. }
-    ) {
-        if let Some(last) = ranges.last_mut() {
-            *last = (term_start, ops.offset().0);
+        Term::Ret { .. } => {
+            dynasm!(ops
+                ; .arch x64
+                ; mov DWORD [r15 + OFF_RIP], r11d
+                ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
+            );
+            jmp_abs(&mut ops, base, exit_addr);
         }
+    }
+    if matches!(plan.insns.last().map(|g| &g.kind), Some(Kind::Branch)) {
+        if let Some(last) = ranges.last_mut() {
+            *last = (last.0, ops.offset().0);
+        }
+    }
+    let _ = term_start;
+    if let Some(r) = ret_exit {
+        dynasm!(ops
+            ; .arch x64
+            ; =>r
+            ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
+        );
+        jmp_abs(&mut ops, base, exit_addr);
+    }
+    // Out-of-line slow paths: guest flags are in r9 (saved before the probe).
+    for sl in &slows {
+        dynasm!(ops ; .arch x64 ; =>sl.label);
+        restore_flags(&mut ops);
+        dynasm!(ops
+            ; .arch x64
+            ; mov DWORD [r15 + OFF_RIP], sl.eip as i32
+            ; mov r14d, sl.not_retired as i32
+        );
+        call_abs(&mut ops, base, t.slow);
+        save_flags(&mut ops);
+        dynasm!(ops ; .arch x64 ; jmp =>sl.resume);
     }
     dynasm!(ops ; .arch x64 ; =>reentry);
     let reentry_off = ops.offset().0;
@@ -295,6 +668,13 @@ pub fn emit_block(
         stubs,
         ranges,
     })
+}
+
+/// `lea r13d, [r8 + d]` (guest ESP + d, 32-bit wrap).
+fn lea_esp(d: i32) -> Vec<u8> {
+    let mut ops: Asm = VecAssembler::new(0);
+    dynasm!(ops ; .arch x64 ; lea r13d, [r8 + d]);
+    ops.finalize().unwrap_or_default()
 }
 
 /// `jmp rel32` from host address `at` to `to` (5 bytes), or `None` if out of range.

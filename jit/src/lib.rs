@@ -30,7 +30,10 @@ pub mod translate;
 use cache::{BlockKey, BlockTable, CodeRegion, Entry};
 use emit::{EnterFn, JitCtx, NO_CHAIN};
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
-use morph86_cpu::state::{SegReg, CR0_PG, IF, RF, TF};
+use morph86_cpu::state::{
+    SegReg, AC, ATTR_CODE, ATTR_DB, ATTR_EC, ATTR_P, ATTR_RW, ATTR_S, ATTR_UNUSABLE, CR0_AM,
+    CR0_PG, IF, RF, TF,
+};
 use morph86_cpu::{Cpu, CpuState, StepEvent};
 use morph86_mmu::{Access, PhysKind, PAGE_SIZE};
 use std::collections::HashMap;
@@ -156,6 +159,7 @@ pub struct Jit {
     region: CodeRegion,
     enter_fn: EnterFn,
     exit_addr: usize,
+    slow_addr: usize,
     table: BlockTable,
     blocks: Vec<Block>,
     stubs: Vec<Stub>,
@@ -181,7 +185,30 @@ pub fn mode_bits(s: &CpuState) -> Option<u8> {
     {
         return None;
     }
-    Some((s.cpl & 3) | if s.cr0 & CR0_PG != 0 { 4 } else { 0 })
+    let mut m = (s.cpl & 3) | if s.cr0 & CR0_PG != 0 { MODE_PAGING } else { 0 };
+    if flat_data(s) {
+        m |= MODE_FLAT_DATA;
+    }
+    Some(m)
+}
+
+/// Mode bit: paging on.
+pub const MODE_PAGING: u8 = 1 << 2;
+/// Mode bit: DS, ES and SS are flat 4 GiB writable data segments (SS 32-bit) and no
+/// alignment checks apply, so memory operands through them need no segment checks.
+pub const MODE_FLAT_DATA: u8 = 1 << 3;
+
+fn flat_data(s: &CpuState) -> bool {
+    let want = ATTR_P | ATTR_S | ATTR_RW | ATTR_DB;
+    let mask = want | ATTR_CODE | ATTR_EC | ATTR_UNUSABLE;
+    let flat = |r: SegReg| {
+        let g = s.seg[r as usize];
+        g.base == 0 && g.limit == 0xffff_ffff && g.attrs & mask == want
+    };
+    flat(SegReg::Ds)
+        && flat(SegReg::Es)
+        && flat(SegReg::Ss)
+        && !(s.cr0 & CR0_AM != 0 && s.eflags_raw & AC != 0 && s.cpl == 3)
 }
 
 impl Jit {
@@ -189,7 +216,7 @@ impl Jit {
     pub fn new(cache_size: usize) -> std::io::Result<Jit> {
         let mut region = CodeRegion::new(cache_size.max(2 * BLOCK_RESERVE))?;
         let base = region.next_addr();
-        let (code, exit_off) = emit::trampoline(base);
+        let (code, offs) = emit::trampoline(base);
         let at = region
             .push(&code)
             .ok_or_else(|| std::io::Error::other("code cache too small"))?;
@@ -202,7 +229,8 @@ impl Jit {
         Ok(Jit {
             region,
             enter_fn,
-            exit_addr: at + exit_off,
+            exit_addr: at + offs.exit,
+            slow_addr: at + offs.slow,
             table: BlockTable::default(),
             blocks: Vec::new(),
             stubs: Vec::new(),
@@ -257,6 +285,10 @@ impl Jit {
                 || (cpu.s.eflags_raw & IF != 0 && cpu.intr.as_mut().is_some_and(|i| i.pending()));
             let mode = if irq || left < MAX_BLOCK_INSNS as u64 {
                 None
+            } else if lockstep {
+                // Translated memory accesses cannot be replayed: lock-step compares
+                // register-only blocks (and memory instructions run interpreted).
+                mode_bits(&cpu.s).map(|m| m & !MODE_FLAT_DATA)
             } else {
                 mode_bits(&cpu.s)
             };
@@ -310,6 +342,17 @@ impl Jit {
                         left = left.saturating_sub(n.max(1));
                         chain_from = (exit != NO_CHAIN).then_some(exit);
                     }
+                    if let Some(e) = self.ctx.exception.take() {
+                        // A slow-path access faulted: state is at the instruction.
+                        chain_from = None;
+                        match cpu.raise(e) {
+                            StepEvent::Ok => {}
+                            ev => return Ok(ev),
+                        }
+                    }
+                    for p in std::mem::take(&mut self.ctx.dirty) {
+                        self.invalidate_page(p);
+                    }
                 }
             }
         }
@@ -334,17 +377,27 @@ impl Jit {
         };
         let entry = block.entry;
         cpu.s.materialize_flags();
+        cpu.mmu.sync_tlb();
         self.ctx.budget = budget;
         self.ctx.icount = 0;
         self.ctx.exit = NO_CHAIN;
+        self.ctx.tlb = cpu.mmu.tlb.entries_ptr() as u64;
         self.region.make_executable();
+        let cpu_ptr: *mut Cpu = cpu;
+        self.ctx.cpu = cpu_ptr;
+        // SAFETY: taking the address of a field through a valid pointer.
+        let state = unsafe { std::ptr::addr_of_mut!((*cpu_ptr).s) };
         // SAFETY: the region is executable and holds the trampoline and `entry`, a
         // block assembled for its address whose every path ends in the trampoline's
         // exit (directly or through chained blocks, each of which checks the budget on
-        // entry, so the run is bounded). The code reads and writes only the `CpuState`
-        // and `JitCtx` it is given (GPRs, RIP, EFLAGS; budget, icount, exit), both
-        // live, exclusively borrowed and not otherwise accessed during the call.
-        unsafe { (self.enter_fn)(&mut cpu.s, &mut *self.ctx, entry) };
+        // entry, so the run is bounded). The host code reads and writes the `CpuState`
+        // (GPRs, RIP, EFLAGS) and the `JitCtx` it is given, guest RAM through host
+        // pointers from TLB entries that are valid for the current physical-map epoch
+        // (`sync_tlb` above; the TLB array is not reallocated during the call), and
+        // calls `jit_slow` with the context, whose `cpu` pointer and `state` both derive
+        // from `cpu_ptr`; nothing else accesses the CPU or the context meanwhile.
+        unsafe { (self.enter_fn)(state, &mut *self.ctx, entry) };
+        self.ctx.cpu = std::ptr::null_mut();
         let n = self.ctx.icount;
         self.stats.dispatches += 1;
         self.stats.executed += (budget - self.ctx.budget) as u64;
@@ -460,7 +513,7 @@ impl Jit {
         cpu.mmu.phys.read(phys, &mut bytes);
         // Writes to this page now take the MMU's slow path and are reported.
         cpu.mmu.mark_code(phys);
-        let plan = match plan_block(&bytes, eip) {
+        let plan = match plan_block(&bytes, eip, key.1 & MODE_FLAT_DATA != 0) {
             Ok(p) => p,
             Err(m) => {
                 let e = Entry::Interp(m.unwrap_or(Mnemonic::INVALID));
@@ -479,7 +532,8 @@ impl Jit {
             Term::Jcc { target, next, .. } => {
                 vec![(next, same_page(next)), (target, same_page(target))]
             }
-            Term::JmpReg { .. } => Vec::new(),
+            Term::Call { target, .. } => vec![(target, same_page(target))],
+            Term::JmpReg { .. } | Term::Ret { .. } => Vec::new(),
         };
         let mut ids = Vec::new();
         let mut next_id = self.stubs.len() as u64;
@@ -492,7 +546,16 @@ impl Jit {
             }
         }
         let base = self.region.next_addr();
-        let Some(em) = emit::emit_block(&plan, base, &ids, self.exit_addr) else {
+        let tgt = emit::Targets {
+            exit: self.exit_addr,
+            slow: self.slow_addr,
+            tlb_set: if key.1 & 3 == 3 {
+                emit::TLB_USER_SET
+            } else {
+                0
+            },
+        };
+        let Some(em) = emit::emit_block(&plan, base, &ids, &tgt) else {
             log::error!("jit: cannot assemble block at {eip:#x}; interpreting");
             let e = Entry::Interp(Mnemonic::INVALID);
             return e;

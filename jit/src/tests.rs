@@ -396,7 +396,10 @@ fn random_program(r: &mut Rng, rip: u64) -> (Vec<u8>, u32) {
                 | Mnemonic::Shld
                 | Mnemonic::Shrd
         ) {
-            und |= undefined;
+            // The count may leave the flags alone; a rotate through carry by a multiple
+            // of its width still leaves OF undefined (the SDM masks the count to 5 bits
+            // before the modulo), which iced's per-count tables do not show.
+            und |= undefined | OF;
         } else {
             und = (und & !defined) | undefined;
         }
@@ -527,7 +530,7 @@ fn lockstep_reports_a_divergence() {
     let code = [0x83, 0xc0, 0x01, 0xeb, 0x00, 0xf4];
     cpu.mmu.phys.write(CODE, &code);
     cpu.s.rip = CODE;
-    let key = (CODE, mode_bits(&cpu.s).unwrap());
+    let key = (CODE, mode_bits(&cpu.s).unwrap() & !MODE_FLAT_DATA);
     let e = jit.translate(&mut cpu, key, CODE as u32);
     let Entry::Native(b) = e else {
         panic!("not translated")
@@ -673,7 +676,7 @@ fn jump_through_register_and_chaining() {
     assert_eq!(j, i);
     assert!(jit.stats.chained >= 1, "the loop's back edge is chained");
     assert!(jit.stats.executed >= 1000);
-    let listing = jit.dump_block(t, 0).unwrap();
+    let listing = jit.dump_block(t, MODE_FLAT_DATA).unwrap();
     assert!(listing.contains("add eax,ecx"), "{listing}");
 }
 
@@ -694,7 +697,11 @@ fn esp_lives_in_r8_and_flags_survive_fallbacks() {
     let mut b = [0u8; 4];
     cpu.mmu.phys.read(0x8ff8, &mut b);
     assert_eq!(u32::from_le_bytes(b), 0x1234_5678);
-    assert!(jit.stats.fallbacks.get(&Mnemonic::Push).copied() == Some(1));
+    assert_eq!(
+        jit.stats.fallbacks.get(&Mnemonic::Push),
+        None,
+        "PUSH is native"
+    );
 }
 
 #[test]
@@ -749,4 +756,42 @@ fn bench_guest_loop() {
         results[0].iter().map(|&v| v as u32).collect::<Vec<_>>(),
         results[1].iter().map(|&v| v as u32).collect::<Vec<_>>()
     );
+}
+
+#[test]
+#[ignore]
+fn debug_case() {
+    let want: usize = std::env::var("CASE").unwrap().parse().unwrap();
+    let mut r = Rng(0x6d6f_7270_6838_3621);
+    for case in 0..=want {
+        let rip = CODE + 0x1000 * r.below(4) as u64 + r.below(64) as u64;
+        let (code, und) = random_program(&mut r, rip);
+        let mut data = [0u8; 64];
+        for b in data.iter_mut() {
+            *b = r.next() as u8;
+        }
+        let seed = r.next();
+        if case != want {
+            continue;
+        }
+        let mut jit = Jit::new(1 << 20).unwrap();
+        jit.dump_blocks = true;
+        let mut jcpu = machine();
+        let mut icpu = machine();
+        for cpu in [&mut jcpu, &mut icpu] {
+            cpu.mmu.phys.write(rip, &code);
+            cpu.mmu.phys.write(DATA, &data);
+            set_initial(cpu, &mut Rng(seed), rip);
+        }
+        println!("initial {:x?} fl {:x}", &jcpu.s.gpr[..8], jcpu.s.eflags());
+        jit.run(&mut jcpu, 100_000);
+        icpu.run(100_000);
+        println!("jit    {:x?} fl {:x}", &jcpu.s.gpr[..8], jcpu.s.eflags());
+        println!(
+            "interp {:x?} fl {:x} und {und:x}",
+            &icpu.s.gpr[..8],
+            icpu.s.eflags()
+        );
+        println!("{}", jit.stats);
+    }
 }

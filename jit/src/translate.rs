@@ -46,6 +46,44 @@ pub enum Term {
         /// Guest register number.
         reg: u8,
     },
+    /// CALL rel32: push `ret`, continue at `target`.
+    Call {
+        /// Branch target.
+        target: u32,
+        /// Return address pushed.
+        ret: u32,
+    },
+    /// RET / RET imm16: pop EIP, then release `imm` more bytes of stack.
+    Ret {
+        /// Extra bytes released.
+        imm: u16,
+    },
+}
+
+/// How a guest instruction is carried out on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Register-only: `GuestInsn::host` runs as is.
+    Reg,
+    /// One memory operand: `ea` computes the linear address into r13d, the inline TLB
+    /// probe turns r13 into a host pointer, then `GuestInsn::host` (the instruction
+    /// re-encoded with its memory operand as `[r13]`) runs.
+    Mem {
+        /// Host code computing the linear address into r13d.
+        ea: Vec<u8>,
+        /// Access size in bytes.
+        size: u32,
+        /// Whether the access writes (then the write tag is probed).
+        write: bool,
+    },
+    /// PUSH r32 (guest register number).
+    Push(u8),
+    /// PUSH imm32 (value pushed).
+    PushImm(u32),
+    /// POP r32 (guest register number).
+    Pop(u8),
+    /// A terminating branch (CALL's push and RET's pop are emitted with it).
+    Branch,
 }
 
 /// One translated guest instruction.
@@ -53,7 +91,9 @@ pub enum Term {
 pub struct GuestInsn {
     /// The decoded guest instruction.
     pub instr: Instruction,
-    /// Host bytes (empty for a terminator).
+    /// How it runs.
+    pub kind: Kind,
+    /// Host bytes (empty for a terminator and the stack forms).
     pub host: Vec<u8>,
 }
 
@@ -286,6 +326,95 @@ pub fn native_bytes(i: &Instruction) -> Option<Vec<u8>> {
     encode64(&h)
 }
 
+/// For an instruction with one memory operand (flat DS/ES/SS, 32-bit addressing),
+/// the host code computing its linear address into r13d, and the instruction itself
+/// re-encoded with `[r13]` as its memory operand. `None` if not translated.
+pub fn native_mem(i: &Instruction) -> Option<(Kind, Vec<u8>)> {
+    let m = i.mnemonic();
+    if !native_mnemonic(m) || m == Mnemonic::Lea || i.has_lock_prefix() {
+        return None;
+    }
+    let mut mem_op = None;
+    let mut h = *i;
+    for n in 0..i.op_count() {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                let r = i.op_register(n);
+                if !guest_gpr(r) {
+                    return None;
+                }
+                h.set_op_register(n, host_reg(r));
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32 => {}
+            OpKind::Memory if mem_op.is_none() => mem_op = Some(n),
+            _ => return None,
+        }
+    }
+    let n = mem_op?;
+    // BT* with a register bit offset address memory beyond the operand.
+    if matches!(
+        m,
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+    ) && i.op1_kind() == OpKind::Register
+    {
+        return None;
+    }
+    if !matches!(
+        i.memory_segment(),
+        Register::DS | Register::ES | Register::SS
+    ) {
+        return None;
+    }
+    let (b, x) = (i.memory_base(), i.memory_index());
+    let ok = |r: Register| r == Register::None || gpr32_index(r).is_some();
+    if !ok(b) || !ok(x) || i.memory_displ_size() > 4 {
+        return None;
+    }
+    let size = i.memory_size().size() as u32;
+    if !matches!(size, 1 | 2 | 4) {
+        return None;
+    }
+    let ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
+    let mut info = iced_x86::InstructionInfoFactory::new();
+    let write = match info.info(i).op_access(n) {
+        iced_x86::OpAccess::Read | iced_x86::OpAccess::CondRead => false,
+        iced_x86::OpAccess::NoMemAccess => return None,
+        _ => true,
+    };
+    h.set_memory_base(Register::R13);
+    h.set_memory_index(Register::None);
+    h.set_memory_index_scale(1);
+    h.set_memory_displacement64(0);
+    h.set_memory_displ_size(0);
+    h.set_segment_prefix(Register::None);
+    h.set_has_repe_prefix(false);
+    h.set_has_repne_prefix(false);
+    let host = encode64(&h)?;
+    Some((Kind::Mem { ea, size, write }, host))
+}
+
+/// `lea r13d, [base + index * scale + disp]` (32-bit wrap-around), guest registers
+/// renamed; `mov r13d, disp` when there are no registers.
+pub fn ea_bytes(base: Register, index: Register, scale: u32, disp: u32) -> Option<Vec<u8>> {
+    if base == Register::None && index == Register::None {
+        return encode64(&Instruction::with2(Code::Mov_r32_imm32, Register::R13D, disp).ok()?);
+    }
+    let mem = iced_x86::MemoryOperand::new(
+        host_reg(base),
+        host_reg(index),
+        scale,
+        disp as i32 as i64,
+        if disp == 0 { 0 } else { 4 },
+        false,
+        Register::None,
+    );
+    encode64(&Instruction::with2(Code::Lea_r32_m, Register::R13D, mem).ok()?)
+}
+
 fn encode64(i: &Instruction) -> Option<Vec<u8>> {
     let mut e = Encoder::new(64);
     e.encode(i, 0).ok()?;
@@ -317,7 +446,7 @@ fn cc_of(c: ConditionCode) -> Option<u8> {
 
 /// Whether the instruction's flag effect depends on a run-time count (shifts and
 /// rotates leave the flags alone when the masked count is zero).
-fn count_dependent(i: &Instruction) -> bool {
+pub(crate) fn count_dependent(i: &Instruction) -> bool {
     use Mnemonic::*;
     matches!(
         i.mnemonic(),
@@ -328,7 +457,10 @@ fn count_dependent(i: &Instruction) -> bool {
 /// Decodes the block starting at guest `eip` from `bytes` (the guest bytes from `eip` to
 /// the end of its page). Returns `None` when the first instruction is not translated
 /// (with its mnemonic, if it decoded).
-pub fn plan_block(bytes: &[u8], eip: u32) -> Result<BlockPlan, Option<Mnemonic>> {
+///
+/// With `mem_ok` (flat DS/ES/SS, see `Jit`), instructions with one memory operand and
+/// the stack forms (PUSH, POP, CALL rel32, RET) are translated too.
+pub fn plan_block(bytes: &[u8], eip: u32, mem_ok: bool) -> Result<BlockPlan, Option<Mnemonic>> {
     let mut d = Decoder::with_ip(32, bytes, eip as u64, DecoderOptions::NONE);
     let mut insns = Vec::new();
     let mut undefined = 0u32;
@@ -382,6 +514,7 @@ pub fn plan_block(bytes: &[u8], eip: u32) -> Result<BlockPlan, Option<Mnemonic>>
             if !matches!(t, Term::Fall { .. }) {
                 insns.push(GuestInsn {
                     instr: i,
+                    kind: Kind::Branch,
                     host: Vec::new(),
                 });
                 pos = next;
@@ -393,6 +526,7 @@ pub fn plan_block(bytes: &[u8], eip: u32) -> Result<BlockPlan, Option<Mnemonic>>
             if let Some(reg) = gpr32_index(i.op0_register()) {
                 insns.push(GuestInsn {
                     instr: i,
+                    kind: Kind::Branch,
                     host: Vec::new(),
                 });
                 pos = next;
@@ -400,14 +534,60 @@ pub fn plan_block(bytes: &[u8], eip: u32) -> Result<BlockPlan, Option<Mnemonic>>
                 break;
             }
         }
-        match native_bytes(&i) {
-            Some(host) => {
+        if mem_ok {
+            let t = match i.code() {
+                Code::Call_rel32_32 => Some(Term::Call {
+                    target: i.near_branch32(),
+                    ret: next,
+                }),
+                Code::Retnd => Some(Term::Ret { imm: 0 }),
+                Code::Retnd_imm16 => Some(Term::Ret {
+                    imm: i.immediate16(),
+                }),
+                _ => None,
+            };
+            if let Some(t) = t {
+                insns.push(GuestInsn {
+                    instr: i,
+                    kind: Kind::Branch,
+                    host: Vec::new(),
+                });
+                pos = next;
+                term = t;
+                break;
+            }
+        }
+        let native = if i.mnemonic() == Mnemonic::Nop {
+            // Multi-byte NOPs name a memory operand but access nothing.
+            Some((Kind::Reg, Vec::new()))
+        } else if let Some(h) = native_bytes(&i) {
+            Some((Kind::Reg, h))
+        } else if !mem_ok {
+            None
+        } else {
+            match i.code() {
+                Code::Push_r32 => {
+                    gpr32_index(i.op0_register()).map(|g| (Kind::Push(g), Vec::new()))
+                }
+                Code::Pop_r32 => gpr32_index(i.op0_register()).map(|g| (Kind::Pop(g), Vec::new())),
+                Code::Pushd_imm32 | Code::Pushd_imm8 => {
+                    Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
+                }
+                _ => native_mem(&i),
+            }
+        };
+        match native {
+            Some((kind, host)) => {
                 if count_dependent(&i) {
                     undefined |= flags_und;
                 } else {
                     undefined = (undefined & !flags_def) | flags_und;
                 }
-                insns.push(GuestInsn { instr: i, host });
+                insns.push(GuestInsn {
+                    instr: i,
+                    kind,
+                    host,
+                });
                 pos = next;
             }
             None => {
@@ -483,7 +663,7 @@ mod tests {
     #[test]
     fn blocks_end_at_branches_and_untranslated_instructions() {
         // inc eax; add ecx, eax; jnz -5 ; (never reached)
-        let b = plan_block(&[0x40, 0x01, 0xc1, 0x75, 0xfb, 0x90], 0x1000).unwrap();
+        let b = plan_block(&[0x40, 0x01, 0xc1, 0x75, 0xfb, 0x90], 0x1000, false).unwrap();
         assert_eq!(b.insns.len(), 3);
         assert_eq!(
             b.term,
@@ -494,7 +674,7 @@ mod tests {
             }
         );
         // mov eax, 1; push eax
-        let b = plan_block(&[0xb8, 1, 0, 0, 0, 0x50], 0x2000).unwrap();
+        let b = plan_block(&[0xb8, 1, 0, 0, 0, 0x50], 0x2000, false).unwrap();
         assert_eq!(
             b.term,
             Term::Fall {
@@ -503,12 +683,15 @@ mod tests {
             }
         );
         assert_eq!(b.stopped_by, Some(Mnemonic::Push));
-        assert_eq!(plan_block(&[0x50], 0).unwrap_err(), Some(Mnemonic::Push));
+        assert_eq!(
+            plan_block(&[0x50], 0, false).unwrap_err(),
+            Some(Mnemonic::Push)
+        );
         // An instruction cut by the page end is left to the interpreter.
-        let b = plan_block(&[0x40, 0xb8, 1, 0], 0x2ffc).unwrap();
+        let b = plan_block(&[0x40, 0xb8, 1, 0], 0x2ffc, false).unwrap();
         assert_eq!(b.insns.len(), 1);
         // jmp ebx
-        let b = plan_block(&[0xff, 0xe3], 0).unwrap();
+        let b = plan_block(&[0xff, 0xe3], 0, false).unwrap();
         assert_eq!(b.term, Term::JmpReg { reg: 3 });
     }
 }
