@@ -8,14 +8,12 @@
 //! (several for a REP string instruction, which traps after each iteration); SYSEMU
 //! means a system call reached by accident (self-modified code) stops without running. A sequence that does
 //! not come back within [`TIMEOUT_SECS`] (SIGALRM interrupts the wait) kills the child,
-//! and the next `load` starts a new one. A tracee answers only to the thread that
-//! started it: use a `Native` from the thread that made its first `load`.
+//! and the next `load` starts a new one.
 
 use super::{
-    elf, Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_RW, CODE_SIZE, DATA_BASE, DATA_SIZE,
-    MEM_BASE, MEM_SIZE,
+    elf, Engine, Fault, Fx, Outcome, State, CODE_BASE, CODE_SIZE, DATA_BASE, DATA_SIZE, MEM_BASE,
+    MEM_SIZE,
 };
-use iced_x86::{Decoder, DecoderOptions};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -399,19 +397,6 @@ impl Native {
             if now != first {
                 return Err("a REP string instruction overwrote itself".into());
             }
-            // A REP string instruction in the read-only code page: run the remaining
-            // iterations at full speed up to a hardware breakpoint on the next
-            // instruction (in that page the guest cannot rewrite the instruction, which
-            // an interrupted REP would fetch anew).
-            if n == 1 {
-                let len = Decoder::with_ip(32, &first, start as u64, DecoderOptions::NONE)
-                    .decode()
-                    .len() as u32;
-                let bp = start.wrapping_add(len);
-                if len > 0 && start >= CODE_BASE && bp < CODE_RW {
-                    return self.finish_rep(start, bp);
-                }
-            }
         }
         // PUSHF under single-step pushes the TF the tracer set: clear it in the image.
         let off = start.wrapping_sub(CODE_BASE) as usize;
@@ -427,60 +412,6 @@ impl Native {
             c.read(esp, &mut b[..size])?;
             b[1] &= !((EFLAGS_TF >> 8) as u8);
             c.write(esp, &b[..size])?;
-        }
-        Ok(Outcome::Done)
-    }
-}
-
-impl Native {
-    /// Runs a REP string instruction at `start` to completion or fault, stopping at
-    /// `bp` (the next instruction) with a hardware execute breakpoint (DR0/DR7), so no
-    /// byte the guest might read changes.
-    fn finish_rep(&mut self, start: u32, bp: u32) -> Result<Outcome, String> {
-        /// DR7.L0: local enable of breakpoint 0 (R/W0 = LEN0 = 00: instruction execution).
-        const DR7_L0: usize = 1 << 0;
-        let dr = std::mem::offset_of!(libc::user, u_debugreg);
-        let c = self.child()?;
-        let poke = |off: usize, v: usize| -> Result<(), String> {
-            // SAFETY: POKEUSER writes one word of the tracee's debug registers; no
-            // memory of ours is involved.
-            let r = unsafe {
-                libc::ptrace(
-                    libc::PTRACE_POKEUSER,
-                    c.pid,
-                    off as *mut libc::c_void,
-                    v as *mut libc::c_void,
-                )
-            };
-            if r == -1 {
-                Err(os_err("ptrace(POKEUSER)"))
-            } else {
-                Ok(())
-            }
-        };
-        poke(dr, bp as usize)?;
-        poke(dr + 7 * 8, DR7_L0)?;
-        let r = (|| {
-            ptrace(libc::PTRACE_SYSEMU, c.pid, std::ptr::null_mut())?;
-            wait_stop(c.pid)
-        })();
-        poke(dr + 7 * 8, 0)?;
-        let sig = r?;
-        if sig == libc::SIGTRAP | 0x80 {
-            return Err("the code made a system call (stopped, not run)".into());
-        }
-        if sig != libc::SIGTRAP {
-            let f = self.fault(sig)?;
-            self.child()?.getregs()?;
-            return Ok(Outcome::Fault(f));
-        }
-        let c = self.child()?;
-        c.getregs()?;
-        if c.regs.rip as u32 != bp {
-            return Err(format!(
-                "REP at {start:#x} stopped at {:#x}, not at the breakpoint",
-                c.regs.rip
-            ));
         }
         Ok(Outcome::Done)
     }
