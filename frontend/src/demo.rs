@@ -35,6 +35,23 @@ mod tests {
         assert_eq!(u16::from_le_bytes([rv[3], rv[4]]), 0xf000);
     }
 
+    /// CI's check that roms/demo/demo.bin is what roms/build.sh makes of demo.asm.
+    #[test]
+    fn committed_binary_is_reproducible() {
+        use std::process::Command;
+        if Command::new("nasm").arg("-v").output().is_err() {
+            eprintln!("nasm not installed: reproducibility check skipped");
+            return;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../roms/check.sh");
+        let out = Command::new("sh").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn headless_flag_is_patched() {
         let p = IMAGE.windows(8).position(|w| w == SIGNATURE).unwrap();

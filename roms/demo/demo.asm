@@ -105,6 +105,12 @@ start16:
         mov al, ' '
         rep stosw                       ; the rest of the title line, same colours
 
+        ; The hardware cursor is drawn by the CRT controller (index port 0x3D4, data
+        ; 0x3D5): register 0x0A is "cursor start", and its bit 5 switches the cursor off.
+        mov dx, 0x3D4
+        mov ax, 0x200A                  ; OUT of a word: index 0x0A to 0x3D4, 0x20 to 0x3D5
+        out dx, ax
+
         ; The A20 gate: on the original PC, addresses wrapped at 1 MiB; the AT added a
         ; gate on address line 20. "Fast A20" is bit 1 of system control port 0x92.
         in al, 0x92
