@@ -253,6 +253,10 @@ impl Vga {
         let map_a = font_block_offset(((sr3 >> 2) & 3) | ((sr3 >> 3) & 4));
         let map_b = font_block_offset((sr3 & 3) | ((sr3 >> 2) & 4));
         let line_gfx = self.ar[0x10] & AR10_LINE_GRAPHICS != 0;
+        let mut pal = [0u32; 16];
+        for (i, p) in pal.iter_mut().enumerate() {
+            *p = self.ac_rgb(i as u8);
+        }
         let mut changed = None;
         for row in 0..rows {
             for col in 0..cols {
@@ -273,8 +277,8 @@ impl Vga {
                 self.render.cells[cell] = key;
                 let fg_i = a & 0x0f;
                 let bg_i = if blink { (a >> 4) & 7 } else { a >> 4 };
-                let fg = self.ac_rgb(if off_phase { bg_i } else { fg_i });
-                let bg = self.ac_rgb(bg_i);
+                let fg = pal[if off_phase { bg_i } else { fg_i } as usize];
+                let bg = pal[bg_i as usize];
                 let font = if a & 0x08 != 0 { map_a } else { map_b };
                 let x0 = col * cw;
                 for y in 0..ch {

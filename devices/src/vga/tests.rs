@@ -477,3 +477,59 @@ fn hostile_guest_cannot_panic_the_vga() {
         assert_eq!(f.pixels.len(), f.width * f.height);
     }
 }
+
+/// Host cost of a full-screen redraw and of a one-line change (run with
+/// `cargo test --release -p morph86-devices redraw_costs -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn redraw_costs() {
+    use std::time::Instant;
+    fn time(mut f: impl FnMut()) -> f64 {
+        let n = 200;
+        f();
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    }
+    // Text 80x25 (720x400).
+    let mut v = Vga::new();
+    v.bios_text_mode();
+    let mut f = Frame::default();
+    v.update(&mut f, 300);
+    let full = time(|| {
+        v.invalidate();
+        v.update(&mut f, 300);
+    });
+    let mut k = 0u8;
+    let line = time(|| {
+        k = k.wrapping_add(1);
+        for c in 0..80 {
+            put_cell(&mut v, 80, 10, c, b'A'.wrapping_add(k % 26), 0x07);
+        }
+        v.update(&mut f, 300);
+    });
+    println!("text 80x25 (720x400): full redraw {full:.1} us, one changed text line {line:.1} us");
+    for (w, h) in [(640u16, 480u16), (1920, 1200)] {
+        let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+        let mut p = VgaPorts(vga.clone());
+        vbe_out(&mut p, VBE_INDEX_XRES, w);
+        vbe_out(&mut p, VBE_INDEX_YRES, h);
+        vbe_out(&mut p, VBE_INDEX_BPP, 32);
+        vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+        let mut v = vga.lock().unwrap();
+        let mut f = Frame::default();
+        v.update(&mut f, 0);
+        let full = time(|| {
+            v.invalidate();
+            v.update(&mut f, 0);
+        });
+        let row = vec![0x55u8; w as usize * 4];
+        let line = time(|| {
+            v.lfb_write(100 * w as u64 * 4, &row);
+            v.update(&mut f, 0);
+        });
+        println!("VBE {w}x{h}x32: full redraw {full:.1} us, one changed scanline {line:.1} us");
+    }
+}
