@@ -275,7 +275,7 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; mov rbp, QWORD [r15 + g(5)]
         ; mov rsi, QWORD [r15 + g(6)]
         ; mov rdi, QWORD [r15 + g(7)]
-        ; add rsp, 8
+        ; lea rsp, [rsp + 8] // drop the return address; LEA keeps the flags
         ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
         ; jmp =>exit
     );

@@ -337,17 +337,132 @@ fn random_insn(r: &mut Rng) -> Instruction {
     i.unwrap()
 }
 
+/// Stack area of the memory programs (ESP starts at its top).
+const STACK_TOP: u64 = 0x7800;
+
+/// One random instruction with a memory operand (data area or stack), or a stack
+/// instruction. Never names ESP explicitly.
+fn random_mem_insn(r: &mut Rng, sub: u64, hole: bool) -> Instruction {
+    use Code::*;
+    let regs = [
+        Register::EAX,
+        Register::ECX,
+        Register::EDX,
+        Register::EBX,
+        Register::EBP,
+        Register::ESI,
+        Register::EDI,
+    ];
+    let r32 = |r: &mut Rng| r.pick(&regs);
+    let r8 = |r: &mut Rng| r.pick(&R8);
+    let r16 = |r: &mut Rng| r.pick(&[Register::AX, Register::CX, Register::BX, Register::SI]);
+    let mem = |r: &mut Rng, size: u32| {
+        if hole && r.below(30) == 0 {
+            // The unmapped page of `paged_machine`: a page fault.
+            MemoryOperand::with_base_displ_size(Register::None, (HOLE + 8) as i64, 4)
+        } else if r.below(3) == 0 {
+            // [esp + d]: the stack area, above ESP.
+            MemoryOperand::with_base_displ(Register::ESP, (4 * r.below(8)) as i64)
+        } else {
+            let a = DATA + r.below(64 - size as usize) as u64;
+            MemoryOperand::with_base_displ_size(Register::None, a as i64, 4)
+        }
+    };
+    let i = match r.below(12) {
+        0 | 1 => {
+            let c = r.pick(&[
+                Add_rm32_r32,
+                Or_rm32_r32,
+                Adc_rm32_r32,
+                Sbb_rm32_r32,
+                And_rm32_r32,
+                Sub_rm32_r32,
+                Xor_rm32_r32,
+                Cmp_rm32_r32,
+                Test_rm32_r32,
+                Mov_rm32_r32,
+                Xchg_rm32_r32,
+                Xadd_rm32_r32,
+                Cmpxchg_rm32_r32,
+            ]);
+            Instruction::with2(c, mem(r, 4), r32(r))
+        }
+        2 => {
+            let c = r.pick(&[
+                Add_r32_rm32,
+                Sub_r32_rm32,
+                Mov_r32_rm32,
+                Imul_r32_rm32,
+                Cmovb_r32_rm32,
+                Cmovle_r32_rm32,
+                Bsf_r32_rm32,
+                Cmp_r32_rm32,
+            ]);
+            Instruction::with2(c, r32(r), mem(r, 4))
+        }
+        3 => {
+            let c = r.pick(&[Add_rm8_r8, Sub_rm8_r8, Mov_rm8_r8, Cmp_rm8_r8, Xchg_rm8_r8]);
+            Instruction::with2(c, mem(r, 1), r8(r))
+        }
+        4 => match r.below(4) {
+            0 => Instruction::with2(Movzx_r32_rm8, r32(r), mem(r, 1)),
+            1 => Instruction::with2(Movsx_r32_rm16, r32(r), mem(r, 2)),
+            2 => Instruction::with2(Add_rm16_r16, mem(r, 2), r16(r)),
+            _ => Instruction::with2(Mov_r16_rm16, r16(r), mem(r, 2)),
+        },
+        5 => {
+            let c = r.pick(&[Inc_rm32, Dec_rm32, Neg_rm32, Not_rm32, Mul_rm32]);
+            Instruction::with1(c, mem(r, 4))
+        }
+        6 => match r.below(5) {
+            0 => Instruction::with2(Shl_rm32_imm8, mem(r, 4), r.below(32) as i32),
+            1 => Instruction::with2(Rcr_rm32_CL, mem(r, 4), Register::CL),
+            2 => Instruction::with2(Mov_rm32_imm32, mem(r, 4), r.next() as u32),
+            3 => Instruction::with2(Bts_rm32_imm8, mem(r, 4), r.below(32) as i32),
+            _ => Instruction::with2(Add_rm8_imm8, mem(r, 1), r.below(256) as i32),
+        },
+        7 => Instruction::with1(r.pick(&[Sete_rm8, Setb_rm8, Setl_rm8]), mem(r, 1)),
+        8 => Instruction::with1(Push_r32, r32(r)),
+        9 => Instruction::with1(Pop_r32, r32(r)),
+        10 => {
+            if r.below(2) == 0 {
+                Instruction::with1(Pushd_imm32, r.next() as i32)
+            } else {
+                Instruction::with1(Pushd_imm8, r.below(256) as i32 - 128)
+            }
+        }
+        _ => Instruction::with_branch(Call_rel32_32, sub),
+    };
+    i.unwrap()
+}
+
+fn names_esp(i: &Instruction) -> bool {
+    (0..i.op_count()).any(|n| {
+        i.op_kind(n) == iced_x86::OpKind::Register
+            && matches!(i.op_register(n), Register::ESP | Register::SP)
+    })
+}
+
 /// A random program of straight-line code with forward branches, ending in HLT.
 /// Returns the code and the arithmetic flags possibly undefined at the HLT.
 fn random_program(r: &mut Rng, rip: u64) -> (Vec<u8>, u32) {
+    random_program_with(r, rip, false, false)
+}
+
+/// As [`random_program`]; with `mem`, also memory and stack instructions (ESP stays in
+/// the stack area), and a subroutine after the HLT (`inc eax ; ret`) that CALLs reach.
+fn random_program_with(r: &mut Rng, rip: u64, mem: bool, hole: bool) -> (Vec<u8>, u32) {
     let n = 4 + r.below(60);
     let fake = |k: usize| 0x100_0000 + 16 * k as u64;
     let mut insns: Vec<Instruction> = Vec::new();
     let mut merge = vec![0u32; n + 1];
     let mut und = 0u32;
     let mut k = 0;
+    // Flags undefined at some point (a fault can stop the program anywhere).
+    let mut und_any = 0u32;
     while k < n {
         und |= merge[k];
+        und_any |= und;
         let mut i = if r.below(8) == 0 && k + 1 < n {
             let target = fake(k + 1 + r.below(n - k));
             let c = if r.below(4) == 0 {
@@ -369,15 +484,28 @@ fn random_program(r: &mut Rng, rip: u64) -> (Vec<u8>, u32) {
                 ])
             };
             Instruction::with_branch(c, target).unwrap()
+        } else if mem && r.below(3) == 0 {
+            random_mem_insn(r, fake(n + 1), hole)
         } else {
-            random_insn(r)
+            let i = random_insn(r);
+            if mem && names_esp(&i) {
+                continue;
+            }
+            i
         };
-        let read = translate::rflags_to_eflags(i.rflags_read());
+        let mut read = translate::rflags_to_eflags(i.rflags_read());
+        if i.code() == Code::Call_rel32_32 {
+            // The subroutine's INC reads nothing but leaves CF alone: its flags merge.
+            read = 0;
+        }
         if read & und != 0 {
             continue; // would read an undefined flag: pick another
         }
         i.set_ip(fake(k));
-        if i.is_jcc_short_or_near() || i.is_jmp_short_or_near() {
+        if i.code() == Code::Call_rel32_32 {
+            // inc eax in the subroutine: defines all but CF.
+            und &= CF;
+        } else if i.is_jcc_short_or_near() || i.is_jmp_short_or_near() {
             let t = ((i.near_branch_target() - fake(0)) / 16) as usize;
             merge[t] |= und;
         }
@@ -407,9 +535,21 @@ fn random_program(r: &mut Rng, rip: u64) -> (Vec<u8>, u32) {
         k += 1;
     }
     und |= merge[n];
+    und_any |= und;
+    if hole {
+        und = und_any;
+    }
     let mut hlt = Instruction::with(Code::Hlt);
     hlt.set_ip(fake(n));
     insns.push(hlt);
+    if mem {
+        let mut inc = Instruction::with1(Code::Inc_rm32, Register::EAX).unwrap();
+        inc.set_ip(fake(n + 1));
+        insns.push(inc);
+        let mut ret = Instruction::with(Code::Retnd);
+        ret.set_ip(fake(n + 2));
+        insns.push(ret);
+    }
     let block = InstructionBlock::new(&insns, rip);
     let res = BlockEncoder::encode(32, block, BlockEncoderOptions::NONE).unwrap();
     (res.code_buffer, und)
@@ -502,6 +642,87 @@ fn random_register_programs_match_the_interpreter() {
     }
     assert!(native > 30_000, "too few native instructions: {native}");
     assert!(jit.stats.invalidated > 0);
+}
+
+fn random_memory_programs(paged: bool, cases: usize, seed: u64) {
+    let mut r = Rng(seed);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mk = || if paged { paged_machine() } else { machine() };
+    let mut jcpu = mk();
+    let mut icpu = mk();
+    let mut slow_native = 0;
+    let mut faults = 0;
+    for case in 0..cases {
+        let rip = CODE + 0x1000 * r.below(4) as u64 + r.below(64) as u64;
+        let (code, und) = random_program_with(&mut r, rip, true, paged);
+        let mut data = [0u8; 64];
+        for b in data.iter_mut() {
+            *b = r.next() as u8;
+        }
+        let seed = r.next();
+        for cpu in [&mut jcpu, &mut icpu] {
+            cpu.mmu.phys.write(rip, &code);
+            cpu.mmu.phys.write(DATA, &data);
+            cpu.mmu.phys.write(STACK_TOP - 0x400, &[0x5a; 0x440]);
+            set_initial(cpu, &mut Rng(seed), rip);
+            cpu.s.gpr[4] = STACK_TOP;
+        }
+        let before = jit.stats.native_insns;
+        let exc_before = jcpu.stats.exceptions;
+        let ej = jit.run(&mut jcpu, 100_000);
+        let ei = icpu.run(100_000);
+        slow_native += jit.stats.native_insns - before;
+        if jcpu.stats.exceptions > exc_before {
+            faults += 1;
+        }
+        assert_eq!(ej, StepEvent::Halted, "case {case}: JIT did not reach HLT");
+        assert_eq!(ei, StepEvent::Halted, "case {case}");
+        let stack = |c: &Cpu| -> Vec<u8> {
+            let mut v = c.mmu.phys.ram()[(STACK_TOP - 0x400) as usize..(STACK_TOP + 0x40) as usize]
+                .to_vec();
+            if c.stats.exceptions > 0 {
+                // The EFLAGS image of the exception frame: mask the undefined flags.
+                let at = (c.s.gpr[4] as u32 + 12).wrapping_sub(STACK_TOP as u32 - 0x400) as usize;
+                if at + 4 <= v.len() {
+                    let f = u32::from_le_bytes(v[at..at + 4].try_into().unwrap()) & !und;
+                    v[at..at + 4].copy_from_slice(&f.to_le_bytes());
+                }
+            }
+            v
+        };
+        let res = compare(&jcpu, &icpu, und).and_then(|_| {
+            if jcpu.s.cr2 != icpu.s.cr2 || jcpu.stats.exceptions != icpu.stats.exceptions {
+                Err("exceptions differ".to_string())
+            } else if stack(&jcpu) != stack(&icpu) {
+                Err("stack memory differs".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = res {
+            panic!("case {case}: {e}\nprogram:\n{}", disasm(&code, rip));
+        }
+    }
+    assert!(slow_native > 10 * cases as u64, "native: {slow_native}");
+    let interp: u64 = jit.stats.fallbacks.values().sum();
+    assert!(
+        interp < 2 * cases as u64,
+        "too many fallbacks: {}",
+        jit.stats
+    );
+    if paged {
+        assert!(faults > cases / 20, "only {faults} cases faulted");
+    }
+}
+
+#[test]
+fn random_memory_programs_match_the_interpreter() {
+    random_memory_programs(false, 2000, 0x7374_6163_6b21);
+}
+
+#[test]
+fn random_memory_programs_with_page_faults_match_the_interpreter() {
+    random_memory_programs(true, 1000, 0x0066_6175_6c74);
 }
 
 #[test]
@@ -794,4 +1015,88 @@ fn debug_case() {
         );
         println!("{}", jit.stats);
     }
+}
+
+/// A machine with a GDT, an IDT whose every gate leads to a HLT at `HANDLER`, and
+/// paging on: 0-4 MiB identity-mapped, supervisor read/write, except the page at
+/// `HOLE` (not present).
+fn paged_machine() -> Cpu {
+    const HANDLER: u32 = 0x30000;
+    let mut cpu = machine();
+    let gdt: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+    for (k, d) in gdt.iter().enumerate() {
+        cpu.mmu.phys.write(0x500 + 8 * k as u64, &d.to_le_bytes());
+    }
+    for v in 0..32u64 {
+        let lo = (HANDLER & 0xffff) as u64 | (0x08 << 16);
+        let hi = (HANDLER & 0xffff_0000) as u64 | 0x8e00;
+        cpu.mmu
+            .phys
+            .write(0x600 + 8 * v, &(lo | hi << 32).to_le_bytes());
+    }
+    cpu.mmu.phys.write(HANDLER as u64, &[0xf4]);
+    cpu.s.gdtr.base = 0x500;
+    cpu.s.gdtr.limit = 23;
+    cpu.s.idtr.base = 0x600;
+    cpu.s.idtr.limit = 32 * 8 - 1;
+    cpu.mmu.phys.write(0x1000, &(0x2000u32 | 3).to_le_bytes());
+    for p in 0..1024u32 {
+        let pte = if p as u64 * 4096 == HOLE {
+            0
+        } else {
+            (p << 12) | 3
+        };
+        cpu.mmu
+            .phys
+            .write(0x2000 + 4 * p as u64, &pte.to_le_bytes());
+    }
+    cpu.s.cr3 = 0x1000;
+    cpu.s.cr0 |= CR0_PG;
+    cpu.sync_paging();
+    cpu.s.gpr[4] = STACK_TOP;
+    cpu
+}
+
+const HOLE: u64 = 0x9000;
+
+#[test]
+fn page_fault_in_the_middle_of_a_block_is_precise() {
+    // mov eax, 1 ; mov ebx, 2 ; add eax, ebx ; stc ; mov ecx, [HOLE+4] ; mov edx, 5 ; hlt
+    let mut c = vec![0xb8, 1, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0x01, 0xd8];
+    let fault_at = CODE + c.len() as u64;
+    c.extend_from_slice(&[0x8b, 0x0d]);
+    c.extend_from_slice(&((HOLE + 4) as u32).to_le_bytes());
+    c.extend_from_slice(&[0xba, 5, 0, 0, 0, 0xf4]);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[1] = 0x1111;
+        cpu.s.gpr[2] = 0x2222;
+    }
+    assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+    assert_eq!(icpu.run(1000), StepEvent::Halted);
+    assert!(jit.stats.native_insns >= 3, "{}", jit.stats);
+    // Hand-derived: the first three instructions retired, the load faulted (#PF,
+    // error code 0: not present, read, supervisor), nothing after it ran.
+    let s = &jcpu.s;
+    assert_eq!(
+        [s.gpr[0], s.gpr[3], s.gpr[1], s.gpr[2]].map(|v| v as u32),
+        [3, 2, 0x1111, 0x2222]
+    );
+    assert_eq!(s.cr2 as u32, (HOLE + 4) as u32);
+    assert_eq!(s.rip as u32, 0x30001, "halted in the handler");
+    assert_eq!(s.gpr[4] as u32, STACK_TOP as u32 - 16);
+    let mut frame = [0u8; 16];
+    jcpu.mmu.phys.read(STACK_TOP - 16, &mut frame);
+    let w = |k: usize| u32::from_le_bytes(frame[4 * k..4 * k + 4].try_into().unwrap());
+    assert_eq!(w(0), 0, "error code");
+    assert_eq!(w(1), fault_at as u32, "faulting EIP");
+    assert_eq!(w(2), 8, "CS");
+    assert_eq!(w(3) & ARITH_FLAGS, PF, "flags of add 1 + 2");
+    assert_eq!(jcpu.stats.instructions, icpu.stats.instructions);
+    compare(&jcpu, &icpu, 0).unwrap();
+    assert_eq!(jcpu.s.cr2, icpu.s.cr2);
 }
