@@ -38,6 +38,8 @@ use morph86_cpu::{Cpu, CpuState, StepEvent};
 use morph86_mmu::{Access, PhysKind, PAGE_SIZE};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use translate::{plan_block, Term, MAX_BLOCK_INSNS};
 
 /// Default code cache size.
@@ -168,6 +170,7 @@ pub struct Jit {
     pub stats: JitStats,
     /// Print each block (guest and host code) to stderr when it is translated.
     pub dump_blocks: bool,
+    stop: Arc<AtomicBool>,
 }
 
 /// The mode bits of the block key, or `None` if the current mode is not translated.
@@ -237,7 +240,15 @@ impl Jit {
             ctx: Box::default(),
             stats: JitStats::default(),
             dump_blocks: false,
+            stop: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A flag another thread may set to make [`Jit::run`] return early (with
+    /// `StepEvent::Ok`) within one dispatch: at most a few thousand blocks. `run` clears
+    /// it when it returns because of it.
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// Bytes of code cache in use.
@@ -280,6 +291,9 @@ impl Jit {
         let mut left = max;
         let mut chain_from: Option<u64> = None;
         while left > 0 {
+            if self.stop.swap(false, Ordering::Relaxed) {
+                break;
+            }
             self.drain_dirty(cpu);
             let irq = cpu.ev.nmi_pending
                 || (cpu.s.eflags_raw & IF != 0 && cpu.intr.as_mut().is_some_and(|i| i.pending()));

@@ -1100,3 +1100,62 @@ fn page_fault_in_the_middle_of_a_block_is_precise() {
     compare(&jcpu, &icpu, 0).unwrap();
     assert_eq!(jcpu.s.cr2, icpu.s.cr2);
 }
+
+/// An interrupt controller that raises vector 0x1e after being polled `after` times.
+struct LateIrq {
+    polls: u64,
+    after: u64,
+}
+
+impl morph86_cpu::InterruptSource for LateIrq {
+    fn pending(&mut self) -> bool {
+        self.polls += 1;
+        self.polls > self.after
+    }
+    fn acknowledge(&mut self) -> u8 {
+        self.after = u64::MAX;
+        0x1e
+    }
+}
+
+#[test]
+fn interrupts_reach_a_chained_loop() {
+    // sti ; L: add eax, 1 ; jmp L   (the handler at 0x30000 is HLT)
+    let c = [0xfb, 0x83, 0xc0, 0x01, 0xeb, 0xfb];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = paged_machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    cpu.intr = Some(Box::new(LateIrq { polls: 0, after: 5 }));
+    assert_eq!(jit.run(&mut cpu, 100_000_000), StepEvent::Halted);
+    assert_eq!(cpu.s.rip as u32, 0x30001, "in the handler");
+    assert!(
+        cpu.s.gpr[0] as u32 > 1000,
+        "the loop ran natively for a while"
+    );
+    assert!(jit.stats.chained >= 1);
+    let mut frame = [0u8; 4];
+    cpu.mmu.phys.read(STACK_TOP - 12, &mut frame);
+    let eip = u32::from_le_bytes(frame) as u64;
+    assert!(
+        eip == CODE + 1 || eip == CODE + 4,
+        "interrupted between instructions: {eip:#x}"
+    );
+}
+
+#[test]
+fn stop_handle_ends_run() {
+    // L: jmp L
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &[0xeb, 0xfe]);
+    cpu.s.rip = CODE;
+    let stop = jit.stop_handle();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(jit.run(&mut cpu, u64::MAX), StepEvent::Ok);
+    t.join().unwrap();
+    assert!(jit.stats.native_insns > 0);
+}
