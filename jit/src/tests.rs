@@ -937,46 +937,57 @@ fn real_mode_is_interpreted() {
     assert_eq!(jit.stats.translated, 0);
 }
 
-/// Guest loop speed, JIT against interpreter. `cargo test --release -p morph86-jit -- --ignored --nocapture bench`
+/// Guest loop speed, JIT against interpreter.
+/// `cargo test --release -p morph86-jit -- --ignored --nocapture bench`
 #[test]
 #[ignore]
 fn bench_guest_loop() {
-    // L: add eax, ecx ; xor edx, eax ; lea ebx, [ebx+eax*2+1] ; shl esi, 1 ; dec ecx ; jnz L ; hlt
-    let c = [
+    // Register loop: L: add eax, ecx ; xor edx, eax ; lea ebx, [ebx+eax*2+1] ; shl esi, 1 ;
+    // dec ecx ; jnz L ; hlt
+    let reg = vec![
         0x01, 0xc8, 0x31, 0xc2, 0x8d, 0x5c, 0x43, 0x01, 0xd1, 0xe6, 0x49, 0x75, 0xf3, 0xf4,
     ];
-    let iters = 10_000_000u32;
-    let mut results = Vec::new();
-    for use_jit in [false, true] {
-        let mut jit = Jit::new(1 << 20).unwrap();
-        let mut cpu = machine();
-        cpu.mmu.phys.write(CODE, &c);
-        cpu.s.rip = CODE;
-        cpu.s.gpr[1] = iters as u64;
-        let t = std::time::Instant::now();
-        let ev = if use_jit {
-            jit.run(&mut cpu, u64::MAX)
-        } else {
-            cpu.run(u64::MAX)
-        };
-        let dt = t.elapsed().as_secs_f64();
-        assert_eq!(ev, StepEvent::Halted);
-        let n = cpu.stats.instructions as f64;
-        println!(
-            "{}: {:.0} guest instructions in {:.3} s = {:.1} MIPS (decode cache {} hits, {} misses)",
-            if use_jit { "jit" } else { "interp" },
-            n,
-            dt,
-            n / dt / 1e6,
-            cpu.stats.decode_hits,
-            cpu.stats.decode_misses
-        );
-        results.push(cpu.s.gpr[..8].to_vec());
+    // Memory loop (ESI = DATA): L: mov edx, [esi] ; add edx, ecx ; mov [esi+4], edx ;
+    // push edx ; call F ; pop ebx ; dec ecx ; jnz L ; hlt ; F: add [esi], ebx ; ret
+    let mem = vec![
+        0x8b, 0x16, 0x01, 0xca, 0x89, 0x56, 0x04, 0x52, 0xe8, 0x05, 0, 0, 0, 0x5b, 0x49, 0x75,
+        0xef, 0xf4, 0x01, 0x1e, 0xc3,
+    ];
+    for (name, code, iters) in [("register", reg, 10_000_000u32), ("memory", mem, 4_000_000)] {
+        let mut results = Vec::new();
+        for use_jit in [false, true] {
+            let mut jit = Jit::new(1 << 20).unwrap();
+            let mut cpu = machine();
+            cpu.mmu.phys.write(CODE, &code);
+            cpu.s.rip = CODE;
+            cpu.s.gpr[1] = iters as u64;
+            cpu.s.gpr[4] = STACK_TOP;
+            cpu.s.gpr[6] = DATA;
+            let t = std::time::Instant::now();
+            let ev = if use_jit {
+                jit.run(&mut cpu, u64::MAX)
+            } else {
+                cpu.run(u64::MAX)
+            };
+            let dt = t.elapsed().as_secs_f64();
+            assert_eq!(ev, StepEvent::Halted);
+            let n = cpu.stats.instructions as f64;
+            println!(
+                "{name} loop, {}: {:.0} guest instructions in {:.3} s = {:.1} MIPS",
+                if use_jit { "jit" } else { "interp" },
+                n,
+                dt,
+                n / dt / 1e6,
+            );
+            if use_jit {
+                print!("{}", jit.stats);
+            }
+            let mut d = [0u8; 8];
+            cpu.mmu.phys.read(DATA, &mut d);
+            results.push((cpu.s.gpr[..8].iter().map(|&v| v as u32).collect::<Vec<_>>(), d));
+        }
+        assert_eq!(results[0], results[1]);
     }
-    assert_eq!(
-        results[0].iter().map(|&v| v as u32).collect::<Vec<_>>(),
-        results[1].iter().map(|&v| v as u32).collect::<Vec<_>>()
-    );
 }
 
 #[test]
