@@ -43,6 +43,11 @@ use std::mem::offset_of;
 
 /// Exit id meaning "no stub to chain": the dispatcher just looks the next block up.
 pub const NO_CHAIN: u64 = u64::MAX;
+/// Exit id of an indirect branch (RET, JMP reg) that missed the inline lookup: the
+/// dispatcher records the target it finds in the indirect-branch table.
+pub const IND_MISS: u64 = u64::MAX - 1;
+/// Entries of the indirect-branch table (direct-mapped by physical address).
+pub const IND_SIZE: usize = 4096;
 
 /// Dispatcher ↔ host code communication block (pointed to by r12).
 #[repr(C)]
@@ -65,6 +70,11 @@ pub struct JitCtx {
     pub exception: Option<Exception>,
     /// Code pages written by slow-path instructions (invalidated by the dispatcher).
     pub dirty: Vec<u64>,
+    /// Host address of guest physical address 0 (guest RAM base).
+    pub ram_base: u64,
+    /// The indirect-branch table: `IND_SIZE` pairs (key, host entry), key =
+    /// `phys | mode << 56`, indexed by `phys % IND_SIZE`.
+    pub ind: u64,
 }
 
 impl Default for JitCtx {
@@ -78,6 +88,8 @@ impl Default for JitCtx {
             cpu: std::ptr::null_mut(),
             exception: None,
             dirty: Vec::new(),
+            ram_base: 0,
+            ind: 0,
         }
     }
 }
@@ -127,6 +139,9 @@ const OFF_BUDGET: i32 = offset_of!(JitCtx, budget) as i32;
 const OFF_ICOUNT: i32 = offset_of!(JitCtx, icount) as i32;
 const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
 const OFF_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
+const OFF_RAM: i32 = offset_of!(JitCtx, ram_base) as i32;
+const OFF_IND: i32 = offset_of!(JitCtx, ind) as i32;
+const TLB_TAG_FETCH: i32 = TlbEntry::OFFSET_FETCH as i32;
 const TLB_TAG_READ: i32 = TlbEntry::OFFSET_READ as i32;
 const TLB_TAG_WRITE: i32 = TlbEntry::OFFSET_WRITE as i32;
 const TLB_ADDEND: i32 = TlbEntry::OFFSET_ADDEND as i32;
@@ -364,6 +379,56 @@ pub struct Targets {
     pub slow: usize,
     /// Offset of the TLB set for this block's privilege (0 or [`TLB_USER_SET`]).
     pub tlb_set: i32,
+    /// The block's mode bits (part of the indirect-branch key).
+    pub mode: u8,
+}
+
+/// Indirect branch to the guest EIP in r11d: store it as EIP, find the target's
+/// physical address through the fetch tag of the TLB, look it up in the indirect-branch
+/// table and jump there; on any miss leave with [`IND_MISS`]. Needs the guest flags in
+/// r9 (restored before leaving either way).
+fn emit_indirect(ops: &mut Asm, base: usize, t: &Targets) {
+    let miss = ops.new_dynamic_label();
+    let tag = t.tlb_set + TLB_TAG_FETCH;
+    let addend = t.tlb_set + TLB_ADDEND;
+    let key_hi = (t.mode as i64) << 56;
+    dynasm!(ops
+        ; .arch x64
+        ; mov DWORD [r15 + OFF_RIP], r11d
+        ; mov r13d, r11d
+        ; mov r10d, r13d
+        ; shr r10d, 12
+        ; and r10d, (TLB_SIZE - 1) as i32
+        ; shl r10d, TLB_ENTRY_SHIFT
+        ; add r10, QWORD [r12 + OFF_TLB]
+        ; mov r11, r13
+        ; and r11, -4096
+        ; cmp r11, QWORD [r10 + tag]
+        ; jne =>miss
+        ; add r13, QWORD [r10 + addend]
+        ; sub r13, QWORD [r12 + OFF_RAM]
+        ; mov r10d, r13d
+        ; and r10d, (IND_SIZE - 1) as i32
+        ; shl r10d, 4
+        ; add r10, QWORD [r12 + OFF_IND]
+        ; mov r11, QWORD key_hi
+        ; or r11, r13
+        ; cmp r11, QWORD [r10]
+        ; jne =>miss
+        ; mov r13, QWORD [r10 + 8]
+    );
+    restore_flags(ops);
+    dynasm!(ops
+        ; .arch x64
+        ; jmp r13
+        ; =>miss
+    );
+    restore_flags(ops);
+    dynasm!(ops
+        ; .arch x64
+        ; mov QWORD [r12 + OFF_EXIT], IND_MISS as i32
+    );
+    jmp_abs(ops, base, t.exit);
 }
 
 /// Where guest flags are during emission (see `emit_block`).
@@ -614,20 +679,13 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         }
         Term::JmpReg { reg } => {
             let h = host_of(reg);
-            dynasm!(ops
-                ; .arch x64
-                ; mov DWORD [r15 + OFF_RIP], Rd(h)
-                ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
-            );
-            jmp_abs(&mut ops, base, exit_addr);
+            dynasm!(ops ; .arch x64 ; mov r11d, Rd(h));
+            save_flags(&mut ops);
+            emit_indirect(&mut ops, base, t);
         }
         Term::Ret { .. } => {
-            dynasm!(ops
-                ; .arch x64
-                ; mov DWORD [r15 + OFF_RIP], r11d
-                ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
-            );
-            jmp_abs(&mut ops, base, exit_addr);
+            save_flags(&mut ops);
+            emit_indirect(&mut ops, base, t);
         }
     }
     if matches!(plan.insns.last().map(|g| &g.kind), Some(Kind::Branch)) {
@@ -640,7 +698,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         dynasm!(ops
             ; .arch x64
             ; =>r
-            ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
+            ; mov QWORD [r12 + OFF_EXIT], IND_MISS as i32
         );
         jmp_abs(&mut ops, base, exit_addr);
     }

@@ -28,7 +28,7 @@ pub mod emit;
 pub mod translate;
 
 use cache::{BlockKey, BlockTable, CodeRegion, Entry};
-use emit::{EnterFn, JitCtx, NO_CHAIN};
+use emit::{EnterFn, JitCtx, IND_MISS, IND_SIZE, NO_CHAIN};
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
 use morph86_cpu::state::{
     SegReg, AC, ATTR_CODE, ATTR_DB, ATTR_EC, ATTR_P, ATTR_RW, ATTR_S, ATTR_UNUSABLE, CR0_AM,
@@ -166,6 +166,8 @@ pub struct Jit {
     blocks: Vec<Block>,
     stubs: Vec<Stub>,
     ctx: Box<JitCtx>,
+    /// Indirect-branch table (see `JitCtx::ind`), pointed to by the context.
+    ind: Box<[[u64; 2]]>,
     /// Counters.
     pub stats: JitStats,
     /// Print each block (guest and host code) to stderr when it is translated.
@@ -238,6 +240,7 @@ impl Jit {
             blocks: Vec::new(),
             stubs: Vec::new(),
             ctx: Box::default(),
+            ind: vec![[u64::MAX, 0]; IND_SIZE].into_boxed_slice(),
             stats: JitStats::default(),
             dump_blocks: false,
             stop: Arc::new(AtomicBool::new(false)),
@@ -290,6 +293,7 @@ impl Jit {
     ) -> Result<StepEvent, Box<Divergence>> {
         let mut left = max;
         let mut chain_from: Option<u64> = None;
+        let mut ind_from = false;
         while left > 0 {
             if self.stop.swap(false, Ordering::Relaxed) {
                 break;
@@ -335,6 +339,7 @@ impl Jit {
             match entry {
                 Entry::Interp(m) => {
                     chain_from = None;
+                    ind_from = false;
                     *self.stats.fallbacks.entry(m).or_default() += 1;
                     left -= 1;
                     match self.interp_step(cpu) {
@@ -348,13 +353,25 @@ impl Jit {
                             self.try_chain(id, b, eip);
                         }
                     }
+                    if std::mem::take(&mut ind_from)
+                        && !lockstep
+                        && matches!(cpu.mmu.phys.kind(phys), PhysKind::Ram)
+                    {
+                        // Later RETs / JMP regs to here find the block inline.
+                        let slot = (phys as usize) % IND_SIZE;
+                        self.ind[slot] = [
+                            phys | (mode as u64) << 56,
+                            self.blocks[b as usize].entry as u64,
+                        ];
+                    }
                     if lockstep {
                         let n = self.lockstep_block(cpu, b)?;
                         left = left.saturating_sub(n.max(1));
                     } else {
                         let (n, exit) = self.enter(cpu, b, left);
                         left = left.saturating_sub(n.max(1));
-                        chain_from = (exit != NO_CHAIN).then_some(exit);
+                        ind_from = exit == IND_MISS;
+                        chain_from = (exit != NO_CHAIN && exit != IND_MISS).then_some(exit);
                     }
                     if let Some(e) = self.ctx.exception.take() {
                         // A slow-path access faulted: state is at the instruction.
@@ -396,6 +413,8 @@ impl Jit {
         self.ctx.icount = 0;
         self.ctx.exit = NO_CHAIN;
         self.ctx.tlb = cpu.mmu.tlb.entries_ptr() as u64;
+        self.ctx.ram_base = cpu.mmu.phys.ram().as_ptr() as u64;
+        self.ctx.ind = self.ind.as_mut_ptr() as u64;
         self.region.make_executable();
         let cpu_ptr: *mut Cpu = cpu;
         self.ctx.cpu = cpu_ptr;
@@ -499,6 +518,7 @@ impl Jit {
                 }
                 bl.valid = false;
                 let (entry, reentry) = (bl.entry, bl.reentry);
+                self.ind.fill([u64::MAX, 0]);
                 if let Some(j) = emit::jmp_rel32(entry, reentry) {
                     self.region.patch(entry, &j);
                 }
@@ -513,6 +533,7 @@ impl Jit {
         self.table.clear();
         self.blocks.clear();
         self.stubs.clear();
+        self.ind.fill([u64::MAX, 0]);
         self.stats.flushes += 1;
     }
 
@@ -568,6 +589,7 @@ impl Jit {
             } else {
                 0
             },
+            mode: key.1,
         };
         let Some(em) = emit::emit_block(&plan, base, &ids, &tgt) else {
             log::error!("jit: cannot assemble block at {eip:#x}; interpreting");

@@ -984,7 +984,10 @@ fn bench_guest_loop() {
             }
             let mut d = [0u8; 8];
             cpu.mmu.phys.read(DATA, &mut d);
-            results.push((cpu.s.gpr[..8].iter().map(|&v| v as u32).collect::<Vec<_>>(), d));
+            results.push((
+                cpu.s.gpr[..8].iter().map(|&v| v as u32).collect::<Vec<_>>(),
+                d,
+            ));
         }
         assert_eq!(results[0], results[1]);
     }
@@ -1169,4 +1172,63 @@ fn stop_handle_ends_run() {
     assert_eq!(jit.run(&mut cpu, u64::MAX), StepEvent::Ok);
     t.join().unwrap();
     assert!(jit.stats.native_insns > 0);
+}
+
+#[test]
+fn indirect_branch_lookup_follows_a_page_remap() {
+    // Linear page 0x50000 first maps to physical 0x50000 (p1), then, after the guest
+    // rewrites its PTE and reloads CR3, to physical 0x60000 (p2). A RET to the same
+    // linear address must then run p2's code, not p1's block from the indirect table.
+    let f = 0x40000u64;
+    let lin = 0x50000u64;
+    let call = |at: u64| {
+        let mut v = vec![0xe8];
+        v.extend_from_slice(&((f as i64 - (at as i64 + 5)) as i32).to_le_bytes());
+        v
+    };
+    let mut p1 = call(lin);
+    p1.extend_from_slice(&[0xbb, 1, 0, 0, 0, 0x01, 0xd9]); // mov ebx, 1 ; add ecx, ebx
+    p1.extend_from_slice(&[0xc7, 0x05]); // mov dword [pte], 0x60003
+    p1.extend_from_slice(&(0x2000u32 + 4 * (lin as u32 >> 12)).to_le_bytes());
+    p1.extend_from_slice(&0x60003u32.to_le_bytes());
+    p1.extend_from_slice(&[0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8]); // mov eax, cr3 ; mov cr3, eax
+    assert_eq!(p1.len(), 28);
+    let mut p2 = call(lin);
+    p2.extend_from_slice(&[0xbb, 2, 0, 0, 0, 0x01, 0xd9, 0xf4]); // mov ebx, 2 ; add ecx, ebx ; hlt
+    p2.resize(28, 0x90);
+    p2.extend_from_slice(&[0xe9]);
+    p2.extend_from_slice(&(-33i32).to_le_bytes()); // jmp lin
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(f, &[0xc3]);
+        cpu.mmu.phys.write(0x50000, &p1);
+        cpu.mmu.phys.write(0x60000, &p2);
+        cpu.s.rip = lin;
+    }
+    assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+    assert_eq!(icpu.run(1000), StepEvent::Halted);
+    assert_eq!(jcpu.s.gpr[3] as u32, 2, "EBX from p2's code");
+    assert_eq!(jcpu.s.gpr[1] as u32, 3, "ECX = 1 + 2");
+    compare(&jcpu, &icpu, 0).unwrap();
+}
+
+#[test]
+fn returns_use_the_inline_lookup() {
+    // ECX times: call F ; F: inc eax ; ret   — after the first round, RET finds its
+    // target inline (few dispatches).
+    let c = [
+        0xe8, 0x05, 0, 0, 0, 0x49, 0x75, 0xf8, 0xf4, 0x90, 0x40, 0xc3,
+    ];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    cpu.s.gpr[1] = 10_000;
+    cpu.s.gpr[4] = STACK_TOP;
+    assert_eq!(jit.run(&mut cpu, 1_000_000), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u32, 10_000);
+    assert_eq!(cpu.s.gpr[4] as u32, STACK_TOP as u32);
+    assert!(jit.stats.dispatches < 100, "{}", jit.stats);
 }
