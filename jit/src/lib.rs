@@ -1,26 +1,40 @@
 //! morph86-jit: guest x86 blocks translated to host x86-64.
 //!
 //! The pipeline, one module per stage (ARCHITECTURE.md section 4):
-//! 1. look up ([`cache::BlockTable`], keyed by physical EIP and mode bits);
+//! 1. look up ([`cache::BlockTable`], keyed by physical EIP and [`mode_bits`]);
 //! 2. decode a block ([`translate::plan_block`]: iced-x86, up to a branch, an
 //!    untranslated instruction, the page end or 64 instructions);
-//! 3. emit ([`emit`]: register-only integer instructions re-encoded for the host with
-//!    guest registers renamed to the host registers that hold them; block framework,
-//!    exits and chaining stubs assembled with dynasmrt's `VecAssembler` for the final
-//!    address);
-//! 4. place in the code cache ([`cache::CodeRegion`], W^X, flushed whole when full);
-//! 5. execute through the entry trampoline, chaining direct branches within a page by
-//!    patching their exit stubs.
+//! 3. emit ([`emit`]): integer instructions are re-encoded for the host with guest
+//!    registers renamed to the host registers that hold them (host and guest are both
+//!    x86, so the host computes the guest's results and flags exactly); memory operands
+//!    become `[r13]` after an inline probe of the MMU's TLB; the block framework, exits,
+//!    chaining stubs and slow paths are assembled with dynasmrt's `VecAssembler` for the
+//!    final address;
+//! 4. place in the code cache ([`cache::CodeRegion`], W^X by mprotect, flushed whole when
+//!    full);
+//! 5. execute through the entry trampoline. Direct branches within a page are chained by
+//!    patching their exit stubs into jumps; RET and JMP reg look their target up inline
+//!    in a small table keyed by the target's *physical* address (found through the
+//!    TLB's fetch tag), so a remapped page never reaches a stale block.
 //!
 //! Anything not translated runs in the interpreter, one instruction at a time
-//! (`Cpu::step`), so every guest runs. Translated code never touches guest memory yet,
-//! so it cannot fault and needs no precise-exception machinery; self-modifying code is
-//! caught when an interpreted store hits a page marked as holding code (the MMU reports
-//! it through `Cpu::take_dirty_code`) and the page's blocks are invalidated before the
-//! next block is looked up.
+//! (`Cpu::step`), so every guest runs. A memory access that misses the TLB (first touch,
+//! MMIO, ROM, a write to a page holding code, a page fault) runs that one instruction in
+//! the interpreter from the middle of the block (`emit::jit_slow`), with the guest state
+//! spilled first: a fault leaves the block with the state exactly at the faulting
+//! instruction (block-entry instruction count corrected), and a write to code leaves it
+//! right after the writing instruction; the dispatcher then invalidates the blocks of
+//! the written pages (notified through `Cpu::take_dirty_code`) before it looks up the
+//! next block. Every block entry checks a budget word (no flag clobber: `jrcxz`/`lea`),
+//! so chained execution returns to the dispatcher regularly to poll interrupts and the
+//! stop flag.
 //!
-//! Only flat 32-bit protected-mode code is translated (CS base 0, limit 4 GiB, no TF,
-//! RF, interrupt shadow or debug breakpoints); everything else is interpreted.
+//! Only flat 32-bit protected-mode code is translated (CS base 0, limit 4 GiB; no TF,
+//! RF, interrupt shadow or DR7 breakpoints); memory operands only when DS, ES and SS are
+//! flat too ([`MODE_FLAT_DATA`]). Everything else is interpreted.
+//!
+//! All execution of a CPU that has a `Jit` must go through [`Jit::run`] (or
+//! [`Jit::run_lockstep`]): the interpreter's own decode step consumes code-write notices.
 #![deny(missing_docs)]
 
 pub mod cache;
@@ -45,7 +59,7 @@ use translate::{plan_block, Term, MAX_BLOCK_INSNS};
 /// Default code cache size.
 pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 /// Free space below which the cache is flushed before translating (larger than any block).
-const BLOCK_RESERVE: usize = 8192;
+const BLOCK_RESERVE: usize = 16384;
 /// Most blocks run per entry from the dispatcher (bounds interrupt latency).
 const MAX_CHAIN: u64 = 4096;
 

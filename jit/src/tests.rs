@@ -1232,3 +1232,30 @@ fn returns_use_the_inline_lookup() {
     assert_eq!(cpu.s.gpr[4] as u32, STACK_TOP as u32);
     assert!(jit.stats.dispatches < 100, "{}", jit.stats);
 }
+
+#[test]
+fn largest_blocks_fit_and_run() {
+    // 64 x `add [DATA+4k], eax` (a full block of memory instructions), then HLT.
+    let mut c = Vec::new();
+    for k in 0..64u32 {
+        c.extend_from_slice(&[0x01, 0x05]);
+        c.extend_from_slice(&(DATA as u32 + 4 * (k % 16)).to_le_bytes());
+    }
+    c.push(0xf4);
+    let mut jit = Jit::new(64 << 10).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    cpu.s.gpr[0] = 3;
+    assert_eq!(jit.run(&mut cpu, 1000), StepEvent::Halted);
+    assert_eq!(jit.stats.native_insns, 64, "{}", jit.stats);
+    let mut d = [0u8; 4];
+    cpu.mmu.phys.read(DATA, &mut d);
+    assert_eq!(
+        u32::from_le_bytes(d),
+        4 * 3,
+        "each of 16 words got 4 adds of 3"
+    );
+    let listing = jit.dump_block(CODE, MODE_FLAT_DATA).unwrap();
+    assert!(listing.contains("64 guest instructions"), "{listing}");
+}
