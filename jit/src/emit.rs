@@ -72,6 +72,8 @@ pub struct JitCtx {
     pub dirty: Vec<u64>,
     /// Host address of guest physical address 0 (guest RAM base).
     pub ram_base: u64,
+    /// Slow-path calls since the dispatcher last took the count.
+    pub slow_calls: u64,
     /// The indirect-branch table: `IND_SIZE` pairs (key, host entry), key =
     /// `phys | mode << 56`, indexed by `phys % IND_SIZE`.
     pub ind: u64,
@@ -89,6 +91,7 @@ impl Default for JitCtx {
             exception: None,
             dirty: Vec::new(),
             ram_base: 0,
+            slow_calls: 0,
             ind: 0,
         }
     }
@@ -109,6 +112,7 @@ pub unsafe extern "sysv64" fn jit_slow(ctx: *mut JitCtx, not_retired: u32) -> u3
     let ctx = unsafe { &mut *ctx };
     // SAFETY: per the function contract.
     let cpu = unsafe { &mut *ctx.cpu };
+    ctx.slow_calls += 1;
     // The interpreter's fetch would consume pending code-write notices: keep them.
     if cpu.mmu.phys.has_dirty_code() {
         ctx.dirty.extend(cpu.take_dirty_code());

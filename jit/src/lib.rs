@@ -60,6 +60,9 @@ use translate::{plan_block, Term, MAX_BLOCK_INSNS};
 pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 /// Free space below which the cache is flushed before translating (larger than any block).
 const BLOCK_RESERVE: usize = 16384;
+/// Most lookup-table entries (blocks and interpreter markers) before a flush, so a
+/// guest cannot grow host memory without bound.
+const MAX_TABLE: usize = 1 << 20;
 /// Most blocks run per entry from the dispatcher (bounds interrupt latency).
 const MAX_CHAIN: u64 = 4096;
 
@@ -80,6 +83,10 @@ pub struct JitStats {
     pub invalidated: u64,
     /// Whole-cache flushes.
     pub flushes: u64,
+    /// Memory accesses that missed the inline TLB probe (run by the interpreter).
+    pub slow_paths: u64,
+    /// Exceptions raised by translated code (through its slow path).
+    pub faults: u64,
     /// Instructions run in the interpreter, by mnemonic.
     pub fallbacks: HashMap<Mnemonic, u64>,
     /// Interpreter steps outside translatable modes (real mode, TF, interrupt delivery...).
@@ -98,6 +105,11 @@ impl std::fmt::Display for JitStats {
             f,
             "jit: {} instructions native, {} interpreted in translatable mode, {} in other modes",
             self.native_insns, fb, self.interp_mode_steps
+        )?;
+        writeln!(
+            f,
+            "jit: {} memory slow paths, {} faults in translated code",
+            self.slow_paths, self.faults
         )?;
         let mut v: Vec<_> = self.fallbacks.iter().collect();
         v.sort_by(|a, b| {
@@ -120,7 +132,8 @@ struct Block {
     len: usize,
     entry: usize,
     reentry: usize,
-    insns: Vec<Instruction>,
+    /// Guest bytes of the block (decoded again for listings).
+    guest: Vec<u8>,
     ranges: Vec<(usize, usize)>,
     undefined: u32,
     valid: bool,
@@ -387,9 +400,12 @@ impl Jit {
                         ind_from = exit == IND_MISS;
                         chain_from = (exit != NO_CHAIN && exit != IND_MISS).then_some(exit);
                     }
+                    self.stats.slow_paths += std::mem::take(&mut self.ctx.slow_calls);
                     if let Some(e) = self.ctx.exception.take() {
                         // A slow-path access faulted: state is at the instruction.
+                        self.stats.faults += 1;
                         chain_from = None;
+                        ind_from = false;
                         match cpu.raise(e) {
                             StepEvent::Ok => {}
                             ev => return Ok(ev),
@@ -565,12 +581,15 @@ impl Jit {
         let plan = match plan_block(&bytes, eip, key.1 & MODE_FLAT_DATA != 0) {
             Ok(p) => p,
             Err(m) => {
+                if self.table.len() >= MAX_TABLE {
+                    self.flush();
+                }
                 let e = Entry::Interp(m.unwrap_or(Mnemonic::INVALID));
                 self.table.insert(key, e, &[page]);
                 return e;
             }
         };
-        if self.region.free() < BLOCK_RESERVE {
+        if self.region.free() < BLOCK_RESERVE || self.table.len() >= MAX_TABLE {
             self.flush();
         }
         // Exit stubs: chainable when the target lies in the block's own page.
@@ -634,7 +653,7 @@ impl Jit {
             len: em.code.len(),
             entry: at + em.entry,
             reentry: at + em.reentry,
-            insns: plan.insns.iter().map(|g| g.instr).collect(),
+            guest: bytes[..plan.guest_len as usize].to_vec(),
             ranges: em.ranges.iter().map(|&(s, e)| (at + s, at + e)).collect(),
             undefined: plan.undefined_at_exit,
             valid: true,
@@ -667,7 +686,7 @@ impl Jit {
             bl.key.0,
             bl.key.1,
             bl.eip,
-            bl.insns.len(),
+            bl.ranges.len(),
             bl.len
         );
         let host = |out: &mut String, fmt: &mut IntelFormatter, from: usize, to: usize| {
@@ -685,7 +704,11 @@ impl Jit {
         let _ = writeln!(out, "  (entry: budget check, instruction count)");
         host(&mut out, &mut fmt, bl.entry, entry_end);
         let mut last_end = entry_end;
-        for (i, &(s, e)) in bl.insns.iter().zip(bl.ranges.iter()) {
+        let insns: Vec<Instruction> =
+            Decoder::with_ip(32, &bl.guest, bl.eip as u64, DecoderOptions::NONE)
+                .iter()
+                .collect();
+        for (i, &(s, e)) in insns.iter().zip(bl.ranges.iter()) {
             let mut t = String::new();
             fmt.format(i, &mut t);
             let _ = writeln!(out, "  {:08x}  {t}", i.ip32());
