@@ -680,24 +680,31 @@ impl Jit {
         let bl = &self.blocks[b];
         let mut out = String::new();
         let mut fmt = IntelFormatter::new();
+        fmt.options_mut().set_uppercase_hex(false);
+        fmt.options_mut().set_hex_prefix("0x");
+        fmt.options_mut().set_hex_suffix("");
         let _ = writeln!(
             out,
-            "block phys {:#x} mode {} eip {:#010x}: {} guest instructions, {} host bytes",
+            "block phys {:#x} mode {} eip {:#010x}: {} guest instructions, {} host bytes at +{:#x}",
             bl.key.0,
             bl.key.1,
             bl.eip,
             bl.ranges.len(),
-            bl.len
+            bl.len,
+            bl.start - self.region.base()
         );
         let host = |out: &mut String, fmt: &mut IntelFormatter, from: usize, to: usize| {
             let Some(bytes) = self.region.bytes(from, to - from) else {
                 return;
             };
-            let mut d = Decoder::with_ip(64, bytes, from as u64, DecoderOptions::NONE);
+            // Addresses are shown as offsets from the start of the code cache, so a
+            // listing does not depend on where the host mapped the cache.
+            let base = self.region.base();
+            let mut d = Decoder::with_ip(64, bytes, (from - base) as u64, DecoderOptions::NONE);
             for i in d.iter() {
                 let mut t = String::new();
                 fmt.format(&i, &mut t);
-                let _ = writeln!(out, "        {:6x}  {t}", i.ip() as usize - bl.start);
+                let _ = writeln!(out, "        {:6x}  {t}", i.ip());
             }
         };
         let entry_end = bl.ranges.first().map_or(bl.reentry, |r| r.0);
@@ -716,7 +723,7 @@ impl Jit {
             last_end = e;
         }
         if last_end < bl.reentry {
-            let _ = writeln!(out, "  (exit stubs)");
+            let _ = writeln!(out, "  (out of line: exit stubs, slow paths)");
             host(&mut out, &mut fmt, last_end, bl.reentry);
         }
         out

@@ -1259,3 +1259,80 @@ fn largest_blocks_fit_and_run() {
     let listing = jit.dump_block(CODE, MODE_FLAT_DATA).unwrap();
     assert!(listing.contains("64 guest instructions"), "{listing}");
 }
+
+/// Golden listing ("expect" test, as v86 does): a change in code generation shows up
+/// here in review. Update `GOLDEN` when the change is intended.
+#[test]
+fn golden_listing() {
+    // inc ecx ; mov esp, eax ; add edx, [DATA] ; cmp ecx, 10 ; jne CODE
+    let mut c = vec![0x41, 0x89, 0xc4, 0x03, 0x15];
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&[0x83, 0xf9, 0x0a, 0x75, 0xf2]);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    let key = (CODE, mode_bits(&cpu.s).unwrap());
+    jit.translate(&mut cpu, key, CODE as u32);
+    let got = jit.dump_block(key.0, key.1).unwrap();
+    if got != GOLDEN {
+        panic!("listing changed:\n{got}");
+    }
+}
+
+const GOLDEN: &str = r#"block phys 0x10000 mode 8 eip 0x00010000: 5 guest instructions, 276 host bytes at +0x200
+  (entry: budget check, instruction count)
+           208  mov r14,rcx
+           20b  mov ecx,[r12]
+           213  jrcxz 0x0000000000000200
+           215  lea ecx,[rcx-1]
+           218  mov [r12],ecx
+           220  mov rcx,r14
+           223  mov r14,[r12+8]
+           22b  lea r14,[r14+5]
+           232  mov [r12+8],r14
+  00010000  inc ecx
+           23a  inc ecx
+  00010001  mov esp,eax
+           23c  mov r8d,eax
+  00010003  add edx,[0x8000]
+           23f  xchg r9,rax
+           241  lahf
+           242  seto al
+           245  xchg r9,rax
+           247  mov r13d,0x8000
+           24d  mov r10d,r13d
+           250  shr r10d,0xc
+           254  and r10d,0x3ff
+           25b  shl r10d,5
+           25f  add r10,[r12+0x18]
+           267  lea r11,[r13+3]
+           26e  and r11,0xfffffffffffff000
+           275  cmp r11,[r10]
+           27c  jne 0x00000000000002ce
+           282  add r13,[r10+0x18]
+           289  add edx,[r13]
+  00010009  cmp ecx,0xa
+           28d  cmp ecx,0xa
+  0001000c  jne short 0x00010000
+           290  jne 0x00000000000002b2
+           296  mov dword ptr [r15+0x80],0x1000e
+           2a1  mov qword ptr [r12+0x10],0
+           2ad  jmp 0x0000000000000065
+           2b2  mov dword ptr [r15+0x80],0x10000
+           2bd  mov qword ptr [r12+0x10],1
+           2c9  jmp 0x0000000000000065
+  (out of line: exit stubs, slow paths)
+           2ce  xchg r9,rax
+           2d0  cmp al,0x81
+           2d2  sahf
+           2d3  xchg r9,rax
+           2d5  mov dword ptr [r15+0x80],0x10003
+           2e0  mov r14d,3
+           2e6  call 0x00000000000000d4
+           2eb  xchg r9,rax
+           2ed  lahf
+           2ee  seto al
+           2f1  xchg r9,rax
+           2f3  jmp 0x000000000000028d
+"#;
