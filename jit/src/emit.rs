@@ -46,6 +46,9 @@ pub const NO_CHAIN: u64 = u64::MAX;
 /// Exit id of an indirect branch (RET, JMP reg) that missed the inline lookup: the
 /// dispatcher records the target it finds in the indirect-branch table.
 pub const IND_MISS: u64 = u64::MAX - 1;
+/// Stub id asking for an exit through the inline lookup (a direct branch to another
+/// page: it cannot be chained by patching, since the page's mapping may change).
+pub const IND_LOOKUP: u64 = u64::MAX - 2;
 /// Entries of the indirect-branch table (direct-mapped by physical address).
 pub const IND_SIZE: usize = 4096;
 
@@ -343,6 +346,18 @@ fn emit_stub(
         ; mov QWORD [r12 + OFF_EXIT], id as i32
     );
     jmp_abs(ops, base, exit_addr);
+}
+
+/// An exit to guest `target`: a patchable stub, or for [`IND_LOOKUP`] the inline lookup.
+/// Needs the guest flags in host EFLAGS.
+fn emit_exit(ops: &mut Asm, base: usize, target: u32, id: u64, t: &Targets) {
+    if id == IND_LOOKUP {
+        dynasm!(ops ; .arch x64 ; mov r11d, target as i32);
+        save_flags(ops);
+        emit_indirect(ops, base, t);
+    } else {
+        emit_stub(ops, base, target, id, t.exit);
+    }
 }
 
 /// `jmp rel32` to an absolute host address outside the assembler's buffer (the buffer's
@@ -666,20 +681,20 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
     match plan.term {
         Term::Fall { next, .. } => {
             stubs.push(ops.offset().0);
-            emit_stub(&mut ops, base, next, *stub_ids.first()?, exit_addr);
+            emit_exit(&mut ops, base, next, *stub_ids.first()?, t);
         }
         Term::Jmp { target } | Term::Call { target, .. } => {
             stubs.push(ops.offset().0);
-            emit_stub(&mut ops, base, target, *stub_ids.first()?, exit_addr);
+            emit_exit(&mut ops, base, target, *stub_ids.first()?, t);
         }
         Term::Jcc { cc, target, next } => {
             let taken = ops.new_dynamic_label();
             emit_jcc(&mut ops, cc, taken);
             stubs.push(ops.offset().0);
-            emit_stub(&mut ops, base, next, *stub_ids.first()?, exit_addr);
+            emit_exit(&mut ops, base, next, *stub_ids.first()?, t);
             dynasm!(ops ; .arch x64 ; =>taken);
             stubs.push(ops.offset().0);
-            emit_stub(&mut ops, base, target, *stub_ids.get(1)?, exit_addr);
+            emit_exit(&mut ops, base, target, *stub_ids.get(1)?, t);
         }
         Term::JmpReg { reg } => {
             let h = host_of(reg);

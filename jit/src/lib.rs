@@ -605,10 +605,12 @@ impl Jit {
         };
         let mut ids = Vec::new();
         let mut next_id = self.stubs.len() as u64;
-        for &(_, chain) in &targets {
+        for &(target, chain) in &targets {
             if chain {
                 ids.push(next_id);
                 next_id += 1;
+            } else if !same_page(target) {
+                ids.push(emit::IND_LOOKUP);
             } else {
                 ids.push(NO_CHAIN);
             }
@@ -637,7 +639,7 @@ impl Jit {
         debug_assert_eq!(at, base);
         let b = self.blocks.len() as u32;
         for (k, &(target, _)) in targets.iter().enumerate() {
-            if ids[k] != NO_CHAIN {
+            if ids[k] != NO_CHAIN && ids[k] != emit::IND_LOOKUP {
                 self.stubs.push(Stub {
                     block: b,
                     addr: at + em.stubs[k],
