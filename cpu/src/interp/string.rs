@@ -121,33 +121,42 @@ impl Cpu {
         Ok(())
     }
 
-    /// Fast path of REP MOVS/STOS going forward: up to `max` iterations that stay in
+    /// Fast path of REP MOVS/STOS (either direction): up to `max` iterations that stay in
     /// one RAM page (source and destination), inside the segment limits and without
     /// offset wrap-around, done as one block copy or fill. Returns how many iterations
-    /// it did (and updates SI/DI); 0 means "take the one-iteration path" (backwards, an
+    /// it did (and updates SI/DI); 0 means "take the one-iteration path" (an
     /// expand-down segment, possible alignment checks, MMIO or ROM, a destination that
-    /// overlaps the source ahead of it, fewer than 2 iterations). Within one page every
-    /// element translates alike, so a fault can only be the first element's, and it is
-    /// raised before anything changes.
+    /// overlaps the source ahead of it in the direction of travel, fewer than 2
+    /// iterations). Within one page every element translates alike, so a fault can
+    /// only be the first element's, and it is raised before anything changes.
     fn rep_bulk(&mut self, kind: Kind, size: u32, a32: bool, src: SegReg, max: u64) -> Res<u64> {
         const PAGE: u64 = PAGE_SIZE;
         let ac = self.s.cr0 & CR0_AM != 0 && self.s.eflags_raw & AC != 0 && self.s.cpl == 3;
-        if self.s.eflags_raw & DF != 0 || ac {
+        if ac {
             return Ok(0);
         }
+        let back = self.s.eflags_raw & DF != 0;
         let amask: u64 = if a32 { 0xffff_ffff } else { 0xffff };
         let sz = size as u64;
-        // Iterations that fit before the offset wraps, the limit, and the page end.
+        // Iterations that fit before the offset wraps, the limit, and the page edge
+        // (going up, or going down with DF).
         let room = |cpu: &Cpu, seg: SegReg, off: u64| -> u64 {
             let sc = &cpu.s.seg[seg as usize];
-            if sc.attrs & (ATTR_CODE | ATTR_EC) == ATTR_EC || off > sc.limit as u64 {
+            if sc.attrs & (ATTR_CODE | ATTR_EC) == ATTR_EC
+                || off + sz - 1 > (sc.limit as u64).min(amask)
+            {
                 return 0;
             }
-            let lin = sc.base.wrapping_add(off) & 0xffff_ffff;
-            let by_wrap = (amask - off + 1) / sz;
-            let by_limit = (sc.limit as u64 - off + 1) / sz;
-            let by_page = (PAGE - (lin & (PAGE - 1))) / sz;
-            by_wrap.min(by_limit).min(by_page)
+            let in_page = sc.base.wrapping_add(off) & (PAGE - 1);
+            if back {
+                if in_page + sz > PAGE {
+                    return 0;
+                }
+                (off / sz + 1).min(in_page / sz + 1)
+            } else {
+                let by_limit = ((sc.limit as u64).min(amask) - off + 1) / sz;
+                by_limit.min((PAGE - in_page) / sz)
+            }
         };
         let di = self.s.gpr[reg::RDI] & amask;
         let si = self.s.gpr[reg::RSI] & amask;
@@ -159,7 +168,21 @@ impl Cpu {
             return Ok(0);
         }
         let bytes = (n * sz) as usize;
+        // The block's lowest offsets.
+        let (si, di) = if back {
+            (si.wrapping_sub((n - 1) * sz), di - (n - 1) * sz)
+        } else {
+            (si, di)
+        };
         let user = self.user();
+        let step = if back {
+            (bytes as u64).wrapping_neg()
+        } else {
+            bytes as u64
+        };
+        // The first element's linear address (the block's top when going down): it
+        // is the one whose page fault (and CR2) the element steps would report.
+        let first = |lo: u64| if back { lo + bytes as u64 - sz } else { lo };
         let mut buf = [0u8; PAGE_SIZE as usize];
         if kind == Kind::Movs {
             // Same order as one iteration: the source's checks and paging, then the
@@ -167,25 +190,32 @@ impl Cpu {
             let ls = self.seg_linear(src, si as u32, bytes as u32, false)?;
             let ps = self
                 .mmu
-                .translate(ls, Access::Read, user)
+                .translate(first(ls), Access::Read, user)
                 .map_err(|pf| self.page_fault(pf))?;
             let ld = self.seg_linear(SegReg::Es, di as u32, bytes as u32, true)?;
             let pd = self
                 .mmu
-                .translate(ld, Access::Write, user)
+                .translate(first(ld), Access::Write, user)
                 .map_err(|pf| self.page_fault(pf))?;
             let ram = |cpu: &Cpu, p: u64| cpu.mmu.phys.kind(p) == PhysKind::Ram;
-            if !ram(self, ps) || !ram(self, pd) || (pd > ps && pd < ps + bytes as u64) {
+            // Element steps read source bytes that earlier steps wrote when the
+            // destination lies ahead of the source in the direction of travel.
+            let clash = if back {
+                ps > pd && ps < pd + bytes as u64
+            } else {
+                pd > ps && pd < ps + bytes as u64
+            };
+            if !ram(self, ps) || !ram(self, pd) || clash {
                 return Ok(0);
             }
             self.read_lin_bytes(ls, &mut buf[..bytes], user)?;
             self.write_lin_bytes(ld, &buf[..bytes], user)?;
-            self.str_advance_by(reg::RSI, bytes as u64, a32);
+            self.str_advance_by(reg::RSI, step, a32);
         } else {
             let ld = self.seg_linear(SegReg::Es, di as u32, bytes as u32, true)?;
             let pd = self
                 .mmu
-                .translate(ld, Access::Write, user)
+                .translate(first(ld), Access::Write, user)
                 .map_err(|pf| self.page_fault(pf))?;
             if self.mmu.phys.kind(pd) != PhysKind::Ram {
                 return Ok(0);
@@ -207,7 +237,7 @@ impl Cpu {
             rest.copy_from_slice(&pat[..r]);
             self.write_lin_bytes(ld, &buf[..bytes], user)?;
         }
-        self.str_advance_by(reg::RDI, bytes as u64, a32);
+        self.str_advance_by(reg::RDI, step, a32);
         Ok(n)
     }
 
@@ -449,6 +479,55 @@ mod tests {
     }
 
     #[test]
+    fn block_path_backwards() {
+        // std; rep movsb with the source above the destination: each step reads the
+        // byte the previous one wrote, so everything becomes 'h'.
+        let mut c = flat32(&[0xfd, 0xf3, 0xa4]);
+        c.mmu.phys.write(0x3000, b"abcdefgh");
+        c.s.gpr[reg::RSI] = 0x3007;
+        c.s.gpr[reg::RDI] = 0x3006;
+        c.s.gpr[reg::RCX] = 7;
+        run(&mut c, 2);
+        let mut b = [0u8; 8];
+        c.mmu.phys.read(0x3000, &mut b);
+        assert_eq!(&b, b"hhhhhhhh");
+        assert_eq!((c.s.gpr[reg::RSI], c.s.gpr[reg::RDI]), (0x3000, 0x2fff));
+        // The memmove case (destination above the source): a plain copy.
+        let mut c = flat32(&[0xfd, 0xf3, 0xa4]);
+        c.mmu.phys.write(0x3000, b"abcdefgh");
+        c.s.gpr[reg::RSI] = 0x3005;
+        c.s.gpr[reg::RDI] = 0x3007;
+        c.s.gpr[reg::RCX] = 6;
+        run(&mut c, 2);
+        c.mmu.phys.read(0x3000, &mut b);
+        assert_eq!(&b, b"ababcdef");
+        // std; rep movsd of 3000 dwords down across pages, then std; rep stosw.
+        let mut c = flat32(&[0xfd, 0xf3, 0xa5, 0xf3, 0x66, 0xab]);
+        for k in 0..3000u64 {
+            poke(&mut c, 0x10000 + 4 * k, 4, k);
+        }
+        c.s.gpr[reg::RSI] = 0x10000 + 4 * 2999;
+        c.s.gpr[reg::RDI] = 0x30000 + 4 * 2999;
+        c.s.gpr[reg::RCX] = 3000;
+        run(&mut c, 2);
+        assert_eq!(c.s.gpr[reg::RCX], 0);
+        assert_eq!(c.s.gpr[reg::RSI], 0x10000 - 4);
+        assert_eq!(c.s.gpr[reg::RDI], 0x30000 - 4);
+        for k in [0u64, 1, 1023, 1024, 2999] {
+            assert_eq!(peek(&mut c, 0x30000 + 4 * k, 4), k);
+        }
+        assert_eq!(peek(&mut c, 0x30000 - 4, 4), 0);
+        c.s.gpr[reg::RDI] = 0x5001;
+        c.s.gpr[reg::RCX] = 2100;
+        c.s.gpr[reg::RAX] = 0xa55a;
+        run(&mut c, 1);
+        assert_eq!(c.s.gpr[reg::RDI], 0x5001 - 4200);
+        assert_eq!(peek(&mut c, 0x5001, 2), 0xa55a);
+        assert_eq!(peek(&mut c, 0x5001 - 4198, 2), 0xa55a);
+        assert_eq!(peek(&mut c, 0x5001 - 4200, 2), 0);
+    }
+
+    #[test]
     fn block_path_wraps_16bit_offsets() {
         // Real mode: rep stosw from DI = 0xfff8, 8 words: 4 up to 0xffff, then DI wraps
         // to 0 (nothing written at ES:0x10000).
@@ -461,6 +540,16 @@ mod tests {
         assert_eq!(peek(&mut c, REAL_ES + 0xfff8, 8), 0x1111_1111_1111_1111);
         assert_eq!(peek(&mut c, REAL_ES, 8), 0x1111_1111_1111_1111);
         assert_eq!(peek(&mut c, REAL_ES + 0x10000, 2), 0);
+        // And downwards: DI = 6 with DF, 8 words: 6..0, then 0xfffe..0xfff8.
+        let mut c = real(&[0xfd, 0xf3, 0xab]);
+        c.s.gpr[reg::RDI] = 6;
+        c.s.gpr[reg::RCX] = 8;
+        c.s.gpr[reg::RAX] = 0x2222;
+        run(&mut c, 2);
+        assert_eq!((c.s.gpr[reg::RDI], c.s.gpr[reg::RCX]), (0xfff6, 0));
+        assert_eq!(peek(&mut c, REAL_ES, 8), 0x2222_2222_2222_2222);
+        assert_eq!(peek(&mut c, REAL_ES + 0xfff8, 8), 0x2222_2222_2222_2222);
+        assert_eq!(peek(&mut c, REAL_ES + 0xfff6, 2), 0);
     }
 
     #[test]
