@@ -4,6 +4,11 @@
 //! and the code size (16/32). Each entry remembers the generation of its page; a write
 //! to a page that holds decoded code (the MMU's code mark) bumps the page's generation,
 //! which invalidates every entry from that page at once.
+//!
+//! iced stores near branch targets as absolute addresses computed from the decode IP,
+//! so an entry also remembers the EIP it was decoded at and only hits for that EIP:
+//! the same physical bytes reached through another CS:EIP (code run before paging and
+//! again at its virtual address, as Linux does) are decoded afresh.
 
 use crate::exception::{Exception, Res};
 use crate::state::SegReg;
@@ -18,6 +23,8 @@ struct Entry {
     phys: u64,
     generation: u32,
     bitness: u32,
+    /// EIP at decode time (branch targets in `instr` are relative to it).
+    eip: u32,
     instr: Instruction,
 }
 
@@ -42,6 +49,7 @@ impl DecodeCache {
                     phys: u64::MAX,
                     generation: 0,
                     bitness: 0,
+                    eip: 0,
                     instr: Instruction::default(),
                 };
                 1 << CACHE_BITS
@@ -106,17 +114,17 @@ impl Cpu {
             .map_err(|pf| self.page_fault(pf))?;
         let idx = DecodeCache::index(phys);
         let e = &self.dcache.entries[idx];
-        let instr =
-            if e.phys == phys && e.bitness == bitness && e.generation == self.dcache.page_gen(phys)
-            {
-                self.stats.decode_hits += 1;
-                let mut i = e.instr;
-                i.set_ip(eip as u64);
-                i
-            } else {
-                self.stats.decode_misses += 1;
-                self.decode_miss(lin, phys, eip, bitness, user)?
-            };
+        let instr = if e.phys == phys
+            && e.eip == eip
+            && e.bitness == bitness
+            && e.generation == self.dcache.page_gen(phys)
+        {
+            self.stats.decode_hits += 1;
+            e.instr
+        } else {
+            self.stats.decode_misses += 1;
+            self.decode_miss(lin, phys, eip, bitness, user)?
+        };
         let len = instr.len() as u32;
         let last = eip as u64 + len as u64 - 1;
         if last > cs.limit as u64 {
@@ -175,6 +183,7 @@ impl Cpu {
                 phys,
                 generation,
                 bitness,
+                eip,
                 instr,
             };
         }

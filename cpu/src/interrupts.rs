@@ -78,6 +78,13 @@ impl Cpu {
         kind: IntKind,
         code: Option<u32>,
     ) -> StepEvent {
+        log::debug!(
+            "{kind:?} vector {vector:#04x} code {code:?} at {:04x}:{:08x} cr2={:08x} cpl={}",
+            self.s.seg[crate::SegReg::Cs as usize].selector,
+            self.s.rip,
+            self.s.cr2,
+            self.s.cpl
+        );
         let mut cur = (vector, kind, code);
         // Delivery is atomic: a failed attempt changed nothing (except after a task
         // switch committed, whose faults belong to the new task).

@@ -20,6 +20,11 @@ pub const ITEMS: &[(&str, &[&str], &str)] = &[
     ("cpu_reset", &["morph86::machine"], "CPU resets"),
     ("io", &["morph86::io"], "every port I/O access (slow)"),
     (
+        "exec",
+        &["morph86::exec"],
+        "CS:EIP every 1M instructions (where the guest spends its time)",
+    ),
+    (
         "unimp",
         &["morph86_cpu::interp", "morph86_devices"],
         "unimplemented features",

@@ -329,8 +329,64 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     Ok(code)
 }
 
+/// `-d exec`: the last few CS:EIP executed, logged with registers and the top of the
+/// stack when an instruction raises an exception (the first `EXEC_DUMPS` of them).
+#[derive(Default)]
+struct ExecRing {
+    at: [(u16, u32); 32],
+    next: usize,
+    dumps: u32,
+}
+
+/// How many exceptions `-d exec` explains with a full dump.
+const EXEC_DUMPS: u32 = 50;
+
+impl ExecRing {
+    fn push(&mut self, cpu: &Cpu) {
+        self.at[self.next % self.at.len()] = (
+            cpu.s.seg[morph86_cpu::SegReg::Cs as usize].selector,
+            cpu.s.rip as u32,
+        );
+        self.next += 1;
+    }
+
+    fn dump(&mut self, cpu: &mut Cpu) {
+        if self.dumps >= EXEC_DUMPS {
+            return;
+        }
+        self.dumps += 1;
+        let n = self.at.len().min(self.next);
+        let mut trail = String::new();
+        for k in (1..=n).rev() {
+            let (cs, ip) = self.at[(self.next - k) % self.at.len()];
+            trail.push_str(&format!(" {cs:04x}:{ip:08x}"));
+        }
+        let g = cpu.s.gpr;
+        log::debug!(
+            target: "morph86::exec",
+            "exception #{}: last EIPs{trail}\n  eax={:08x} ecx={:08x} edx={:08x} ebx={:08x} esp={:08x} ebp={:08x} esi={:08x} edi={:08x} cr0={:08x} cr2={:08x} cr3={:08x} cr4={:08x}",
+            cpu.stats.exceptions,
+            g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
+            cpu.s.cr0, cpu.s.cr2, cpu.s.cr3, cpu.s.cr4
+        );
+        let ss = cpu.s.seg[morph86_cpu::SegReg::Ss as usize].base;
+        let mut words = String::new();
+        for k in 0..12u64 {
+            let lin = ss.wrapping_add((g[4] as u32 as u64).wrapping_add(4 * k)) & 0xffff_ffff;
+            match cpu.read_lin(lin, 4, false) {
+                Ok(v) => words.push_str(&format!(" {v:08x}")),
+                Err(_) => words.push_str(" ????????"),
+            }
+        }
+        log::debug!(target: "morph86::exec", "  stack (after delivery):{words}");
+    }
+}
+
 /// Instructions between checks of the platform's deadline (a clock read).
 const POLL_EVERY: u32 = 256;
+
+/// `-d exec` logs CS:EIP once per this many batched instructions (a multiple of POLL_EVERY).
+const EXEC_SAMPLE: u64 = 1 << 20;
 
 fn vcpu_loop(
     mut cpu: Cpu,
@@ -343,12 +399,20 @@ fn vcpu_loop(
 ) -> ExitCode {
     let mut deadline = pc.poll();
     let mut executed = 0u64;
+    // `-d exec`: sample CS:EIP every EXEC_SAMPLE instructions (a test per batch).
+    let exec_trace = log::log_enabled!(target: "morph86::exec", log::Level::Debug);
+    let mut ring = ExecRing::default();
     let code = 'outer: loop {
         // A batch of guest instructions.
         let mut reset = false;
         let mut halted = false;
         for _ in 0..POLL_EVERY {
+            if exec_trace {
+                ring.push(&cpu);
+            }
+            let excs = cpu.stats.exceptions;
             match cpu.step() {
+                StepEvent::Ok if exec_trace && cpu.stats.exceptions != excs => ring.dump(&mut cpu),
                 StepEvent::Ok => {}
                 StepEvent::Halted => {
                     halted = true;
@@ -362,6 +426,18 @@ fn vcpu_loop(
             }
         }
         executed += POLL_EVERY as u64;
+        if exec_trace && executed % EXEC_SAMPLE == 0 {
+            log::debug!(
+                target: "morph86::exec",
+                "{executed} {:04x}:{:08x} cpl={} if={} ints={} excs={}",
+                cpu.s.seg[morph86_cpu::SegReg::Cs as usize].selector,
+                cpu.s.rip,
+                cpu.s.cpl,
+                u8::from(cpu.s.eflags_raw & morph86_cpu::state::IF != 0),
+                cpu.stats.interrupts,
+                cpu.stats.exceptions
+            );
+        }
         if executed >= limit {
             break ExitCode::SUCCESS;
         }
