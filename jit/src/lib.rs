@@ -570,8 +570,13 @@ impl Jit {
     fn translate(&mut self, cpu: &mut Cpu, key: BlockKey, eip: u32) -> Entry {
         let phys = key.0;
         let page = phys & !(PAGE_SIZE - 1);
-        if !matches!(cpu.mmu.phys.kind(phys), PhysKind::Ram | PhysKind::Rom) {
-            // Code in MMIO (or nowhere) is not cached: the interpreter fetches it anew.
+        // Translate from plain RAM pages and whole ROM pages only: reading the rest of
+        // a page that holds a device window would have side effects, and code in MMIO
+        // (or nowhere) is fetched anew by the interpreter each time.
+        let plain = cpu.mmu.phys.ram_page_ptr(phys).is_some();
+        let rom = cpu.mmu.phys.kind(page) == PhysKind::Rom
+            && cpu.mmu.phys.kind(page + PAGE_SIZE - 1) == PhysKind::Rom;
+        if !plain && !rom {
             return Entry::Interp(Mnemonic::INVALID);
         }
         let mut bytes = vec![0u8; (page + PAGE_SIZE - phys) as usize];

@@ -1336,3 +1336,20 @@ const GOLDEN: &str = r#"block phys 0x10000 mode 8 eip 0x00010000: 5 guest instru
            2f1  xchg r9,rax
            2f3  jmp 0x000000000000028d
 "#;
+
+#[test]
+fn rom_code_is_translated_and_rom_writes_change_nothing() {
+    // In ROM at 0xf0000: mov [0xf0003], eax (ignored) ; add eax, 1 ; add eax, 1 ; hlt
+    let mut rom = vec![
+        0x89, 0x05, 0x03, 0, 0x0f, 0, 0x83, 0xc0, 0x01, 0x83, 0xc0, 0x01, 0xf4,
+    ];
+    rom.resize(0x1000, 0xf4);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.add_rom(0xf0000, rom);
+    cpu.s.rip = 0xf0000;
+    cpu.s.gpr[0] = 0x90909090;
+    assert_eq!(jit.run(&mut cpu, 100), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u32, 0x90909092);
+    assert!(jit.stats.translated >= 1, "{}", jit.stats);
+}
