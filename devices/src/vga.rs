@@ -519,6 +519,11 @@ impl Vga {
         }
     }
 
+    /// Selects dispi register `index` (a write of the 0x1ce index port).
+    pub fn vbe_select(&mut self, index: u16) {
+        self.vbe_index = index;
+    }
+
     /// A 16-bit read of the dispi data register (index selected at 0x1ce).
     pub fn vbe_read(&mut self) -> u16 {
         let i = self.vbe_index as usize;

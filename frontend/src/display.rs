@@ -50,6 +50,121 @@ pub fn install(pc: &mut PcPlatform, phys: &mut PhysMem) -> Result<SharedVga, Str
     Ok(vga)
 }
 
+/// Linux `vga=` values (VESA mode + 0x200) that morph86 turns into a linear framebuffer
+/// for a direct kernel boot: (value, width, height, bits per pixel). The "24-bit" VESA
+/// modes are given 32 bits per pixel, as QEMU's VGA BIOS does.
+pub const LINUX_VESA_MODES: [(u16, u16, u16, u8); 8] = [
+    (0x311, 640, 480, 16),
+    (0x312, 640, 480, 32),
+    (0x314, 800, 600, 16),
+    (0x315, 800, 600, 32),
+    (0x317, 1024, 768, 16),
+    (0x318, 1024, 768, 32),
+    (0x31a, 1280, 1024, 16),
+    (0x31b, 1280, 1024, 32),
+];
+
+/// The framebuffer a kernel command line asks for with `vga=N` (decimal or 0x hex), if
+/// any; no `vga=`, `vga=normal` or an unknown mode mean 80x25 text (vgacon).
+pub fn linux_framebuffer(cmdline: &str) -> Option<(u16, u16, u8)> {
+    let v = cmdline
+        .split_whitespace()
+        .filter_map(|a| a.strip_prefix("vga="))
+        .last()?;
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u16::from_str_radix(h, 16).ok()?,
+        None => v.parse().ok()?,
+    };
+    let m = LINUX_VESA_MODES.iter().find(|m| m.0 == n);
+    if m.is_none() {
+        log::warn!("vga={v}: not a mode morph86 offers; booting in text mode");
+    }
+    m.map(|&(_, w, h, b)| (w, h, b))
+}
+
+// boot_params.screen_info (arch/x86/include/uapi/linux/screen_info.h), offsets.
+const SI_ORIG_VIDEO_MODE: usize = 0x06;
+const SI_ORIG_VIDEO_COLS: usize = 0x07;
+const SI_ORIG_VIDEO_EGA_BX: usize = 0x0a;
+const SI_ORIG_VIDEO_LINES: usize = 0x0e;
+const SI_ORIG_VIDEO_IS_VGA: usize = 0x0f;
+const SI_ORIG_VIDEO_POINTS: usize = 0x10;
+const SI_LFB_WIDTH: usize = 0x12;
+const SI_LFB_HEIGHT: usize = 0x14;
+const SI_LFB_DEPTH: usize = 0x16;
+const SI_LFB_BASE: usize = 0x18;
+const SI_LFB_SIZE: usize = 0x1c;
+const SI_LFB_LINELENGTH: usize = 0x24;
+const SI_RED_SIZE: usize = 0x26;
+const SI_PAGES: usize = 0x32;
+/// `orig_video_isVGA` for a VGA text console.
+const VIDEO_TYPE_VGA: u8 = 0x01;
+/// `orig_video_isVGA` for a VESA linear framebuffer (vesafb, simplefb/simpledrm).
+const VIDEO_TYPE_VLFB: u8 = 0x23;
+
+/// `boot_params.screen_info` (its first 0x40 bytes) for a direct Linux boot: VGA text
+/// mode 3, 80x25 with 16-line characters (vgacon), or the VBE framebuffer `vga=` asked for
+/// (vesafb / simpledrm); the VGA must have been put in that mode ([`linux_video_setup`]).
+pub fn linux_screen_info(cmdline: &str) -> [u8; 0x40] {
+    let mut si = [0u8; 0x40];
+    let put16 =
+        |si: &mut [u8; 0x40], o: usize, v: u16| si[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    match linux_framebuffer(cmdline) {
+        None => {
+            si[SI_ORIG_VIDEO_MODE] = 3;
+            si[SI_ORIG_VIDEO_COLS] = 80;
+            si[SI_ORIG_VIDEO_LINES] = 25;
+            // INT 10h AH=12h BL=10h: BH=0 colour, BL=3 256 KiB: an EGA/VGA, not CGA.
+            put16(&mut si, SI_ORIG_VIDEO_EGA_BX, 0x0003);
+            si[SI_ORIG_VIDEO_IS_VGA] = VIDEO_TYPE_VGA;
+            put16(&mut si, SI_ORIG_VIDEO_POINTS, 16);
+        }
+        Some((w, h, bpp)) => {
+            let line = w as u32 * (bpp as u32 / 8);
+            si[SI_ORIG_VIDEO_IS_VGA] = VIDEO_TYPE_VLFB;
+            put16(&mut si, SI_LFB_WIDTH, w);
+            put16(&mut si, SI_LFB_HEIGHT, h);
+            put16(&mut si, SI_LFB_DEPTH, bpp as u16);
+            si[SI_LFB_BASE..SI_LFB_BASE + 4].copy_from_slice(&vga::DEFAULT_LFB_ADDR.to_le_bytes());
+            // In 64 KiB units for VESA framebuffers.
+            let size = (vga::LFB_SIZE >> 16) as u32;
+            si[SI_LFB_SIZE..SI_LFB_SIZE + 4].copy_from_slice(&size.to_le_bytes());
+            put16(&mut si, SI_LFB_LINELENGTH, line as u16);
+            // red size/pos, green size/pos, blue size/pos, reserved size/pos.
+            let fields: [u8; 8] = if bpp == 16 {
+                [5, 11, 6, 5, 5, 0, 0, 0]
+            } else {
+                [8, 16, 8, 8, 8, 0, 8, 24]
+            };
+            si[SI_RED_SIZE..SI_RED_SIZE + 8].copy_from_slice(&fields);
+            put16(&mut si, SI_PAGES, 1);
+        }
+    }
+    si
+}
+
+/// Before a direct Linux boot: puts the VGA in the VBE mode `vga=` asks for (there is no
+/// BIOS to do it); leaves it in text mode otherwise.
+pub fn linux_video_setup(vga: &SharedVga, cmdline: &str) {
+    let Some((w, h, bpp)) = linux_framebuffer(cmdline) else {
+        return;
+    };
+    let mut v = lock(vga);
+    for (reg, val) in [
+        (vga::VBE_INDEX_ENABLE, 0),
+        (vga::VBE_INDEX_XRES, w),
+        (vga::VBE_INDEX_YRES, h),
+        (vga::VBE_INDEX_BPP, bpp as u16),
+        (
+            vga::VBE_INDEX_ENABLE,
+            vga::VBE_ENABLED | vga::VBE_LFB_ENABLED,
+        ),
+    ] {
+        v.vbe_select(reg);
+        v.vbe_write(val);
+    }
+}
+
 /// The VGA's picture as the host sees it.
 pub struct Screen {
     vga: SharedVga,
@@ -255,6 +370,32 @@ mod tests {
         assert_eq!(set1_for_char(' '), Some(0x39));
         assert_eq!(set1_for_char('\n'), Some(0x1c));
         assert_eq!(set1_for_char('A'), None);
+    }
+
+    #[test]
+    fn screen_info_for_vgacon_and_for_a_framebuffer() {
+        // Text: mode 3, 80x25, VGA, 16-dot font (what vgacon reads).
+        let si = linux_screen_info("console=tty0 root=/dev/ram");
+        assert_eq!((si[0x06], si[0x07], si[0x0e], si[0x0f]), (3, 80, 25, 1));
+        assert_eq!(u16::from_le_bytes([si[0x10], si[0x11]]), 16);
+        // vga=0x318 (VESA 0x118 + 0x200): 1024x768, "24-bit", given as 32 bpp.
+        assert_eq!(linux_framebuffer("quiet vga=0x318"), Some((1024, 768, 32)));
+        assert_eq!(linux_framebuffer("vga=791"), Some((1024, 768, 16)));
+        assert_eq!(linux_framebuffer("vga=normal"), None);
+        let si = linux_screen_info("vga=0x312");
+        let u16_at = |o: usize| u16::from_le_bytes([si[o], si[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([si[o], si[o + 1], si[o + 2], si[o + 3]]);
+        assert_eq!(si[0x0f], 0x23, "VIDEO_TYPE_VLFB");
+        assert_eq!((u16_at(0x12), u16_at(0x14), u16_at(0x16)), (640, 480, 32));
+        assert_eq!(u32_at(0x18), 0xe000_0000);
+        assert_eq!(u16_at(0x24), 640 * 4);
+        assert_eq!(&si[0x26..0x2e], &[8, 16, 8, 8, 8, 0, 8, 24]);
+        // And the card is put in that mode.
+        let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+        linux_video_setup(&vga, "vga=0x312");
+        let mut f = Frame::default();
+        lock(&vga).update(&mut f, 0);
+        assert_eq!((f.width, f.height), (640, 480));
     }
 
     #[test]

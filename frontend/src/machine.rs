@@ -265,6 +265,9 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
     let vga = crate::display::install(&mut pc, &mut phys).map_err(MachineError::Host)?;
+    if args.kernel.is_some() {
+        crate::display::linux_video_setup(&vga, &args.append);
+    }
     let input = crate::display::Input::new(&pc);
     let mut cpu = Cpu::new(Mmu::new(phys));
     cpu.io = Box::new(

@@ -106,6 +106,8 @@ pub fn load(
     bp[OFF_CMD_LINE_PTR..OFF_CMD_LINE_PTR + 4].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
     let alt_k = ((ram - 0x10_0000) >> 10) as u32;
     bp[BP_ALT_MEM_K..BP_ALT_MEM_K + 4].copy_from_slice(&alt_k.to_le_bytes());
+    // screen_info: VGA text (vgacon) or the framebuffer `vga=` asks for (display.rs).
+    bp[..0x40].copy_from_slice(&crate::display::linux_screen_info(cmdline));
     let map = memory_map(ram);
     bp[BP_E820_ENTRIES] = map.len() as u8;
     for (i, (base, len, ty)) in map.iter().enumerate() {
