@@ -19,6 +19,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// What the window title tells about the guest; the vCPU thread updates it.
+pub struct GuestStats {
+    executed: std::sync::atomic::AtomicU64,
+    halted: AtomicBool,
+}
+
+/// The guest's counters, shared by the vCPU thread and the display.
+pub static GUEST_STATS: GuestStats = GuestStats {
+    executed: std::sync::atomic::AtomicU64::new(0),
+    halted: AtomicBool::new(false),
+};
+
+impl GuestStats {
+    /// vCPU thread: `n` more instructions ran; the CPU is (not) halted now.
+    pub fn note(&self, n: u64, halted: bool) {
+        self.executed.fetch_add(n, Ordering::Relaxed);
+        self.halted.store(halted, Ordering::Relaxed);
+    }
+
+    /// Instructions run so far, and whether the CPU sits in HLT.
+    pub fn get(&self) -> (u64, bool) {
+        (
+            self.executed.load(Ordering::Relaxed),
+            self.halted.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// PCI slot of the VGA (00:02.0, where QEMU puts it).
 pub const VGA_PCI_SLOT: u8 = 2;
 

@@ -429,6 +429,7 @@ fn vcpu_loop(
             }
         }
         executed += POLL_EVERY as u64;
+        crate::display::GUEST_STATS.note(POLL_EVERY as u64, halted);
         if exec_trace && executed % EXEC_SAMPLE == 0 {
             log::debug!(
                 target: "morph86::exec",

@@ -163,6 +163,7 @@ pub(super) fn run(
     let mut buttons = 0u8;
     let mut frames = 0u32;
     let mut last_title = Instant::now();
+    let mut last_executed = super::GUEST_STATS.get().0;
     let mut keys: Vec<char> = opts
         .send_keys
         .clone()
@@ -284,8 +285,13 @@ pub(super) fn run(
         canvas.present();
         frames += 1;
         if last_title.elapsed() >= Duration::from_secs(1) {
+            let (executed, halted) = super::GUEST_STATS.get();
+            let mips = (executed - last_executed) as f64 / last_title.elapsed().as_secs_f64() / 1e6;
+            last_executed = executed;
             let state = if quit.load(Ordering::Relaxed) {
                 "stopping"
+            } else if halted {
+                "idle (HLT)"
             } else {
                 "running"
             };
@@ -294,7 +300,8 @@ pub(super) fn run(
             } else {
                 ""
             };
-            let title = format!("morph86 - {state} - {w}x{h} - {frames} fps{grab}");
+            let title =
+                format!("morph86 - {state} - {mips:.1} MIPS - {w}x{h} - {frames} fps{grab}");
             let _ = canvas.window_mut().set_title(&title);
             frames = 0;
             last_title = Instant::now();
