@@ -98,7 +98,7 @@ pub fn linux_framebuffer(cmdline: &str) -> Option<(u16, u16, u8)> {
     let v = cmdline
         .split_whitespace()
         .filter_map(|a| a.strip_prefix("vga="))
-        .last()?;
+        .next_back()?;
     let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         Some(h) => u16::from_str_radix(h, 16).ok()?,
         None => v.parse().ok()?,
