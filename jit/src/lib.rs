@@ -326,9 +326,7 @@ impl Jit {
                 break;
             }
             self.drain_dirty(cpu);
-            let irq = cpu.ev.nmi_pending
-                || (cpu.s.eflags_raw & IF != 0 && cpu.intr.as_mut().is_some_and(|i| i.pending()));
-            let mode = if irq || left < MAX_BLOCK_INSNS as u64 {
+            let mut mode = if left < MAX_BLOCK_INSNS as u64 {
                 None
             } else if lockstep {
                 // Translated memory accesses cannot be replayed: lock-step compares
@@ -337,6 +335,15 @@ impl Jit {
             } else {
                 mode_bits(&cpu.s)
             };
+            // A pending interrupt is delivered by the interpreter's step (which polls the
+            // controller itself), so poll here only before entering host code.
+            if mode.is_some()
+                && (cpu.ev.nmi_pending
+                    || (cpu.s.eflags_raw & IF != 0
+                        && cpu.intr.as_mut().is_some_and(|i| i.pending())))
+            {
+                mode = None;
+            }
             let Some(mode) = mode else {
                 chain_from = None;
                 self.stats.interp_mode_steps += 1;
