@@ -220,8 +220,27 @@ pub fn mode_bits(s: &CpuState) -> Option<u8> {
     let mut m = (s.cpl & 3) | if s.cr0 & CR0_PG != 0 { MODE_PAGING } else { 0 };
     if flat_data(s) {
         m |= MODE_FLAT_DATA;
+        if wide_data(s, SegReg::Fs) {
+            m |= MODE_FS;
+        }
+        if wide_data(s, SegReg::Gs) {
+            m |= MODE_GS;
+        }
     }
     Some(m)
+}
+
+/// Mode bit: FS is a usable read/write data segment with a 4 GiB limit (any base, added
+/// at run time), so FS overrides are translated.
+pub const MODE_FS: u8 = 1 << 4;
+/// Mode bit: as [`MODE_FS`] for GS.
+pub const MODE_GS: u8 = 1 << 5;
+
+fn wide_data(s: &CpuState, r: SegReg) -> bool {
+    let want = ATTR_P | ATTR_S | ATTR_RW;
+    let mask = want | ATTR_CODE | ATTR_EC | ATTR_UNUSABLE;
+    let g = s.seg[r as usize];
+    g.limit == 0xffff_ffff && g.attrs & mask == want
 }
 
 /// Mode bit: paging on.
@@ -331,7 +350,7 @@ impl Jit {
             } else if lockstep {
                 // Translated memory accesses cannot be replayed: lock-step compares
                 // register-only blocks (and memory instructions run interpreted).
-                mode_bits(&cpu.s).map(|m| m & !MODE_FLAT_DATA)
+                mode_bits(&cpu.s).map(|m| m & !(MODE_FLAT_DATA | MODE_FS | MODE_GS))
             } else {
                 mode_bits(&cpu.s)
             };
@@ -590,7 +609,14 @@ impl Jit {
         cpu.mmu.phys.read(phys, &mut bytes);
         // Writes to this page now take the MMU's slow path and are reported.
         cpu.mmu.mark_code(phys);
-        let plan = match plan_block(&bytes, eip, key.1 & MODE_FLAT_DATA != 0) {
+        let mut fs_gs = 0;
+        if key.1 & MODE_FS != 0 {
+            fs_gs |= translate::SEG_FS_OK;
+        }
+        if key.1 & MODE_GS != 0 {
+            fs_gs |= translate::SEG_GS_OK;
+        }
+        let plan = match plan_block(&bytes, eip, key.1 & MODE_FLAT_DATA != 0, fs_gs) {
             Ok(p) => p,
             Err(m) => {
                 if self.table.len() >= MAX_TABLE {

@@ -337,6 +337,11 @@ fn random_insn(r: &mut Rng) -> Instruction {
     i.unwrap()
 }
 
+/// FS base in the memory programs.
+const FS_BASE: u64 = 0x100;
+/// GS base in the memory programs (addresses wrap at 4 GiB).
+const GS_BASE: u64 = 0xffff_ff00;
+
 /// Stack area of the memory programs (ESP starts at its top).
 const STACK_TOP: u64 = 0x7800;
 
@@ -360,6 +365,15 @@ fn random_mem_insn(r: &mut Rng, sub: u64, hole: bool) -> Instruction {
         if hole && r.below(30) == 0 {
             // The unmapped page of `paged_machine`: a page fault.
             MemoryOperand::with_base_displ_size(Register::None, (HOLE + 8) as i64, 4)
+        } else if r.below(5) == 0 {
+            // fs:[a - FS_BASE] or gs:[a - GS_BASE] (wrapping at 4 GiB): DATA again.
+            let a = DATA + r.below(64 - size as usize) as u64;
+            let (seg, d) = if r.below(2) == 0 {
+                (Register::FS, a.wrapping_sub(FS_BASE) as u32)
+            } else {
+                (Register::GS, a.wrapping_sub(GS_BASE) as u32)
+            };
+            MemoryOperand::new(Register::None, Register::None, 1, d as i64, 4, false, seg)
         } else if r.below(3) == 0 {
             // [esp + d]: the stack area, above ESP.
             MemoryOperand::with_base_displ(Register::ESP, (4 * r.below(8)) as i64)
@@ -647,7 +661,12 @@ fn random_register_programs_match_the_interpreter() {
 fn random_memory_programs(paged: bool, cases: usize, seed: u64) {
     let mut r = Rng(seed);
     let mut jit = Jit::new(1 << 20).unwrap();
-    let mk = || if paged { paged_machine() } else { machine() };
+    let mk = || {
+        let mut c = if paged { paged_machine() } else { machine() };
+        c.s.seg[SegReg::Fs as usize].base = FS_BASE;
+        c.s.seg[SegReg::Gs as usize].base = GS_BASE;
+        c
+    };
     let mut jcpu = mk();
     let mut icpu = mk();
     let mut slow_native = 0;
@@ -751,7 +770,10 @@ fn lockstep_reports_a_divergence() {
     let code = [0x83, 0xc0, 0x01, 0xeb, 0x00, 0xf4];
     cpu.mmu.phys.write(CODE, &code);
     cpu.s.rip = CODE;
-    let key = (CODE, mode_bits(&cpu.s).unwrap() & !MODE_FLAT_DATA);
+    let key = (
+        CODE,
+        mode_bits(&cpu.s).unwrap() & !(MODE_FLAT_DATA | MODE_FS | MODE_GS),
+    );
     let e = jit.translate(&mut cpu, key, CODE as u32);
     let Entry::Native(b) = e else {
         panic!("not translated")
@@ -897,7 +919,9 @@ fn jump_through_register_and_chaining() {
     assert_eq!(j, i);
     assert!(jit.stats.chained >= 1, "the loop's back edge is chained");
     assert!(jit.stats.executed >= 1000);
-    let listing = jit.dump_block(t, MODE_FLAT_DATA).unwrap();
+    let listing = jit
+        .dump_block(t, MODE_FLAT_DATA | MODE_FS | MODE_GS)
+        .unwrap();
     assert!(listing.contains("add eax,ecx"), "{listing}");
 }
 
@@ -1261,7 +1285,9 @@ fn largest_blocks_fit_and_run() {
         4 * 3,
         "each of 16 words got 4 adds of 3"
     );
-    let listing = jit.dump_block(CODE, MODE_FLAT_DATA).unwrap();
+    let listing = jit
+        .dump_block(CODE, MODE_FLAT_DATA | MODE_FS | MODE_GS)
+        .unwrap();
     assert!(listing.contains("64 guest instructions"), "{listing}");
 }
 
@@ -1285,7 +1311,7 @@ fn golden_listing() {
     }
 }
 
-const GOLDEN: &str = r#"block phys 0x10000 mode 8 eip 0x00010000: 5 guest instructions, 276 host bytes at +0x200
+const GOLDEN: &str = r#"block phys 0x10000 mode 56 eip 0x00010000: 5 guest instructions, 276 host bytes at +0x200
   (entry: budget check, instruction count)
            208  mov r14,rcx
            20b  mov ecx,[r12]

@@ -11,6 +11,12 @@ use iced_x86::{
     Code, ConditionCode, Decoder, DecoderError, DecoderOptions, Encoder, Instruction, Mnemonic,
     OpKind, Register, RflagsBits,
 };
+use morph86_cpu::{CpuState, SegReg, Segment};
+
+/// `fs_gs` bit: FS overrides are translated.
+pub const SEG_FS_OK: u8 = 1 << 0;
+/// `fs_gs` bit: GS overrides are translated.
+pub const SEG_GS_OK: u8 = 1 << 1;
 
 /// Most guest instructions in one block.
 pub const MAX_BLOCK_INSNS: usize = 64;
@@ -329,7 +335,10 @@ pub fn native_bytes(i: &Instruction) -> Option<Vec<u8>> {
 /// For an instruction with one memory operand (flat DS/ES/SS, 32-bit addressing),
 /// the host code computing its linear address into r13d, and the instruction itself
 /// re-encoded with `[r13]` as its memory operand. `None` if not translated.
-pub fn native_mem(i: &Instruction) -> Option<(Kind, Vec<u8>)> {
+///
+/// `fs_gs`: bit 0 allows FS overrides, bit 1 GS overrides (segments with a 4 GiB limit
+/// whose base is added at run time; see [`SEG_FS_OK`]).
+pub fn native_mem(i: &Instruction, fs_gs: u8) -> Option<(Kind, Vec<u8>)> {
     let m = i.mnemonic();
     if !native_mnemonic(m) || m == Mnemonic::Lea || i.has_lock_prefix() {
         return None;
@@ -363,12 +372,12 @@ pub fn native_mem(i: &Instruction) -> Option<(Kind, Vec<u8>)> {
     {
         return None;
     }
-    if !matches!(
-        i.memory_segment(),
-        Register::DS | Register::ES | Register::SS
-    ) {
-        return None;
-    }
+    let seg_add = match i.memory_segment() {
+        Register::DS | Register::ES | Register::SS => None,
+        Register::FS if fs_gs & SEG_FS_OK != 0 => Some(SegReg::Fs),
+        Register::GS if fs_gs & SEG_GS_OK != 0 => Some(SegReg::Gs),
+        _ => return None,
+    };
     let (b, x) = (i.memory_base(), i.memory_index());
     let ok = |r: Register| r == Register::None || gpr32_index(r).is_some();
     if !ok(b) || !ok(x) || i.memory_displ_size() > 4 {
@@ -378,7 +387,17 @@ pub fn native_mem(i: &Instruction) -> Option<(Kind, Vec<u8>)> {
     if !matches!(size, 1 | 2 | 4) {
         return None;
     }
-    let ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
+    let mut ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
+    if let Some(sr) = seg_add {
+        // add r13d, [r15 + seg[sr].base]: the 32-bit linear address wraps like the CPU's.
+        let disp = std::mem::offset_of!(CpuState, seg)
+            + sr as usize * std::mem::size_of::<Segment>()
+            + std::mem::offset_of!(Segment, base);
+        let m = iced_x86::MemoryOperand::with_base_displ(Register::R15, disp as i64);
+        ea.extend(encode64(
+            &Instruction::with2(Code::Add_r32_rm32, Register::R13D, m).ok()?,
+        )?);
+    }
     let mut info = iced_x86::InstructionInfoFactory::new();
     let write = match info.info(i).op_access(n) {
         iced_x86::OpAccess::Read | iced_x86::OpAccess::CondRead => false,
@@ -460,7 +479,12 @@ pub(crate) fn count_dependent(i: &Instruction) -> bool {
 ///
 /// With `mem_ok` (flat DS/ES/SS, see `Jit`), instructions with one memory operand and
 /// the stack forms (PUSH, POP, CALL rel32, RET) are translated too.
-pub fn plan_block(bytes: &[u8], eip: u32, mem_ok: bool) -> Result<BlockPlan, Option<Mnemonic>> {
+pub fn plan_block(
+    bytes: &[u8],
+    eip: u32,
+    mem_ok: bool,
+    fs_gs: u8,
+) -> Result<BlockPlan, Option<Mnemonic>> {
     let mut d = Decoder::with_ip(32, bytes, eip as u64, DecoderOptions::NONE);
     let mut insns = Vec::new();
     let mut undefined = 0u32;
@@ -573,7 +597,7 @@ pub fn plan_block(bytes: &[u8], eip: u32, mem_ok: bool) -> Result<BlockPlan, Opt
                 Code::Pushd_imm32 | Code::Pushd_imm8 => {
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
-                _ => native_mem(&i),
+                _ => native_mem(&i, fs_gs),
             }
         };
         match native {
@@ -663,7 +687,7 @@ mod tests {
     #[test]
     fn blocks_end_at_branches_and_untranslated_instructions() {
         // inc eax; add ecx, eax; jnz -5 ; (never reached)
-        let b = plan_block(&[0x40, 0x01, 0xc1, 0x75, 0xfb, 0x90], 0x1000, false).unwrap();
+        let b = plan_block(&[0x40, 0x01, 0xc1, 0x75, 0xfb, 0x90], 0x1000, false, 0).unwrap();
         assert_eq!(b.insns.len(), 3);
         assert_eq!(
             b.term,
@@ -674,7 +698,7 @@ mod tests {
             }
         );
         // mov eax, 1; push eax
-        let b = plan_block(&[0xb8, 1, 0, 0, 0, 0x50], 0x2000, false).unwrap();
+        let b = plan_block(&[0xb8, 1, 0, 0, 0, 0x50], 0x2000, false, 0).unwrap();
         assert_eq!(
             b.term,
             Term::Fall {
@@ -684,14 +708,14 @@ mod tests {
         );
         assert_eq!(b.stopped_by, Some(Mnemonic::Push));
         assert_eq!(
-            plan_block(&[0x50], 0, false).unwrap_err(),
+            plan_block(&[0x50], 0, false, 0).unwrap_err(),
             Some(Mnemonic::Push)
         );
         // An instruction cut by the page end is left to the interpreter.
-        let b = plan_block(&[0x40, 0xb8, 1, 0], 0x2ffc, false).unwrap();
+        let b = plan_block(&[0x40, 0xb8, 1, 0], 0x2ffc, false, 0).unwrap();
         assert_eq!(b.insns.len(), 1);
         // jmp ebx
-        let b = plan_block(&[0xff, 0xe3], 0, false).unwrap();
+        let b = plan_block(&[0xff, 0xe3], 0, false, 0).unwrap();
         assert_eq!(b.term, Term::JmpReg { reg: 3 });
     }
 }
