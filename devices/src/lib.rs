@@ -50,6 +50,7 @@
 //! | 16550A COM1-COM4 | [`serial`] | 0x3f8, 0x2f8, 0x3e8, 0x2e8 (+8) | 4, 3, 4, 3 |
 //! | PCI host (i440FX, PIIX3) | [`pci`] | 0xcf8-0xcff (0xcf9 reset control) | - |
 //! | PCI I/O BARs | [`pci`] | any port nothing else claims | PIRQA-D routing |
+//! | VGA + Bochs VBE (PCI 1234:1111) | [`vga`] | 0x3b0-0x3df, 0x1ce-0x1d0; memory 0xA0000-0xBFFFF, BAR0 | - |
 //!
 //! PCI devices: implement [`pci::PciFunction`], `pc.pci.lock().add(slot, 0, dev)`, give
 //! the device [`PcPlatform::pci_intx`] for its interrupt, and map

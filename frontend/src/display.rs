@@ -5,6 +5,13 @@
 //! Threads: the vCPU runs on its own thread; the display loop runs on the main thread
 //! (SDL wants its events there), renders the VGA about 60 times a second, and turns host
 //! keys and mouse motion into PS/2 input through the i8042.
+//!
+//! Building: the window needs SDL2, which the `sdl2` crate compiles from source and links
+//! statically (features `bundled`, `static-link`): that takes cmake and a C compiler, and
+//! X11/Wayland development headers for SDL to open windows there. `scripts/setup.sh`
+//! installs cmake. Where that is not possible, `cargo build --release
+//! --no-default-features` builds a morph86 without the window (`-display none` only; the
+//! demo then always runs headless).
 
 #[cfg(feature = "sdl")]
 mod sdl;
