@@ -435,7 +435,17 @@ fn random_mem_insn(r: &mut Rng, sub: u64, hole: bool) -> Instruction {
             3 => Instruction::with2(Bts_rm32_imm8, mem(r, 4), r.below(32) as i32),
             _ => Instruction::with2(Add_rm8_imm8, mem(r, 1), r.below(256) as i32),
         },
-        7 => Instruction::with1(r.pick(&[Sete_rm8, Setb_rm8, Setl_rm8]), mem(r, 1)),
+        7 => {
+            if r.below(2) == 0 {
+                Instruction::with1(r.pick(&[Sete_rm8, Setb_rm8, Setl_rm8]), mem(r, 1))
+            } else {
+                // LOCK forms.
+                let c = r.pick(&[Add_rm32_r32, Xadd_rm32_r32, Cmpxchg_rm32_r32, Or_rm32_r32]);
+                let mut i = Instruction::with2(c, mem(r, 4), r32(r)).unwrap();
+                i.set_has_lock_prefix(true);
+                Ok(i)
+            }
+        }
         8 => Instruction::with1(Push_r32, r32(r)),
         9 => Instruction::with1(Pop_r32, r32(r)),
         10 => {

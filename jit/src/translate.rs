@@ -340,7 +340,34 @@ pub fn native_bytes(i: &Instruction) -> Option<Vec<u8>> {
 /// whose base is added at run time; see [`SEG_FS_OK`]).
 pub fn native_mem(i: &Instruction, fs_gs: u8) -> Option<(Kind, Vec<u8>)> {
     let m = i.mnemonic();
-    if !native_mnemonic(m) || m == Mnemonic::Lea || i.has_lock_prefix() {
+    if !native_mnemonic(m) || m == Mnemonic::Lea {
+        return None;
+    }
+    // LOCK is legal only on these read-modify-write forms with a memory destination
+    // (else #UD, raised by the interpreter); the host keeps the prefix.
+    if i.has_lock_prefix()
+        && !(i.op0_kind() == OpKind::Memory
+            && matches!(
+                m,
+                Mnemonic::Add
+                    | Mnemonic::Adc
+                    | Mnemonic::And
+                    | Mnemonic::Btc
+                    | Mnemonic::Btr
+                    | Mnemonic::Bts
+                    | Mnemonic::Cmpxchg
+                    | Mnemonic::Dec
+                    | Mnemonic::Inc
+                    | Mnemonic::Neg
+                    | Mnemonic::Not
+                    | Mnemonic::Or
+                    | Mnemonic::Sbb
+                    | Mnemonic::Sub
+                    | Mnemonic::Xor
+                    | Mnemonic::Xadd
+                    | Mnemonic::Xchg
+            ))
+    {
         return None;
     }
     let mut mem_op = None;
@@ -682,6 +709,19 @@ mod tests {
             "lock add eax, ecx is #UD"
         );
         assert!(host(&[0x67, 0x8d, 0x00]).is_none(), "16-bit addressing LEA");
+    }
+
+    #[test]
+    fn lock_only_on_memory_read_modify_write() {
+        // lock add [eax], ecx
+        assert!(native_mem(&dec(&[0xf0, 0x01, 0x08]), 0).is_some());
+        // lock mov [eax], ecx is #UD: left to the interpreter.
+        assert!(native_mem(&dec(&[0xf0, 0x89, 0x08]), 0).is_none());
+        // mov eax, fs:[ebx] only when FS is allowed.
+        assert!(native_mem(&dec(&[0x64, 0x8b, 0x03]), 0).is_none());
+        assert!(native_mem(&dec(&[0x64, 0x8b, 0x03]), SEG_FS_OK).is_some());
+        // CS overrides stay interpreted.
+        assert!(native_mem(&dec(&[0x2e, 0x8b, 0x03]), SEG_FS_OK | SEG_GS_OK).is_none());
     }
 
     #[test]
