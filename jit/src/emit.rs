@@ -581,7 +581,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             Kind::Push(_) | Kind::PushImm(_) => Some((lea_esp(-4), 4, true)),
             Kind::Pop(_) => Some((lea_esp(0), 4, false)),
             Kind::Branch => match plan.term {
-                Term::Call { .. } => Some((lea_esp(-4), 4, true)),
+                Term::Call { .. } | Term::CallReg { .. } => Some((lea_esp(-4), 4, true)),
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
                 _ => None,
             },
@@ -651,6 +651,20 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                         ; lea r8d, [r8 - 4]
                     );
                 }
+                Term::CallReg { reg, ret } => {
+                    let h = host_of(reg);
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov DWORD [r13], ret as i32
+                        ; lea r8d, [r8 - 4]
+                    );
+                    if h == 8 {
+                        // CALL ESP jumps to ESP's value before the push.
+                        dynasm!(ops ; .arch x64 ; lea r11d, [r8 + 4]);
+                    } else {
+                        dynasm!(ops ; .arch x64 ; mov r11d, Rd(h));
+                    }
+                }
                 Term::Ret { imm } => {
                     let rel = 4 + imm as i32;
                     dynasm!(ops
@@ -662,8 +676,14 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 _ => {}
             },
         }
+        let last = k + 1 == plan.insns.len();
         if let Some(r) = resume {
-            if matches!(g.kind, Kind::Branch) && matches!(plan.term, Term::Ret { .. }) {
+            if last
+                && matches!(
+                    plan.term,
+                    Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem
+                )
+            {
                 // The slow path of RET leaves with EIP set by the interpreter.
                 ret_exit = Some(r);
             } else {
@@ -702,12 +722,12 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             save_flags(&mut ops);
             emit_indirect(&mut ops, base, t);
         }
-        Term::Ret { .. } => {
+        Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem => {
             save_flags(&mut ops);
             emit_indirect(&mut ops, base, t);
         }
     }
-    if matches!(plan.insns.last().map(|g| &g.kind), Some(Kind::Branch)) {
+    if !matches!(plan.term, Term::Fall { .. }) {
         if let Some(last) = ranges.last_mut() {
             *last = (last.0, ops.offset().0);
         }

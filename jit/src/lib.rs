@@ -639,7 +639,9 @@ impl Jit {
                 vec![(next, same_page(next)), (target, same_page(target))]
             }
             Term::Call { target, .. } => vec![(target, same_page(target))],
-            Term::JmpReg { .. } | Term::Ret { .. } => Vec::new(),
+            Term::JmpReg { .. } | Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem => {
+                Vec::new()
+            }
         };
         let mut ids = Vec::new();
         let mut next_id = self.stubs.len() as u64;

@@ -811,6 +811,7 @@ fn run_both(pieces: &[(u64, &[u8])], start: u64, ecx: u32, cache: usize) -> (u32
         }
         cpu.s.rip = start;
         cpu.s.gpr[1] = ecx as u64;
+        cpu.s.gpr[4] = STACK_TOP;
     }
     assert_eq!(jit.run(&mut jcpu, 10_000_000), StepEvent::Halted);
     assert_eq!(icpu.run(10_000_000), StepEvent::Halted);
@@ -1393,4 +1394,34 @@ fn rom_code_is_translated_and_rom_writes_change_nothing() {
     assert_eq!(jit.run(&mut cpu, 100), StepEvent::Halted);
     assert_eq!(cpu.s.gpr[0] as u32, 0x90909092);
     assert!(jit.stats.translated >= 1, "{}", jit.stats);
+}
+
+#[test]
+fn call_through_register_and_jump_through_memory() {
+    let f = (CODE + 26) as u32;
+    let f2 = (CODE + 28) as u32;
+    let mut c = vec![0xbe];
+    c.extend_from_slice(&f.to_le_bytes()); // mov esi, F
+    c.extend_from_slice(&[0xff, 0xd6, 0x49, 0x75, 0xfb]); // L: call esi ; dec ecx ; jnz L
+    c.extend_from_slice(&[0xc7, 0x05]);
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&f2.to_le_bytes()); // mov dword [DATA], F2
+    c.extend_from_slice(&[0xff, 0x25]);
+    c.extend_from_slice(&(DATA as u32).to_le_bytes()); // jmp [DATA]
+    c.extend_from_slice(&[0x40, 0xc3, 0x83, 0xc0, 0x0a, 0xf4]); // F: inc eax ; ret ; F2: add eax, 10 ; hlt
+    assert_eq!(c.len(), 32);
+    let (j, i, jit) = run_both(&[(CODE, &c)], CODE, 500, 1 << 20);
+    assert_eq!(i, 510, "interpreter (hand-computed)");
+    assert_eq!(j, i);
+    assert!(jit.stats.dispatches < 50, "{}", jit.stats);
+    assert!(
+        jit.stats.fallbacks.get(&Mnemonic::Call).is_none(),
+        "{}",
+        jit.stats
+    );
+    assert!(
+        jit.stats.fallbacks.get(&Mnemonic::Jmp).is_none(),
+        "{}",
+        jit.stats
+    );
 }

@@ -59,6 +59,16 @@ pub enum Term {
         /// Return address pushed.
         ret: u32,
     },
+    /// CALL r32: push `ret`, continue at the guest register `reg` (read before the push).
+    CallReg {
+        /// Guest register number.
+        reg: u8,
+        /// Return address pushed.
+        ret: u32,
+    },
+    /// JMP [m32]: continue at the doubleword loaded by the block's last instruction
+    /// (a [`Kind::Mem`] whose host code loads it into r11d).
+    JmpMem,
     /// RET / RET imm16: pop EIP, then release `imm` more bytes of stack.
     Ret {
         /// Extra bytes released.
@@ -399,32 +409,11 @@ pub fn native_mem(i: &Instruction, fs_gs: u8) -> Option<(Kind, Vec<u8>)> {
     {
         return None;
     }
-    let seg_add = match i.memory_segment() {
-        Register::DS | Register::ES | Register::SS => None,
-        Register::FS if fs_gs & SEG_FS_OK != 0 => Some(SegReg::Fs),
-        Register::GS if fs_gs & SEG_GS_OK != 0 => Some(SegReg::Gs),
-        _ => return None,
-    };
-    let (b, x) = (i.memory_base(), i.memory_index());
-    let ok = |r: Register| r == Register::None || gpr32_index(r).is_some();
-    if !ok(b) || !ok(x) || i.memory_displ_size() > 4 {
-        return None;
-    }
     let size = i.memory_size().size() as u32;
     if !matches!(size, 1 | 2 | 4) {
         return None;
     }
-    let mut ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
-    if let Some(sr) = seg_add {
-        // add r13d, [r15 + seg[sr].base]: the 32-bit linear address wraps like the CPU's.
-        let disp = std::mem::offset_of!(CpuState, seg)
-            + sr as usize * std::mem::size_of::<Segment>()
-            + std::mem::offset_of!(Segment, base);
-        let m = iced_x86::MemoryOperand::with_base_displ(Register::R15, disp as i64);
-        ea.extend(encode64(
-            &Instruction::with2(Code::Add_r32_rm32, Register::R13D, m).ok()?,
-        )?);
-    }
+    let ea = mem_ea(i, fs_gs)?;
     let mut info = iced_x86::InstructionInfoFactory::new();
     let write = match info.info(i).op_access(n) {
         iced_x86::OpAccess::Read | iced_x86::OpAccess::CondRead => false,
@@ -441,6 +430,34 @@ pub fn native_mem(i: &Instruction, fs_gs: u8) -> Option<(Kind, Vec<u8>)> {
     h.set_has_repne_prefix(false);
     let host = encode64(&h)?;
     Some((Kind::Mem { ea, size, write }, host))
+}
+
+/// Host code computing the linear address of `i`'s memory operand into r13d (flat
+/// DS/ES/SS, or FS/GS as `fs_gs` allows; 32-bit addressing), or `None`.
+pub fn mem_ea(i: &Instruction, fs_gs: u8) -> Option<Vec<u8>> {
+    let seg_add = match i.memory_segment() {
+        Register::DS | Register::ES | Register::SS => None,
+        Register::FS if fs_gs & SEG_FS_OK != 0 => Some(SegReg::Fs),
+        Register::GS if fs_gs & SEG_GS_OK != 0 => Some(SegReg::Gs),
+        _ => return None,
+    };
+    let (b, x) = (i.memory_base(), i.memory_index());
+    let ok = |r: Register| r == Register::None || gpr32_index(r).is_some();
+    if !ok(b) || !ok(x) || i.memory_displ_size() > 4 {
+        return None;
+    }
+    let mut ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
+    if let Some(sr) = seg_add {
+        // add r13d, [r15 + seg[sr].base]: the 32-bit linear address wraps like the CPU's.
+        let disp = std::mem::offset_of!(CpuState, seg)
+            + sr as usize * std::mem::size_of::<Segment>()
+            + std::mem::offset_of!(Segment, base);
+        let m = iced_x86::MemoryOperand::with_base_displ(Register::R15, disp as i64);
+        ea.extend(encode64(
+            &Instruction::with2(Code::Add_r32_rm32, Register::R13D, m).ok()?,
+        )?);
+    }
+    Some(ea)
 }
 
 /// `lea r13d, [base + index * scale + disp]` (32-bit wrap-around), guest registers
@@ -586,11 +603,39 @@ pub fn plan_block(
             }
         }
         if mem_ok {
+            if i.code() == Code::Jmp_rm32 && i.op0_kind() == OpKind::Memory {
+                if let Some(ea) = mem_ea(&i, fs_gs) {
+                    let load = Instruction::with2(
+                        Code::Mov_r32_rm32,
+                        Register::R11D,
+                        iced_x86::MemoryOperand::with_base(Register::R13),
+                    )
+                    .ok()
+                    .and_then(|l| encode64(&l));
+                    if let Some(host) = load {
+                        insns.push(GuestInsn {
+                            instr: i,
+                            kind: Kind::Mem {
+                                ea,
+                                size: 4,
+                                write: false,
+                            },
+                            host,
+                        });
+                        pos = next;
+                        term = Term::JmpMem;
+                        break;
+                    }
+                }
+            }
             let t = match i.code() {
                 Code::Call_rel32_32 => Some(Term::Call {
                     target: i.near_branch32(),
                     ret: next,
                 }),
+                Code::Call_rm32 if i.op0_kind() == OpKind::Register => {
+                    gpr32_index(i.op0_register()).map(|reg| Term::CallReg { reg, ret: next })
+                }
                 Code::Retnd => Some(Term::Ret { imm: 0 }),
                 Code::Retnd_imm16 => Some(Term::Ret {
                     imm: i.immediate16(),
