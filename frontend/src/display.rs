@@ -354,7 +354,14 @@ pub fn run(
     let mut screen = Screen::new(vga);
     if opts.sdl {
         #[cfg(feature = "sdl")]
-        sdl::run(opts, &mut screen, &input, &quit, &finished)?;
+        if let Err(e) = sdl::run(opts, &mut screen, &input, &quit, &finished) {
+            // No window after all: stop the guest rather than leave it running unseen.
+            quit.store(true, Ordering::SeqCst);
+            input.wakeup.notify();
+            return Err(format!(
+                "cannot open the SDL window: {e} (try -display none)"
+            ));
+        }
         #[cfg(not(feature = "sdl"))]
         return Err("this morph86 was built without the SDL window (cargo feature `sdl`)".into());
     } else {

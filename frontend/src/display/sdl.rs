@@ -141,6 +141,15 @@ pub(super) fn run(
 ) -> Result<(), String> {
     let ctx = sdl2::init()?;
     let video = ctx.video()?;
+    let driver = video.current_video_driver();
+    log::info!("SDL video driver: {driver}");
+    // SDL falls back to its invisible drivers when no display server answers; a window
+    // nobody can see is no window (unless the user asked for it, as tests do).
+    if matches!(driver, "offscreen" | "dummy") && std::env::var_os("SDL_VIDEODRIVER").is_none() {
+        return Err(format!(
+            "no display server reachable (SDL fell back to '{driver}')"
+        ));
+    }
     let events = ctx.event()?;
     screen.refresh();
     let (mut w, mut h) = (screen.frame.width as u32, screen.frame.height as u32);
