@@ -580,6 +580,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             Kind::Mem { ea, size, write } => Some((ea.clone(), *size, *write)),
             Kind::Push(_) | Kind::PushImm(_) => Some((lea_esp(-4), 4, true)),
             Kind::Pop(_) => Some((lea_esp(0), 4, false)),
+            Kind::Leave => Some((lea_ebp(), 4, false)),
             Kind::Branch => match plan.term {
                 Term::Call { .. } | Term::CallReg { .. } => Some((lea_esp(-4), 4, true)),
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
@@ -641,6 +642,14 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                     ; mov r11d, DWORD [r13]
                     ; lea r8d, [r8 + 4]
                     ; mov Rd(h), r11d
+                );
+            }
+            Kind::Leave => {
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov r11d, DWORD [r13]
+                    ; lea r8d, [rbp + 4]
+                    ; mov ebp, r11d
                 );
             }
             Kind::Branch => match plan.term {
@@ -765,6 +774,13 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         stubs,
         ranges,
     })
+}
+
+/// `mov r13d, ebp` (guest EBP: LEAVE's stack address).
+fn lea_ebp() -> Vec<u8> {
+    let mut ops: Asm = VecAssembler::new(0);
+    dynasm!(ops ; .arch x64 ; mov r13d, ebp);
+    ops.finalize().unwrap_or_default()
 }
 
 /// `lea r13d, [r8 + d]` (guest ESP + d, 32-bit wrap).

@@ -1425,3 +1425,30 @@ fn call_through_register_and_jump_through_memory() {
         jit.stats
     );
 }
+
+#[test]
+fn function_frames_with_leave() {
+    // L: call F ; dec ecx ; jnz L ; hlt
+    // F: push ebp ; mov ebp, esp ; sub esp, 8 ; mov [ebp-4], ecx ; add eax, [ebp-4] ;
+    //    leave ; ret
+    let c = [
+        0xe8, 0x05, 0, 0, 0, 0x49, 0x75, 0xf8, 0xf4, 0x90, // L .. hlt, pad
+        0x55, 0x89, 0xe5, 0x83, 0xec, 0x08, 0x89, 0x4d, 0xfc, 0x03, 0x45, 0xfc, 0xc9, 0xc3,
+    ];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = machine();
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    cpu.s.gpr[1] = 1000;
+    cpu.s.gpr[4] = STACK_TOP;
+    cpu.s.gpr[5] = 0x1234_5678;
+    assert_eq!(jit.run(&mut cpu, 1_000_000), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u32, 1000 * 1001 / 2);
+    assert_eq!(cpu.s.gpr[4] as u32, STACK_TOP as u32);
+    assert_eq!(cpu.s.gpr[5] as u32, 0x1234_5678);
+    assert!(
+        !jit.stats.fallbacks.contains_key(&Mnemonic::Leave),
+        "{}",
+        jit.stats
+    );
+}

@@ -98,6 +98,8 @@ pub enum Kind {
     PushImm(u32),
     /// POP r32 (guest register number).
     Pop(u8),
+    /// LEAVE (32-bit): ESP = EBP + 4, EBP = [EBP].
+    Leave,
     /// A terminating branch (CALL's push and RET's pop are emitted with it).
     Branch,
 }
@@ -669,6 +671,7 @@ pub fn plan_block(
                 Code::Pushd_imm32 | Code::Pushd_imm8 => {
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
+                Code::Leaved => Some((Kind::Leave, Vec::new())),
                 _ => native_mem(&i, fs_gs),
             }
         };
