@@ -586,9 +586,38 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
                 _ => None,
             },
-            Kind::Reg => None,
+            Kind::Reg | Kind::Div(_) => None,
         };
         let mut resume = None;
+        if let Kind::Div(r) = g.kind {
+            // #DE unless divisor != 0 and EDX < divisor (the quotient fits).
+            if !fs.saved {
+                save_flags(&mut ops);
+                fs.saved = true;
+            }
+            let h = host_of(r);
+            let label = ops.new_dynamic_label();
+            let res = ops.new_dynamic_label();
+            dynasm!(ops
+                ; .arch x64
+                ; mov r10d, Rd(h)
+                ; test r10d, r10d
+                ; jz =>label
+                ; cmp edx, r10d
+                ; jae =>label
+                ; div r10d
+            );
+            // DIV leaves every arithmetic flag undefined: the host's values stand.
+            fs.host = true;
+            fs.saved = false;
+            slows.push(Slow {
+                label,
+                resume: res,
+                eip,
+                not_retired,
+            });
+            resume = Some(res);
+        }
         if let Some((ea, size, write)) = mem {
             if !fs.saved {
                 save_flags(&mut ops);
@@ -644,6 +673,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                     ; mov Rd(h), r11d
                 );
             }
+            Kind::Div(_) => {}
             Kind::Leave => {
                 dynasm!(ops
                     ; .arch x64

@@ -446,6 +446,7 @@ fn random_mem_insn(r: &mut Rng, sub: u64, hole: bool) -> Instruction {
                 Ok(i)
             }
         }
+        8 if hole && r.below(3) == 0 => Instruction::with1(Div_rm32, r32(r)),
         8 => Instruction::with1(Push_r32, r32(r)),
         9 => Instruction::with1(Pop_r32, r32(r)),
         10 => {
@@ -710,11 +711,16 @@ fn random_memory_programs(paged: bool, cases: usize, seed: u64) {
             let mut v = c.mmu.phys.ram()[(STACK_TOP - 0x400) as usize..(STACK_TOP + 0x40) as usize]
                 .to_vec();
             if c.stats.exceptions > 0 {
-                // The EFLAGS image of the exception frame: mask the undefined flags.
-                let at = (c.s.gpr[4] as u32 + 12).wrapping_sub(STACK_TOP as u32 - 0x400) as usize;
-                if at + 4 <= v.len() {
-                    let f = u32::from_le_bytes(v[at..at + 4].try_into().unwrap()) & !und;
-                    v[at..at + 4].copy_from_slice(&f.to_le_bytes());
+                // The EFLAGS image of the exception frame (at ESP+12 with an error
+                // code, ESP+8 without; the other slot holds CS = 8, which has no bits
+                // in common with the flags): mask the undefined flags.
+                for d in [8, 12] {
+                    let at =
+                        (c.s.gpr[4] as u32 + d).wrapping_sub(STACK_TOP as u32 - 0x400) as usize;
+                    if at + 4 <= v.len() {
+                        let f = u32::from_le_bytes(v[at..at + 4].try_into().unwrap()) & !und;
+                        v[at..at + 4].copy_from_slice(&f.to_le_bytes());
+                    }
                 }
             }
             v
@@ -1451,4 +1457,46 @@ fn function_frames_with_leave() {
         "{}",
         jit.stats
     );
+}
+
+#[test]
+fn div_runs_natively_and_divide_errors_are_precise() {
+    // mov ecx, 1000 ; L: mov eax, ecx ; xor edx, edx ; mov ebx, 7 ; div ebx ;
+    // add esi, edx ; dec ecx ; jnz L ; xor ebx, ebx ; stc ; div ebx (#DE) ; hlt
+    let c = [
+        0xb9, 0xe8, 0x03, 0, 0, 0x89, 0xc8, 0x31, 0xd2, 0xbb, 7, 0, 0, 0, 0xf7, 0xf3, 0x01, 0xd6,
+        0x49, 0x75, 0xf0, 0x31, 0xdb, 0xf9, 0xf7, 0xf3, 0xf4,
+    ];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[6] = 0;
+    }
+    assert_eq!(jit.run(&mut jcpu, 100_000), StepEvent::Halted);
+    assert_eq!(icpu.run(100_000), StepEvent::Halted);
+    let want: u32 = (1..=1000u32).map(|k| k % 7).sum();
+    assert_eq!(jcpu.s.gpr[6] as u32, want);
+    assert_eq!(jcpu.s.rip as u32, 0x30001, "in the #DE handler");
+    let mut frame = [0u8; 12];
+    jcpu.mmu.phys.read(STACK_TOP - 12, &mut frame);
+    let w = |k: usize| u32::from_le_bytes(frame[4 * k..4 * k + 4].try_into().unwrap());
+    assert_eq!(
+        w(0),
+        CODE as u32 + 24,
+        "#DE points at the DIV (no error code)"
+    );
+    assert_eq!(w(2) & CF, CF, "flags at the fault: CF from STC");
+    assert!(
+        !jit.stats.fallbacks.contains_key(&Mnemonic::Div),
+        "{}",
+        jit.stats
+    );
+    assert_eq!(jit.stats.faults, 1);
+    compare(&jcpu, &icpu, ARITH_FLAGS & !CF).unwrap();
+    let mut f2 = [0u8; 12];
+    icpu.mmu.phys.read(STACK_TOP - 12, &mut f2);
+    assert_eq!(frame, f2);
 }

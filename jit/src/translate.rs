@@ -100,6 +100,9 @@ pub enum Kind {
     Pop(u8),
     /// LEAVE (32-bit): ESP = EBP + 4, EBP = [EBP].
     Leave,
+    /// DIV r32 (guest register number): run natively unless it would raise #DE
+    /// (divisor 0 or quotient overflow), which the slow path leaves to the interpreter.
+    Div(u8),
     /// A terminating branch (CALL's push and RET's pop are emitted with it).
     Branch,
 }
@@ -660,6 +663,8 @@ pub fn plan_block(
             Some((Kind::Reg, Vec::new()))
         } else if let Some(h) = native_bytes(&i) {
             Some((Kind::Reg, h))
+        } else if i.code() == Code::Div_rm32 && i.op0_kind() == OpKind::Register {
+            gpr32_index(i.op0_register()).map(|g| (Kind::Div(g), Vec::new()))
         } else if !mem_ok {
             None
         } else {
