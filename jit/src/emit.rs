@@ -8,14 +8,22 @@
 //! | r8 | guest ESP (the host keeps rsp) |
 //! | r15 | `*mut CpuState` |
 //! | r12 | `*mut JitCtx` |
-//! | r13, r14 | scratch |
+//! | r13 | linear, then host address of the current memory operand |
+//! | r9 | copy of the guest flags (LAHF image in AH, OF in AL) around TLB probes |
+//! | r10, r11, r14 | scratch (probe, loaded branch target, budget check, slow-path argument) |
 //! | EFLAGS (arithmetic bits) | guest CF PF AF ZF SF OF |
+//!
+//! Flag discipline inside a block: the emitter tracks whether host EFLAGS and/or r9
+//! hold the guest flags. A memory access (or DIV guard) saves them to r9 first unless
+//! r9 is current, because its probe clobbers EFLAGS and its slow path needs the exact
+//! flags for a precise fault. An instruction that reads flags, or writes only some,
+//! gets them restored from r9 first; one that writes all six does not. Exits restore.
 //!
 //! The trampoline loads all of that from `CpuState` once, jumps to the block, and the
 //! shared exit path stores it back: guest registers are in host registers for as long
 //! as execution stays in chained blocks, and guest flags are spilled only at that exit
-//! (nothing inside a block clobbers host flags: the block-entry budget check uses
-//! `jrcxz`/`lea`, which leave EFLAGS alone).
+//! or a slow path (the block-entry budget check uses `jrcxz`/`lea`, which leave EFLAGS
+//! alone).
 //!
 //! Block layout:
 //! ```text

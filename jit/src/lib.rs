@@ -202,6 +202,13 @@ pub struct Jit {
     stop: Arc<AtomicBool>,
 }
 
+// SAFETY: a `Jit` owns everything its raw pointers reach: the code region (its own
+// mapping), the context (whose `cpu` pointer is set only for the duration of one `enter`
+// call, on the calling thread, and cleared afterwards) and the tables. Nothing is shared
+// with another thread except the stop flag, an `Arc<AtomicBool>`. Moving a `Jit` to
+// another thread (the vCPU thread) is therefore sound.
+unsafe impl Send for Jit {}
+
 /// The mode bits of the block key, or `None` if the current mode is not translated.
 pub fn mode_bits(s: &CpuState) -> Option<u8> {
     let cs = s.seg[SegReg::Cs as usize];

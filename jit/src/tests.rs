@@ -1500,3 +1500,12 @@ fn div_runs_natively_and_divide_errors_are_precise() {
     icpu.mmu.phys.read(STACK_TOP - 12, &mut f2);
     assert_eq!(frame, f2);
 }
+
+#[test]
+fn jit_can_move_to_the_vcpu_thread() {
+    fn send<T: Send>(_: &T) {}
+    let jit = Jit::new(1 << 20).unwrap();
+    send(&jit);
+    let h = std::thread::spawn(move || jit.cache_used());
+    assert!(h.join().unwrap() > 0);
+}
