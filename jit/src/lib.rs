@@ -348,7 +348,8 @@ impl Jit {
         let mut chain_from: Option<u64> = None;
         let mut ind_from = false;
         while left > 0 {
-            if self.stop.swap(false, Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) {
+                self.stop.store(false, Ordering::Relaxed);
                 break;
             }
             self.drain_dirty(cpu);

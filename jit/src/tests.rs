@@ -1509,3 +1509,35 @@ fn jit_can_move_to_the_vcpu_thread() {
     let h = std::thread::spawn(move || jit.cache_used());
     assert!(h.join().unwrap() > 0);
 }
+
+/// Overhead of the dispatcher where nothing is translated (real mode), against the bare
+/// interpreter. `cargo test --release -p morph86-jit -- --ignored --nocapture bench_real`
+#[test]
+#[ignore]
+fn bench_real_mode_overhead() {
+    // L: add ax, cx ; dec cx ; jnz L ; dec dx ; jnz L ; hlt   (DX = 40 outer rounds)
+    let c = [0x01, 0xc8, 0x49, 0x75, 0xfb, 0x4a, 0x75, 0xf8, 0xf4];
+    for use_jit in [false, true] {
+        let mut jit = Jit::new(1 << 20).unwrap();
+        let mut cpu = Cpu::new(Mmu::new(PhysMem::new(2 << 20).unwrap()));
+        cpu.s.seg[SegReg::Cs as usize] = Segment::real(0);
+        cpu.s.rip = 0x7c00;
+        cpu.s.gpr[2] = 40;
+        cpu.mmu.phys.write(0x7c00, &c);
+        let t = std::time::Instant::now();
+        let ev = if use_jit {
+            jit.run(&mut cpu, u64::MAX)
+        } else {
+            cpu.run(u64::MAX)
+        };
+        let dt = t.elapsed().as_secs_f64();
+        assert_eq!(ev, StepEvent::Halted);
+        let n = cpu.stats.instructions as f64;
+        println!(
+            "real mode, {}: {:.0} instructions, {:.1} MIPS",
+            if use_jit { "jit dispatcher" } else { "interp" },
+            n,
+            n / dt / 1e6
+        );
+    }
+}
