@@ -11,9 +11,11 @@
 use std::collections::HashMap;
 use std::io;
 
-/// A block's identity: the physical address of its first guest byte and the mode bits
-/// that change its translation (see `Jit::mode_bits`).
-pub type BlockKey = (u64, u8);
+/// A block's identity: the physical address of its first guest byte, the mode bits
+/// that change its translation (see `mode_bits`), and its linear EIP: branch targets
+/// and pushed return addresses are linear, so the same physical code reached at two
+/// linear addresses (Linux runs early code at both) needs two translations.
+pub type BlockKey = (u64, u8, u32);
 
 /// The mapped region.
 pub struct CodeRegion {
@@ -264,13 +266,13 @@ mod tests {
     #[test]
     fn table_invalidates_by_page() {
         let mut t = BlockTable::default();
-        t.insert((0x1000, 0), Entry::Native(0), &[0x1000]);
-        t.insert((0x1800, 0), Entry::Native(1), &[0x1000]);
-        t.insert((0x2000, 0), Entry::Native(2), &[0x2000]);
+        t.insert((0x1000, 0, 0x1000), Entry::Native(0), &[0x1000]);
+        t.insert((0x1800, 0, 0x1800), Entry::Native(1), &[0x1000]);
+        t.insert((0x2000, 0, 0x2000), Entry::Native(2), &[0x2000]);
         let gone = t.take_page(0x1000);
         assert_eq!(gone.len(), 2);
-        assert!(t.get((0x1000, 0)).is_none());
-        assert_eq!(t.get((0x2000, 0)), Some(Entry::Native(2)));
+        assert!(t.get((0x1000, 0, 0x1000)).is_none());
+        assert_eq!(t.get((0x2000, 0, 0x2000)), Some(Entry::Native(2)));
         assert!(!t.page_has_blocks(0x1000));
     }
 }

@@ -85,8 +85,8 @@ pub struct JitCtx {
     pub ram_base: u64,
     /// Slow-path calls since the dispatcher last took the count.
     pub slow_calls: u64,
-    /// The indirect-branch table: `IND_SIZE` pairs (key, host entry), key =
-    /// `phys | mode << 56`, indexed by `phys % IND_SIZE`.
+    /// The indirect-branch table: `IND_SIZE` entries (key, linear EIP, host entry,
+    /// padding), key = `phys | mode << 56`, indexed by `phys % IND_SIZE`.
     pub ind: u64,
 }
 
@@ -411,8 +411,9 @@ pub struct Targets {
 }
 
 /// Indirect branch to the guest EIP in r11d: store it as EIP, find the target's
-/// physical address through the fetch tag of the TLB, look it up in the indirect-branch
-/// table and jump there; on any miss leave with [`IND_MISS`]. Needs the guest flags in
+/// physical address through the fetch tag of the TLB, look (physical address, mode,
+/// EIP) up in the indirect-branch table and jump there; on any miss leave with
+/// [`IND_MISS`]. Needs the guest flags in
 /// r9 (restored before leaving either way).
 fn emit_indirect(ops: &mut Asm, base: usize, t: &Targets) {
     let miss = ops.new_dynamic_label();
@@ -436,13 +437,17 @@ fn emit_indirect(ops: &mut Asm, base: usize, t: &Targets) {
         ; sub r13, QWORD [r12 + OFF_RAM]
         ; mov r10d, r13d
         ; and r10d, (IND_SIZE - 1) as i32
-        ; shl r10d, 4
+        ; shl r10d, 5
         ; add r10, QWORD [r12 + OFF_IND]
         ; mov r11, QWORD key_hi
         ; or r11, r13
         ; cmp r11, QWORD [r10]
         ; jne =>miss
-        ; mov r13, QWORD [r10 + 8]
+        // The same physical code reached at another linear address is another block.
+        ; mov r11d, DWORD [r15 + OFF_RIP]
+        ; cmp r11, QWORD [r10 + 8]
+        ; jne =>miss
+        ; mov r13, QWORD [r10 + 16]
     );
     restore_flags(ops);
     dynasm!(ops

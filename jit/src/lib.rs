@@ -194,7 +194,7 @@ pub struct Jit {
     stubs: Vec<Stub>,
     ctx: Box<JitCtx>,
     /// Indirect-branch table (see `JitCtx::ind`), pointed to by the context.
-    ind: Box<[[u64; 2]]>,
+    ind: Box<[[u64; 4]]>,
     /// Counters.
     pub stats: JitStats,
     /// Print each block (guest and host code) to stderr when it is translated.
@@ -293,7 +293,7 @@ impl Jit {
             blocks: Vec::new(),
             stubs: Vec::new(),
             ctx: Box::default(),
-            ind: vec![[u64::MAX, 0]; IND_SIZE].into_boxed_slice(),
+            ind: vec![[u64::MAX, 0, 0, 0]; IND_SIZE].into_boxed_slice(),
             stats: JitStats::default(),
             dump_blocks: false,
             stop: Arc::new(AtomicBool::new(false)),
@@ -392,7 +392,7 @@ impl Jit {
                     ev => return Ok(ev),
                 }
             };
-            let key = (phys, mode);
+            let key = (phys, mode, eip);
             let entry = match self.table.get(key) {
                 Some(e) => e,
                 None => self.translate(cpu, key, eip),
@@ -422,7 +422,9 @@ impl Jit {
                         let slot = (phys as usize) % IND_SIZE;
                         self.ind[slot] = [
                             phys | (mode as u64) << 56,
+                            eip as u64,
                             self.blocks[b as usize].entry as u64,
+                            0,
                         ];
                     }
                     if lockstep {
@@ -582,7 +584,7 @@ impl Jit {
                 }
                 bl.valid = false;
                 let (entry, reentry) = (bl.entry, bl.reentry);
-                self.ind.fill([u64::MAX, 0]);
+                self.ind.fill([u64::MAX, 0, 0, 0]);
                 if let Some(j) = emit::jmp_rel32(entry, reentry) {
                     self.region.patch(entry, &j);
                 }
@@ -597,7 +599,7 @@ impl Jit {
         self.table.clear();
         self.blocks.clear();
         self.stubs.clear();
-        self.ind.fill([u64::MAX, 0]);
+        self.ind.fill([u64::MAX, 0, 0, 0]);
         self.stats.flushes += 1;
     }
 
@@ -717,10 +719,10 @@ impl Jit {
         e
     }
 
-    /// The listing of the block at (`phys`, `mode`): guest instructions, each followed
-    /// by the host code made from it.
-    pub fn dump_block(&self, phys: u64, mode: u8) -> Option<String> {
-        match self.table.get((phys, mode))? {
+    /// The listing of the block at (`phys`, `mode`, `eip`): guest instructions, each
+    /// followed by the host code made from it.
+    pub fn dump_block(&self, phys: u64, mode: u8, eip: u32) -> Option<String> {
+        match self.table.get((phys, mode, eip))? {
             Entry::Native(b) => Some(self.listing(b as usize)),
             Entry::Interp(m) => Some(format!("{phys:#x}: interpreted ({m:?})\n")),
         }

@@ -789,6 +789,7 @@ fn lockstep_reports_a_divergence() {
     let key = (
         CODE,
         mode_bits(&cpu.s).unwrap() & !(MODE_FLAT_DATA | MODE_FS | MODE_GS),
+        CODE as u32,
     );
     let e = jit.translate(&mut cpu, key, CODE as u32);
     let Entry::Native(b) = e else {
@@ -937,7 +938,7 @@ fn jump_through_register_and_chaining() {
     assert!(jit.stats.chained >= 1, "the loop's back edge is chained");
     assert!(jit.stats.executed >= 1000);
     let listing = jit
-        .dump_block(t, MODE_FLAT_DATA | MODE_FS | MODE_GS)
+        .dump_block(t, MODE_FLAT_DATA | MODE_FS | MODE_GS, t as u32)
         .unwrap();
     assert!(listing.contains("add eax,ecx"), "{listing}");
 }
@@ -1303,7 +1304,7 @@ fn largest_blocks_fit_and_run() {
         "each of 16 words got 4 adds of 3"
     );
     let listing = jit
-        .dump_block(CODE, MODE_FLAT_DATA | MODE_FS | MODE_GS)
+        .dump_block(CODE, MODE_FLAT_DATA | MODE_FS | MODE_GS, CODE as u32)
         .unwrap();
     assert!(listing.contains("64 guest instructions"), "{listing}");
 }
@@ -1320,9 +1321,9 @@ fn golden_listing() {
     let mut cpu = machine();
     cpu.mmu.phys.write(CODE, &c);
     cpu.s.rip = CODE;
-    let key = (CODE, mode_bits(&cpu.s).unwrap());
+    let key = (CODE, mode_bits(&cpu.s).unwrap(), CODE as u32);
     jit.translate(&mut cpu, key, CODE as u32);
-    let got = jit.dump_block(key.0, key.1).unwrap();
+    let got = jit.dump_block(key.0, key.1, key.2).unwrap();
     if got != GOLDEN {
         panic!("listing changed:\n{got}");
     }
@@ -1540,4 +1541,38 @@ fn bench_real_mode_overhead() {
             n / dt / 1e6
         );
     }
+}
+
+#[test]
+fn same_physical_code_at_two_linear_addresses() {
+    // Physical 0x50000 is mapped at linear 0x50000 and 0x70000 and holds
+    // `call L ; L: pop eax ; ret`, which returns its own linear address + 5. The caller
+    // runs it at both addresses; a translation keyed by physical address alone would
+    // push the first address both times.
+    let shared = [0xe8, 0, 0, 0, 0, 0x58, 0xc3];
+    let call = |from: u64, to: u64| {
+        let mut v = vec![0xe8];
+        v.extend_from_slice(&((to as i64 - (from as i64 + 5)) as i32).to_le_bytes());
+        v
+    };
+    let mut caller = call(CODE, 0x50000);
+    caller.extend_from_slice(&[0x89, 0xc6]); // mov esi, eax
+    caller.extend(call(CODE + 7, 0x70000));
+    caller.push(0xf4);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu
+            .phys
+            .write(0x2000 + 4 * 0x70, &0x50003u32.to_le_bytes());
+        cpu.mmu.phys.write(0x50000, &shared);
+        cpu.mmu.phys.write(CODE, &caller);
+        cpu.s.rip = CODE;
+    }
+    assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+    assert_eq!(icpu.run(1000), StepEvent::Halted);
+    assert_eq!(jcpu.s.gpr[6] as u32, 0x50005);
+    assert_eq!(jcpu.s.gpr[0] as u32, 0x70005);
+    compare(&jcpu, &icpu, 0).unwrap();
 }
