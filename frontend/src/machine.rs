@@ -341,6 +341,36 @@ struct ExecRing {
     dumps: u32,
 }
 
+/// `-d exec`: reads a dword at a linear address for a debug dump, as a supervisor
+/// access. A failed read must not leave its address in CR2 (the guest may not have read
+/// CR2 yet for a fault being delivered), so CR2 is put back.
+fn peek(cpu: &mut Cpu, lin: u64) -> Option<u32> {
+    let cr2 = cpu.s.cr2;
+    let v = cpu.read_lin(lin & 0xffff_ffff, 4, false).ok();
+    cpu.s.cr2 = cr2;
+    v.map(|v| v as u32)
+}
+
+/// `-d exec`: return addresses found by following the EBP frame chain (32-bit code
+/// built with frame pointers, as Linux is), at most 8, stopping at an unreadable frame.
+fn frame_chain(cpu: &mut Cpu) -> String {
+    let ss = cpu.s.seg[morph86_cpu::SegReg::Ss as usize].base;
+    let mut ebp = cpu.s.gpr[5] as u32;
+    let mut out = String::new();
+    for _ in 0..8 {
+        let lin = ss.wrapping_add(ebp as u64) & 0xffff_ffff;
+        let (Some(next), Some(ret)) = (peek(cpu, lin), peek(cpu, lin + 4)) else {
+            break;
+        };
+        out.push_str(&format!(" {ret:08x}"));
+        if next <= ebp {
+            break;
+        }
+        ebp = next;
+    }
+    out
+}
+
 /// How many exceptions `-d exec` explains with a full dump.
 const EXEC_DUMPS: u32 = 50;
 
@@ -376,9 +406,9 @@ impl ExecRing {
         let mut words = String::new();
         for k in 0..12u64 {
             let lin = ss.wrapping_add((g[4] as u32 as u64).wrapping_add(4 * k)) & 0xffff_ffff;
-            match cpu.read_lin(lin, 4, false) {
-                Ok(v) => words.push_str(&format!(" {v:08x}")),
-                Err(_) => words.push_str(" ????????"),
+            match peek(cpu, lin) {
+                Some(v) => words.push_str(&format!(" {v:08x}")),
+                None => words.push_str(" ????????"),
             }
         }
         log::debug!(target: "morph86::exec", "  stack (after delivery):{words}");
@@ -431,9 +461,10 @@ fn vcpu_loop(
         executed += POLL_EVERY as u64;
         crate::display::GUEST_STATS.note(POLL_EVERY as u64, halted);
         if exec_trace && executed % EXEC_SAMPLE == 0 {
+            let frames = frame_chain(&mut cpu);
             log::debug!(
                 target: "morph86::exec",
-                "{executed} {:04x}:{:08x} cpl={} if={} ints={} excs={}",
+                "{executed} {:04x}:{:08x} cpl={} if={} ints={} excs={} frames:{frames}",
                 cpu.s.seg[morph86_cpu::SegReg::Cs as usize].selector,
                 cpu.s.rip,
                 cpu.s.cpl,
