@@ -330,6 +330,12 @@ impl Jit {
     /// translated code, then the interpreter from the same starting state) and stops at
     /// the first difference in GPRs, EIP or defined arithmetic flags. On success the
     /// interpreter's state is kept.
+    ///
+    /// Limitation: a block that touches memory cannot be replayed (a read-modify-write
+    /// would apply twice), so in lock-step mode memory instructions are not translated:
+    /// they run in the interpreter, and lock-step checks the register-only translation
+    /// and the block plumbing. The memory path is checked by the random differential
+    /// tests instead.
     pub fn run_lockstep(
         &mut self,
         cpu: &mut Cpu,
