@@ -200,6 +200,8 @@ pub struct Jit {
     /// Print each block (guest and host code) to stderr when it is translated.
     pub dump_blocks: bool,
     stop: Arc<AtomicBool>,
+    /// `PhysMem::epoch` the cached blocks were made under.
+    epoch: u64,
 }
 
 // SAFETY: a `Jit` owns everything its raw pointers reach: the code region (its own
@@ -297,6 +299,7 @@ impl Jit {
             stats: JitStats::default(),
             dump_blocks: false,
             stop: Arc::new(AtomicBool::new(false)),
+            epoch: 0,
         })
     }
 
@@ -359,6 +362,7 @@ impl Jit {
                 break;
             }
             self.drain_dirty(cpu);
+            self.sync_epoch(cpu);
             let mut mode = if left < MAX_BLOCK_INSNS as u64 {
                 None
             } else if lockstep {
@@ -609,7 +613,19 @@ impl Jit {
         self.stats.flushes += 1;
     }
 
+    /// Flushes everything if the physical map changed (another machine, A20 moved, a
+    /// ROM or device window added): physical addresses may mean other bytes now.
+    fn sync_epoch(&mut self, cpu: &Cpu) {
+        if cpu.mmu.phys.epoch() != self.epoch {
+            if !self.blocks.is_empty() || !self.table.is_empty() {
+                self.flush();
+            }
+            self.epoch = cpu.mmu.phys.epoch();
+        }
+    }
+
     fn translate(&mut self, cpu: &mut Cpu, key: BlockKey, eip: u32) -> Entry {
+        self.sync_epoch(cpu);
         let phys = key.0;
         let page = phys & !(PAGE_SIZE - 1);
         // Translate from plain RAM pages and whole ROM pages only: reading the rest of

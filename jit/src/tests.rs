@@ -1576,3 +1576,29 @@ fn same_physical_code_at_two_linear_addresses() {
     assert_eq!(jcpu.s.gpr[0] as u32, 0x70005);
     compare(&jcpu, &icpu, 0).unwrap();
 }
+
+#[test]
+fn random_bytes_never_hurt_the_host() {
+    // Hostile guest: random bytes as code (paging on, every vector leads to HLT). The
+    // JIT must neither panic nor hang, whatever the bytes do to code, data or tables.
+    let mut r = Rng(0x6261_6421);
+    let mut jit = Jit::new(256 << 10).unwrap();
+    for _ in 0..300 {
+        let mut cpu = paged_machine();
+        let mut code = vec![0u8; 256];
+        for b in code.iter_mut() {
+            *b = r.next() as u8;
+        }
+        cpu.mmu.phys.write(CODE, &code);
+        cpu.s.rip = CODE;
+        for g in 0..8 {
+            if g != 4 {
+                cpu.s.gpr[g] = r.next() as u32 as u64 & 0x3f_ffff;
+            }
+        }
+        let _ = jit.run(&mut cpu, 20_000);
+    }
+    assert!(jit.stats.translated > 0);
+    // Each machine has its own physical map: the cache was flushed between them.
+    assert!(jit.stats.flushes >= 299, "{}", jit.stats);
+}
