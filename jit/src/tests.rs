@@ -34,6 +34,15 @@ fn machine() -> Cpu {
     cpu
 }
 
+/// Case count of a random test: `default`, or `JIT_FUZZ_CASES` from the environment
+/// for a longer run (`JIT_FUZZ_CASES=100000 cargo test --release -p morph86-jit random`).
+fn cases(default: usize) -> usize {
+    std::env::var("JIT_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -636,7 +645,7 @@ fn random_register_programs_match_the_interpreter() {
     let mut jcpu = machine();
     let mut icpu = machine();
     let mut native = 0;
-    for case in 0..3000 {
+    for case in 0..cases(3000) {
         // A few code addresses, reused: rewriting code that has blocks exercises
         // invalidation on every case.
         let rip = CODE + 0x1000 * r.below(4) as u64 + r.below(64) as u64;
@@ -752,12 +761,12 @@ fn random_memory_programs(paged: bool, cases: usize, seed: u64) {
 
 #[test]
 fn random_memory_programs_match_the_interpreter() {
-    random_memory_programs(false, 2000, 0x7374_6163_6b21);
+    random_memory_programs(false, cases(2000), 0x7374_6163_6b21);
 }
 
 #[test]
 fn random_memory_programs_with_page_faults_match_the_interpreter() {
-    random_memory_programs(true, 1000, 0x0066_6175_6c74);
+    random_memory_programs(true, cases(1000), 0x0066_6175_6c74);
 }
 
 #[test]
