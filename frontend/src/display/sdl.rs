@@ -336,21 +336,80 @@ fn upload(
     if r.w == 0 || r.h == 0 {
         return Ok(());
     }
-    let mut bytes = Vec::with_capacity(r.w * r.h * 4);
-    for y in r.y..r.y + r.h {
-        for p in &f.pixels[y * f.width + r.x..y * f.width + r.x + r.w] {
-            bytes.extend_from_slice(&p.to_ne_bytes());
-        }
+    if r.x + r.w > f.width || r.y + r.h > f.height || f.pixels.len() < f.width * f.height {
+        return Err(format!(
+            "changed area {r:?} outside the {}x{} frame",
+            f.width, f.height
+        ));
     }
+    // The rectangle's rows inside the frame, read by SDL with a stride of one frame row:
+    // from its first pixel to its last.
+    let first = r.y * f.width + r.x;
+    let last = (r.y + r.h - 1) * f.width + r.x + r.w;
+    let px = &f.pixels[first..last];
+    // SAFETY: u32 has no padding and every byte pattern is a valid u8; u8 needs no
+    // alignment; the byte slice covers exactly the memory of `px` and borrows it.
+    let bytes = unsafe { std::slice::from_raw_parts(px.as_ptr() as *const u8, px.len() * 4) };
     let rect = sdl2::rect::Rect::new(r.x as i32, r.y as i32, r.w as u32, r.h as u32);
+    // SDL reads r.h rows of r.w pixels, `pitch` bytes apart, all inside `bytes` (checked
+    // above); RGB888 is a native-endian 0x00RRGGBB word, the frame's own format.
     texture
-        .update(rect, &bytes, r.w * 4)
+        .update(rect, bytes, f.width * 4)
         .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Host cost of getting a full 640x480 frame and a one-scanline change into the SDL
+    /// texture and onto the (offscreen) window. Run with
+    /// `cargo test --release -p morph86 upload_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn upload_costs() {
+        std::env::set_var("SDL_VIDEODRIVER", "offscreen");
+        let ctx = sdl2::init().unwrap();
+        let video = ctx.video().unwrap();
+        let window = video.window("t", 640, 480).build().unwrap();
+        let mut canvas = window.into_canvas().build().unwrap();
+        let tc = canvas.texture_creator();
+        let mut tex = tc
+            .create_texture_streaming(PixelFormatEnum::RGB888, 640, 480)
+            .unwrap();
+        let vga: morph86_devices::vga::SharedVga =
+            std::sync::Arc::new(std::sync::Mutex::new(morph86_devices::vga::Vga::new()));
+        let mut screen = Screen::new(vga);
+        screen.frame = morph86_devices::vga::Frame {
+            width: 640,
+            height: 480,
+            pixels: vec![0x123456; 640 * 480],
+        };
+        let n = 200;
+        let mut time = |r: Option<morph86_devices::vga::Rect>| {
+            let t = Instant::now();
+            for _ in 0..n {
+                upload(&mut tex, &screen, r).unwrap();
+            }
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        };
+        let full = time(None);
+        let line = time(Some(morph86_devices::vga::Rect {
+            x: 0,
+            y: 100,
+            w: 640,
+            h: 1,
+        }));
+        let t = Instant::now();
+        for _ in 0..n {
+            canvas.copy(&tex, None, None).unwrap();
+            canvas.present();
+        }
+        let present = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "SDL (offscreen) 640x480: texture upload full {full:.1} us, one scanline {line:.1} us; copy+present {present:.1} us"
+        );
+    }
 
     #[test]
     fn extended_keys_get_the_e0_prefix() {
