@@ -108,6 +108,9 @@ pub struct Args {
     /// Print execution counters on exit.
     #[arg(long)]
     pub stats: bool,
+    /// Print each block the JIT translates: guest instructions beside the host code.
+    #[arg(long = "dump-blocks")]
+    pub dump_blocks: bool,
     /// Stop after this many guest instructions (for tests and benchmarks).
     #[arg(long, value_name = "N")]
     pub max_instructions: Option<u64>,
@@ -133,6 +136,7 @@ const LONG: &[&str] = &[
     "no-reboot",
     "accel",
     "stats",
+    "dump-blocks",
     "max-instructions",
     "help",
     "version",

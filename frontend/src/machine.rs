@@ -12,6 +12,7 @@ use crate::loader::{self, Entry32, LoadError};
 use morph86_cpu::{Cpu, InterruptSource, StepEvent};
 use morph86_devices::serial::{SerialBackend, WriterBackend};
 use morph86_devices::{InterruptController, PcPlatform, PlatformConfig};
+use morph86_jit::Jit;
 use morph86_mmu::{IoBus, Mmu, PhysError, PhysMem};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -217,9 +218,15 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let window =
         crate::display::wants_window(args.display, args.nographic).map_err(MachineError::Usage)?;
-    if args.accel == Accel::Jit {
-        log::warn!("the JIT is not wired in yet; running with -accel interp");
-    }
+    let jit = match args.accel {
+        Accel::Jit => {
+            let mut j = Jit::new(morph86_jit::DEFAULT_CACHE_SIZE)
+                .map_err(|e| MachineError::Host(format!("cannot map the JIT code cache: {e}")))?;
+            j.dump_blocks = args.dump_blocks;
+            Some(j)
+        }
+        Accel::Interp => None,
+    };
     let images = BootImages::from_args(&args, window)?;
     let demo = args.kernel.is_none() && args.bios.is_none();
     let mut phys = PhysMem::new(ram)?;
@@ -320,7 +327,7 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     let limit = args.max_instructions.unwrap_or(u64::MAX);
     let vcpu = std::thread::Builder::new()
         .name("vcpu".into())
-        .spawn(move || vcpu_loop(cpu, pc, images, quit, no_reboot, limit, stats))
+        .spawn(move || vcpu_loop(cpu, jit, pc, images, quit, no_reboot, limit, stats))
         .map_err(|e| MachineError::Host(e.to_string()))?;
     let shown = crate::display::run(&display_opts, vga, input, quit_display, || {
         vcpu.is_finished()
@@ -421,8 +428,13 @@ const POLL_EVERY: u32 = 256;
 /// `-d exec` logs CS:EIP once per this many batched instructions (a multiple of POLL_EVERY).
 const EXEC_SAMPLE: u64 = 1 << 20;
 
+/// Instructions per batch under the JIT (translated code is fast, so batches are longer).
+const JIT_BATCH: u64 = 4096;
+
+#[allow(clippy::too_many_arguments)]
 fn vcpu_loop(
     mut cpu: Cpu,
+    mut jit: Option<Jit>,
     pc: PcPlatform,
     images: BootImages,
     quit: Arc<AtomicBool>,
@@ -439,27 +451,43 @@ fn vcpu_loop(
         // A batch of guest instructions.
         let mut reset = false;
         let mut halted = false;
-        for _ in 0..POLL_EVERY {
-            if exec_trace {
-                ring.push(&cpu);
-            }
-            let excs = cpu.stats.exceptions;
-            match cpu.step() {
-                StepEvent::Ok if exec_trace && cpu.stats.exceptions != excs => ring.dump(&mut cpu),
+        let mut batch = POLL_EVERY as u64;
+        if let (Some(j), false) = (jit.as_mut(), exec_trace) {
+            // The JIT runs translated blocks and falls back to the interpreter itself.
+            batch = JIT_BATCH;
+            match j.run(&mut cpu, JIT_BATCH) {
                 StepEvent::Ok => {}
-                StepEvent::Halted => {
-                    halted = true;
-                    break;
-                }
+                StepEvent::Halted => halted = true,
                 StepEvent::TripleFault => {
                     log::info!("triple fault: resetting");
                     reset = true;
-                    break;
+                }
+            }
+        } else {
+            for _ in 0..POLL_EVERY {
+                if exec_trace {
+                    ring.push(&cpu);
+                }
+                let excs = cpu.stats.exceptions;
+                match cpu.step() {
+                    StepEvent::Ok if exec_trace && cpu.stats.exceptions != excs => {
+                        ring.dump(&mut cpu)
+                    }
+                    StepEvent::Ok => {}
+                    StepEvent::Halted => {
+                        halted = true;
+                        break;
+                    }
+                    StepEvent::TripleFault => {
+                        log::info!("triple fault: resetting");
+                        reset = true;
+                        break;
+                    }
                 }
             }
         }
-        executed += POLL_EVERY as u64;
-        crate::display::GUEST_STATS.note(POLL_EVERY as u64, halted);
+        executed += batch;
+        crate::display::GUEST_STATS.note(batch, halted);
         if exec_trace && executed % EXEC_SAMPLE == 0 {
             let frames = frame_chain(&mut cpu);
             log::debug!(
@@ -499,6 +527,7 @@ fn vcpu_loop(
                 break ExitCode::SUCCESS;
             }
             pc.reset();
+            crate::display::machine_reset();
             cpu.reset();
             cpu.mmu.phys.ram_mut().fill(0);
             match images.load(&mut cpu.mmu.phys, false) {
@@ -522,6 +551,9 @@ fn vcpu_loop(
         }
     };
     if stats {
+        if let Some(j) = &jit {
+            eprintln!("morph86: jit: {}", j.stats);
+        }
         let st = &cpu.stats;
         eprintln!(
             "morph86: {} instructions, {} exceptions, {} interrupts, decode cache {} hits / {} misses",
