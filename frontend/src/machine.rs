@@ -488,7 +488,7 @@ fn vcpu_loop(
         }
         executed += batch;
         crate::display::GUEST_STATS.note(batch, halted);
-        if exec_trace && executed % EXEC_SAMPLE == 0 {
+        if exec_trace && executed.is_multiple_of(EXEC_SAMPLE) {
             let frames = frame_chain(&mut cpu);
             log::debug!(
                 target: "morph86::exec",
