@@ -67,6 +67,10 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn install(pc: &mut PcPlatform, phys: &mut PhysMem) -> Result<SharedVga, String> {
     let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
     lock(&vga).bios_text_mode();
+    let mut installed = lock(&INSTALLED);
+    installed.retain(|w| w.strong_count() > 0);
+    installed.push(Arc::downgrade(&vga));
+    drop(installed);
     let bus = pc.io_bus_mut().ok_or("the I/O bus is already taken")?;
     vga::install_ports(bus, &vga).map_err(|e| e.to_string())?;
     phys.add_mmio(
@@ -197,6 +201,19 @@ pub fn linux_video_setup(vga: &SharedVga, cmdline: &str) {
     ] {
         v.vbe_select(reg);
         v.vbe_write(val);
+    }
+}
+
+/// The VGAs [`install`] made, for [`machine_reset`].
+static INSTALLED: Mutex<Vec<std::sync::Weak<Mutex<Vga>>>> = Mutex::new(Vec::new());
+
+/// The machine was reset: the VGA goes back to power-on state, then to the text mode a
+/// VGA BIOS would set up again.
+pub fn machine_reset() {
+    for v in lock(&INSTALLED).iter().filter_map(|w| w.upgrade()) {
+        let mut v = lock(&v);
+        v.reset();
+        v.bios_text_mode();
     }
 }
 
@@ -438,6 +455,25 @@ mod tests {
         let mut f = Frame::default();
         lock(&vga).update(&mut f, 0);
         assert_eq!((f.width, f.height), (640, 480));
+    }
+
+    #[test]
+    fn machine_reset_brings_the_vga_back_to_text_mode() {
+        let mut pc = PcPlatform::new(morph86_devices::PlatformConfig::new(16 << 20)).unwrap();
+        let mut phys = PhysMem::new(16 << 20).unwrap();
+        let vga = install(&mut pc, &mut phys).unwrap();
+        linux_video_setup(&vga, "vga=0x312");
+        let mut f = Frame::default();
+        lock(&vga).update(&mut f, 0);
+        assert_eq!((f.width, f.height), (640, 480));
+        machine_reset();
+        lock(&vga).update(&mut f, 0);
+        assert_eq!((f.width, f.height), (720, 400), "80x25 text, 9x16 cells");
+        // The PCI function answers as 1234:1111 through configuration space.
+        let mut bus = pc.take_io_bus().unwrap();
+        use morph86_mmu::IoBus;
+        bus.io_write(0xcf8, 4, 0x8000_0000 | (VGA_PCI_SLOT as u32) << 11);
+        assert_eq!(bus.io_read(0xcfc, 4), 0x1111_1234);
     }
 
     #[test]
