@@ -528,7 +528,6 @@ fn vcpu_loop(
             }
             pc.reset();
             crate::display::machine_reset();
-            crate::display::machine_reset();
             cpu.reset();
             cpu.mmu.phys.ram_mut().fill(0);
             match images.load(&mut cpu.mmu.phys, false) {
