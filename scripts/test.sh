@@ -19,8 +19,10 @@ cargo build --workspace --release -q
 echo "== unit and integration tests"
 cargo test --workspace --release -q
 
-echo "== SingleStepTests 80286 real mode (>= 99.5% must pass)"
-./target/release/singlestep "$SHARED/conformance/80286/real_mode" --verbose 0 --min-pass 99.5
+echo "== SingleStepTests 80286 real mode"
+# Every failure must be a documented 80286-vs-386 difference; 97.8% is today's floor.
+./target/release/singlestep "$SHARED/conformance/80286/real_mode" --verbose 5 --no-list \
+  --no-unexplained --min-pass 97.8
 
 echo "== host-CPU differential fuzzer"
 ./target/release/hostdiff --count "${HOSTDIFF_COUNT:-100000}" --seed "${HOSTDIFF_SEED:-20261121}"
