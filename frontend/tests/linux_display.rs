@@ -1,0 +1,113 @@
+//! Linux on the emulated VGA: Debian's i386 kernel booted directly with
+//! `boot_params.screen_info` describing 80x25 VGA text, so its console driver vgacon
+//! takes the screen. At the end the screen must show, in the VGA's own font, the last
+//! line the kernel printed on the serial port (an expectation independent of the VGA
+//! path: the serial log says what the text is, the font says what its pixels are).
+//!
+//! The guests live in `$MORPH86_GUESTS`, else `~/.cache/morph86/guests`; when absent the
+//! test says so and passes. The boot takes minutes in the interpreter, so a debug build
+//! skips it.
+
+use morph86_devices::vga::font::FONT_8X16;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn guests() -> PathBuf {
+    if let Some(d) = std::env::var_os("MORPH86_GUESTS") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/morph86/guests")
+}
+
+/// (width, height, 0xRRGGBB pixels)
+fn read_png(path: &std::path::Path) -> (usize, usize, Vec<u32>) {
+    let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
+    let mut r = dec.read_info().expect("png header");
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).expect("png data");
+    let px = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|c| (c[0] as u32) << 16 | (c[1] as u32) << 8 | c[2] as u32)
+        .collect();
+    (info.width as usize, info.height as usize, px)
+}
+
+/// Whether `text` appears on text row `row` of a 9x16-cell screen, drawn in light grey
+/// (0xAAAAAA) on black with the glyphs of `FONT_8X16`.
+fn row_shows(px: &[u32], w: usize, row: usize, text: &[u8]) -> bool {
+    let cols = w / 9;
+    (0..=cols.saturating_sub(text.len())).any(|c0| {
+        text.iter().enumerate().all(|(i, &ch)| {
+            (0..16).all(|y| {
+                let bits = FONT_8X16[ch as usize * 16 + y];
+                (0..8).all(|x| {
+                    let p = px[(row * 16 + y) * w + (c0 + i) * 9 + x];
+                    let on = bits & (0x80 >> x) != 0;
+                    p == if on { 0xaaaaaa } else { 0 }
+                })
+            })
+        })
+    })
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux in the interpreter: run with cargo test --release"
+)]
+fn debian_686_vgacon_draws_the_kernel_log_on_the_vga() {
+    let dir = guests();
+    let kernel = dir.join("vmlinuz-686");
+    let initrd = dir.join("boot-i386.cpio.gz");
+    if !(kernel.exists() && initrd.exists()) {
+        eprintln!(
+            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
+            dir.display()
+        );
+        return;
+    }
+    let shot = std::env::temp_dir().join(format!("morph86-vgacon-{}.png", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_morph86"))
+        .args([
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=tty0 console=ttyS0 cryptomgr.notests"])
+        .arg("--screenshot")
+        .arg(&shot)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run morph86");
+    let serial = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "morph86 failed:\n{serial}");
+    assert!(
+        serial.contains("Console: colour VGA+ 80x25"),
+        "vgacon did not take the screen:\n{serial}"
+    );
+    assert!(
+        serial.contains("GUEST-DONE"),
+        "the guest did not finish:\n{serial}"
+    );
+    let (w, h, px) = read_png(&shot);
+    std::fs::remove_file(&shot).ok();
+    assert_eq!((w, h), (720, 400), "80x25 text with 9x16 cells");
+    // The kernel's last words, as the serial port saw them, are on the screen too.
+    let last = b"reboot: machine restart";
+    assert!(
+        (0..25).any(|row| row_shows(&px, w, row, last)),
+        "the screen does not show '{}'",
+        String::from_utf8_lossy(last)
+    );
+    // And the line before it.
+    assert!((0..25).any(|row| row_shows(&px, w, row, b"reboot: Restarting system")));
+}
