@@ -4,6 +4,11 @@
 //! line the kernel printed on the serial port (an expectation independent of the VGA
 //! path: the serial log says what the text is, the font says what its pixels are).
 //!
+//! A second boot loads the kernel's bochs DRM driver (`modules=bochs`), which finds the
+//! VGA as PCI 1234:1111, programs the Bochs VBE registers and puts the fbcon console on
+//! the linear framebuffer: the screen must then be that framebuffer (1024x768) with the
+//! console's light grey text on black.
+//!
 //! The guests live in `$MORPH86_GUESTS`, else `~/.cache/morph86/guests`; when absent the
 //! test says so and passes. The boot takes minutes in the interpreter, so a debug build
 //! skips it.
@@ -110,4 +115,70 @@ fn debian_686_vgacon_draws_the_kernel_log_on_the_vga() {
     );
     // And the line before it.
     assert!((0..25).any(|row| row_shows(&px, w, row, b"reboot: Restarting system")));
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux in the interpreter: run with cargo test --release"
+)]
+fn debian_686_bochs_drm_puts_fbcon_on_the_vbe_framebuffer() {
+    let dir = guests();
+    let kernel = dir.join("vmlinuz-686");
+    let initrd = dir.join("mods-i386.cpio.gz");
+    if !(kernel.exists() && initrd.exists()) {
+        eprintln!(
+            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
+            dir.display()
+        );
+        return;
+    }
+    let shot = std::env::temp_dir().join(format!("morph86-bochs-{}.png", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_morph86"))
+        .args([
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=tty0 console=ttyS0 cryptomgr.notests modules=bochs",
+        ])
+        .arg("--screenshot")
+        .arg(&shot)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run morph86");
+    let serial = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "morph86 failed:\n{serial}");
+    for line in [
+        "[drm] Found bochs VGA, ID 0xb0c5",
+        "Console: switching to colour frame buffer device 128x48",
+        "MODULE-LOADED bochs",
+    ] {
+        assert!(serial.contains(line), "'{line}' missing:\n{serial}");
+    }
+    let (w, h, px) = read_png(&shot);
+    std::fs::remove_file(&shot).ok();
+    assert_eq!(
+        (w, h),
+        (1024, 768),
+        "the bochs DRM mode, 128x48 cells of 8x16"
+    );
+    // fbcon's text: light grey on black, and plenty of it.
+    let grey = px.iter().filter(|&&p| p == 0xaaaaaa).count();
+    let black = px.iter().filter(|&&p| p == 0).count();
+    assert_eq!(grey + black, px.len(), "only console colours");
+    assert!(
+        grey > 10_000,
+        "too little text on the framebuffer: {grey} pixels"
+    );
 }
