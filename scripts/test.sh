@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${MORPH86_SHARED:-$(cd .. && pwd)/shared}
 scripts/setup.sh
+# Guest images for the Linux tests (Debian packages, cached in ~/.cache/morph86/guests).
+if ! bash "$SHARED/guests/make-guests.sh" >/tmp/morph86-guests.log 2>&1; then
+  echo "warning: make-guests.sh failed (see /tmp/morph86-guests.log); the Linux tests will skip"
+fi
 
 echo "== format and lint"
 cargo fmt --all -- --check
