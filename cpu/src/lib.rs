@@ -68,6 +68,36 @@ pub struct CpuStats {
     pub interrupts: u64,
 }
 
+/// What the time-stamp counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TscSource {
+    /// Instructions retired: deterministic, so runs are reproducible, but a guest that
+    /// calibrates its clock against the PIT (which follows the host clock) sees time run
+    /// at the speed of emulation, and stop while it halts.
+    Instructions,
+    /// The host's monotonic clock at a fixed nominal frequency: guest time follows the
+    /// host clock whatever the emulation speed, also across HLT.
+    HostClock {
+        /// Host time at which the count was 0.
+        start: std::time::Instant,
+        /// Ticks per second.
+        hz: u64,
+    },
+}
+
+impl TscSource {
+    /// The host clock at [`TscSource::HOST_HZ`], counting from now.
+    pub fn host_clock() -> Self {
+        TscSource::HostClock {
+            start: std::time::Instant::now(),
+            hz: Self::HOST_HZ,
+        }
+    }
+
+    /// Nominal frequency of the host-clock TSC (1 GHz: one tick per nanosecond).
+    pub const HOST_HZ: u64 = 1_000_000_000;
+}
+
 /// One x86 CPU with its memory and I/O buses.
 pub struct Cpu {
     /// Architectural state.
@@ -83,8 +113,11 @@ pub struct Cpu {
     pub(crate) dcache: decode::DecodeCache,
     /// EIP of the instruction being executed (faults restart here).
     pub(crate) start_rip: u64,
-    /// Time-stamp counter base: the TSC reads as `instructions + tsc_offset`.
+    /// Time-stamp counter base: the TSC reads as `tsc_offset` plus the count of
+    /// [`Cpu::tsc_source`].
     pub tsc_offset: u64,
+    /// What the time-stamp counter counts.
+    pub tsc_source: TscSource,
     /// Pending NMI and trap bookkeeping (interrupts.rs).
     pub ev: interrupts::EventState,
 }
@@ -101,6 +134,7 @@ impl Cpu {
             dcache: decode::DecodeCache::new(),
             start_rip: 0,
             tsc_offset: 0,
+            tsc_source: TscSource::Instructions,
             ev: interrupts::EventState::default(),
         };
         c.sync_paging();
@@ -111,6 +145,8 @@ impl Cpu {
     pub fn reset(&mut self) {
         self.s.reset();
         self.ev = interrupts::EventState::default();
+        // RESET clears the time-stamp counter.
+        self.tsc_offset = 0u64.wrapping_sub(self.tsc_count());
         self.sync_paging();
     }
 

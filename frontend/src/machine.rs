@@ -277,6 +277,9 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let input = crate::display::Input::new(&pc);
     let mut cpu = Cpu::new(Mmu::new(phys));
+    // Guest time follows the host clock: the PIT and RTC do, so the TSC must too, or
+    // Linux's TSC clocksource (calibrated against the PIT) runs at emulation speed.
+    cpu.tsc_source = morph86_cpu::TscSource::host_clock();
     cpu.io = Box::new(
         pc.take_io_bus()
             .ok_or_else(|| MachineError::Host("no I/O bus".into()))?,

@@ -739,10 +739,25 @@ impl Cpu {
         self.s.set_r32(reg::RDX, d);
     }
 
-    /// The time-stamp counter: instructions retired plus `tsc_offset` (deterministic, so
-    /// runs are reproducible; WRMSR to IA32_TSC moves the offset).
+    /// The raw count of the TSC's source (before `tsc_offset`).
+    pub(crate) fn tsc_count(&self) -> u64 {
+        match self.tsc_source {
+            crate::TscSource::Instructions => self.stats.instructions,
+            crate::TscSource::HostClock { start, hz } => {
+                let ns = start.elapsed().as_nanos();
+                if hz == 1_000_000_000 {
+                    ns as u64
+                } else {
+                    (ns * hz as u128 / 1_000_000_000) as u64
+                }
+            }
+        }
+    }
+
+    /// The time-stamp counter: the count of `tsc_source` (instructions retired, or the
+    /// host clock) plus `tsc_offset`; WRMSR to IA32_TSC moves the offset.
     pub fn tsc(&self) -> u64 {
-        self.stats.instructions.wrapping_add(self.tsc_offset)
+        self.tsc_count().wrapping_add(self.tsc_offset)
     }
 
     /// RDTSC (#GP(0) at CPL > 0 when CR4.TSD).
@@ -792,7 +807,7 @@ impl Cpu {
     pub fn write_msr(&mut self, n: u32, v: u64) -> Res<()> {
         let gp = Err(Exception::gp(0));
         match n {
-            MSR_TSC => self.tsc_offset = v.wrapping_sub(self.stats.instructions),
+            MSR_TSC => self.tsc_offset = v.wrapping_sub(self.tsc_count()),
             MSR_APIC_BASE => {
                 if v & !APIC_BASE_WRITABLE != 0 {
                     return gp;
@@ -1216,6 +1231,28 @@ mod tests {
         assert_eq!(c.s.seg[SegReg::Ss as usize].selector, 0x7b);
         assert_eq!((c.s.rip, c.s.gpr[reg::RSP]), (0x3_0000, 0x5000));
         assert_eq!(exec(&mut c, &[0x0f, 0x35]), Err(Exception::gp(0)), "CPL 3");
+    }
+
+    #[test]
+    fn host_clock_tsc_follows_wall_time_and_wrmsr() {
+        let mut c = pm_cpu(&[]);
+        c.tsc_source = crate::TscSource::host_clock();
+        let read = |c: &mut Cpu| {
+            assert_eq!(exec(c, &[0x0f, 0x31]), Ok(()));
+            (c.s.gpr[reg::RDX] << 32) | (c.s.gpr[reg::RAX] & 0xffff_ffff)
+        };
+        let t0 = read(&mut c);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let t1 = read(&mut c);
+        // 1 GHz nominal: 20 ms of host time is at least 20 M ticks, however few
+        // instructions ran in between.
+        assert!(t1 - t0 >= 20_000_000, "{t0} -> {t1}");
+        assert!(t1 - t0 < 5_000_000_000, "{t0} -> {t1}");
+        assert_eq!(c.write_msr(MSR_TSC, 1 << 40), Ok(()));
+        let t2 = read(&mut c);
+        assert!((1u64 << 40..(1 << 40) + 5_000_000_000).contains(&t2), "{t2}");
+        c.reset();
+        assert!(c.tsc() < 5_000_000_000, "RESET clears the TSC");
     }
 
     #[test]
