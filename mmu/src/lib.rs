@@ -16,11 +16,13 @@ pub mod bus;
 pub mod paging;
 pub mod phys;
 pub mod tlb;
+pub mod writelog;
 
 pub use bus::{BusDevice, IoBus, NullIo};
 pub use paging::{PageFault, PagingRegs, Translation};
 pub use phys::{PhysError, PhysKind, PhysMem, PAGE_SIZE};
 pub use tlb::{Tlb, TlbEntry};
+pub use writelog::{LoggedWrite, WriteLog};
 
 /// The kind of a memory access, as far as paging cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct Mmu {
     regs: PagingRegs,
     /// PAE PDPTEs loaded at the last CR3 write (see the paging module).
     pdptes: [u64; 4],
+    /// Write log of the JIT's lock-step checker (see the writelog module).
+    wlog: Option<Box<WriteLog>>,
 }
 
 macro_rules! typed_access {
@@ -91,7 +95,20 @@ impl Mmu {
             tlb: Tlb::new(),
             regs: PagingRegs::default(),
             pdptes: [0; 4],
+            wlog: None,
         }
+    }
+
+    /// Starts recording every write (and noting device accesses) in `log`, which is
+    /// cleared first. While a log is installed all writes take the slow path.
+    pub fn start_write_log(&mut self, mut log: Box<WriteLog>) {
+        log.clear();
+        self.wlog = Some(log);
+    }
+
+    /// Stops recording and returns the log, if one was installed.
+    pub fn stop_write_log(&mut self) -> Option<Box<WriteLog>> {
+        self.wlog.take()
     }
 
     /// The paging registers in force.
@@ -204,6 +221,9 @@ impl Mmu {
     /// (so it is the same live mapping, which never moves).
     #[inline(always)]
     fn host_ptr(&self, linear: u64, size: u64, write: bool, user: bool) -> Option<*mut u8> {
+        if write && self.wlog.is_some() {
+            return None;
+        }
         let e = self.tlb.entry(linear, user);
         let tag = if write { e.write } else { e.read };
         if tag == (linear.wrapping_add(size - 1) & tlb::PAGE_MASK)
@@ -277,6 +297,7 @@ impl Mmu {
         let in_page = (PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize;
         if buf.len() <= in_page {
             let p = self.translate(linear, acc, user)?;
+            self.log_read(p);
             self.phys.read(p, buf);
             return Ok(());
         }
@@ -287,6 +308,7 @@ impl Mmu {
             let lin = linear.wrapping_add(done as u64) & LIN_MASK;
             let n = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(buf.len() - done);
             let p = self.translate(lin, acc, user)?;
+            self.log_read(p);
             self.phys.read(p, &mut buf[done..done + n]);
             done += n;
         }
@@ -305,6 +327,9 @@ impl Mmu {
         let in_page = (PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize;
         if data.len() <= in_page {
             let p = self.translate(linear, Access::Write, user)?;
+            if let Some(log) = self.wlog.as_mut() {
+                log.record(&mut self.phys, p, data);
+            }
             self.phys.write(p, data);
             return Ok(());
         }
@@ -314,10 +339,23 @@ impl Mmu {
             let lin = linear.wrapping_add(done as u64) & LIN_MASK;
             let n = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(data.len() - done);
             let p = self.translate(lin, Access::Write, user)?;
+            if let Some(log) = self.wlog.as_mut() {
+                log.record(&mut self.phys, p, &data[done..done + n]);
+            }
             self.phys.write(p, &data[done..done + n]);
             done += n;
         }
         Ok(())
+    }
+
+    /// With a write log installed, notes a read that reaches a device window.
+    #[inline]
+    fn log_read(&mut self, p: u64) {
+        if let Some(log) = self.wlog.as_mut() {
+            if self.phys.kind(p) == PhysKind::Mmio {
+                log.note_device();
+            }
+        }
     }
 
     /// Translates every page of `len` bytes at `linear`, in address order, for `acc`.
