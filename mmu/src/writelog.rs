@@ -176,8 +176,14 @@ mod tests {
         m.write(0x1002, &[7]);
         let w: Vec<_> = log.writes().collect();
         assert_eq!(w.len(), 2);
-        assert_eq!((w[0].addr, w[0].old, w[0].new), (0x1001, &[2, 3][..], &[9, 9][..]));
-        assert_eq!((w[1].addr, w[1].old, w[1].new), (0x1002, &[9][..], &[7][..]));
+        assert_eq!(
+            (w[0].addr, w[0].old, w[0].new),
+            (0x1001, &[2, 3][..], &[9, 9][..])
+        );
+        assert_eq!(
+            (w[1].addr, w[1].old, w[1].new),
+            (0x1002, &[9][..], &[7][..])
+        );
         assert_eq!(log.pages(), vec![0x1000]);
         log.undo(&mut m);
         let mut b = [0u8; 4];
@@ -208,7 +214,11 @@ mod tests {
         m.write(0x2ffe, &[1, 2, 3, 4], false).unwrap();
         let log = m.stop_write_log().unwrap();
         let w: Vec<_> = log.writes().collect();
-        assert_eq!(w.len(), 3, "typed write and a page-crossing write in two pieces");
+        assert_eq!(
+            w.len(),
+            3,
+            "typed write and a page-crossing write in two pieces"
+        );
         assert_eq!(w[0].addr, 0x2000);
         assert_eq!(w[0].old, &0x1111_1111u32.to_le_bytes()[..]);
         assert_eq!(w[0].new, &0x2222_2222u32.to_le_bytes()[..]);
