@@ -13,12 +13,14 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod dirty;
 pub mod paging;
 pub mod phys;
 pub mod tlb;
 pub mod writelog;
 
 pub use bus::{BusDevice, IoBus, NullIo};
+pub use dirty::{DirtySink, WatchedMem};
 pub use paging::{PageFault, PagingRegs, Translation};
 pub use phys::{PhysError, PhysKind, PhysMem, PAGE_SIZE};
 pub use tlb::{Tlb, TlbEntry};
@@ -109,6 +111,11 @@ impl Mmu {
     /// Stops recording and returns the log, if one was installed.
     pub fn stop_write_log(&mut self) -> Option<Box<WriteLog>> {
         self.wlog.take()
+    }
+
+    /// The write log being recorded, if any.
+    pub fn write_log(&self) -> Option<&WriteLog> {
+        self.wlog.as_deref()
     }
 
     /// The paging registers in force.
@@ -268,6 +275,12 @@ impl Mmu {
         };
         t.frame &= self.phys.a20_mask();
         let host = self.phys.ram_page_ptr(t.frame).map(|p| p as usize as u64);
+        if host.is_none() && self.phys.has_watched() {
+            if let Some((h, dirty)) = self.phys.watched_page(t.frame) {
+                self.tlb.insert_watched(linear, user, &t, h, dirty);
+                return Ok(t.phys_addr(linear));
+            }
+        }
         let code = self.phys.is_code(t.frame);
         self.tlb.insert(linear, user, &t, host, code);
         Ok(t.phys_addr(linear))
@@ -331,6 +344,9 @@ impl Mmu {
                 log.record(&mut self.phys, p, data);
             }
             self.phys.write(p, data);
+            if self.phys.has_watched() {
+                self.note_watched_write(linear, p, user);
+            }
             return Ok(());
         }
         self.check_span(linear, data.len() as u64, Access::Write, user)?;
@@ -355,6 +371,31 @@ impl Mmu {
             if self.phys.kind(p) == PhysKind::Mmio {
                 log.note_device();
             }
+        }
+    }
+
+    /// After a slow-path write to physical `p` (from `linear`): if `p` is watched memory,
+    /// now dirty, later writes to its page may take the fast path.
+    #[cold]
+    fn note_watched_write(&mut self, linear: u64, p: u64, user: bool) {
+        if let Some((_, true)) = self.phys.watched_page(p) {
+            self.tlb
+                .unslow_write(linear & LIN_MASK, user, p & !(PAGE_SIZE - 1));
+        }
+    }
+
+    /// Hands the pages of watched memory written since the last harvest to their sinks
+    /// (see the dirty module), for every region whose consumer asked
+    /// ([`WatchedMem::request`]) or for all when `force`, and makes the next write to
+    /// each such page take the slow path again. Call it from the thread that runs the
+    /// guest, between instructions (the run loop does after each batch, and with `force`
+    /// before the CPU idles or stops).
+    pub fn harvest_watched(&mut self, force: bool) {
+        if !self.phys.has_watched() {
+            return;
+        }
+        for (lo, hi) in self.phys.harvest_watched(force) {
+            self.tlb.drop_write_range(lo, hi);
         }
     }
 

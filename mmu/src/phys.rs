@@ -10,8 +10,10 @@
 //! so the decode cache and the JIT can drop what they built from it.
 
 use crate::bus::BusDevice;
+use crate::dirty::{DirtySink, WatchedMem, WatchedRegion};
 use memmap2::MmapMut;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Source of [`PhysMem::epoch`] values: unique across every map in the process, so a
 /// TLB filled from one map can never mistake another map (or a changed one) for it.
@@ -72,6 +74,8 @@ pub struct PhysMem {
     ram_size: u64,
     roms: Vec<RomRegion>,
     mmio: Vec<MmioRegion>,
+    /// Watched memory (see the dirty module); looked at before `mmio`.
+    watched: Vec<WatchedRegion>,
     a20_mask: u64,
     code_pages: Vec<u8>,
     dirty_code: Vec<u64>,
@@ -102,6 +106,7 @@ impl PhysMem {
             ram_size,
             roms: Vec::new(),
             mmio: Vec::new(),
+            watched: Vec::new(),
             a20_mask: !0,
             code_pages: vec![0; pages],
             dirty_code: Vec::new(),
@@ -125,6 +130,42 @@ impl PhysMem {
     pub fn add_mmio(&mut self, base: u64, len: u64, dev: Box<dyn BusDevice>) {
         self.mark_special(base, len);
         self.mmio.push(MmioRegion { base, len, dev });
+    }
+
+    /// Maps watched memory `mem` at `base` (page aligned), over whatever else is there:
+    /// it reads and writes like RAM, and its written pages are handed to `sink` at each
+    /// [`crate::Mmu::harvest_watched`] (see the dirty module).
+    pub fn add_watched(&mut self, base: u64, mem: Arc<WatchedMem>, sink: Box<dyn DirtySink>) {
+        let base = base & !(PAGE_SIZE - 1);
+        self.mark_special(base, mem.len() as u64);
+        self.watched.push(WatchedRegion::new(base, mem, sink));
+    }
+
+    /// Whether any watched memory is mapped.
+    #[inline]
+    pub fn has_watched(&self) -> bool {
+        !self.watched.is_empty()
+    }
+
+    /// For the TLB: the host address of the watched page holding `addr` (after A20) and
+    /// whether that page is dirty.
+    pub(crate) fn watched_page(&self, addr: u64) -> Option<(u64, bool)> {
+        let addr = addr & self.a20_mask & !(PAGE_SIZE - 1);
+        let r = self.watched.iter().find(|r| r.contains(addr))?;
+        let off = addr - r.base;
+        Some((r.mem.as_ptr() as u64 + off, r.is_dirty(off)))
+    }
+
+    /// Runs the harvest of every watched region (see [`crate::Mmu::harvest_watched`]);
+    /// returns the physical ranges whose TLB write tags must be re-armed.
+    pub(crate) fn harvest_watched(&mut self, force: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for r in self.watched.iter_mut() {
+            if r.harvest(force) {
+                out.push((r.base, r.base + r.len()));
+            }
+        }
+        out
     }
 
     fn mark_special(&mut self, base: u64, len: u64) {
@@ -175,6 +216,10 @@ impl PhysMem {
         let addr = addr & self.a20_mask;
         let page = (addr / PAGE_SIZE) as usize;
         if page < self.special.len() && self.special[page] == 0 {
+            return PhysKind::Ram;
+        }
+        // Watched memory reads and writes like RAM (no side effects).
+        if self.watched.iter().any(|r| r.contains(addr)) {
             return PhysKind::Ram;
         }
         if self
@@ -292,6 +337,16 @@ impl PhysMem {
             data.copy_from_slice(&self.ram[off..off + data.len()]);
             return;
         }
+        if let Some(r) = self.watched.iter().find(|r| r.contains(a)) {
+            let off = (a - r.base) as usize;
+            let n = (r.mem.len() - off).min(data.len());
+            // SAFETY: `&mut self` on the guest's thread (the dirty module's contract);
+            // no other view of the bytes is alive.
+            let mem = unsafe { r.mem.bytes() };
+            data[..n].copy_from_slice(&mem[off..off + n]);
+            data[n..].fill(0xff);
+            return;
+        }
         for r in self.mmio.iter_mut() {
             if a >= r.base && a - r.base < r.len {
                 // Split accesses that run off the end of the device window.
@@ -324,6 +379,15 @@ impl PhysMem {
             self.note_code_write(page);
             let off = a as usize;
             self.ram[off..off + data.len()].copy_from_slice(data);
+            return;
+        }
+        if let Some(r) = self.watched.iter_mut().find(|r| r.contains(a)) {
+            let off = (a - r.base) as usize;
+            let n = (r.mem.len() - off).min(data.len());
+            // SAFETY: as in `read_in_page`.
+            let mem = unsafe { r.mem.bytes_mut() };
+            mem[off..off + n].copy_from_slice(&data[..n]);
+            r.mark(off as u64, n as u64);
             return;
         }
         for r in self.mmio.iter_mut() {

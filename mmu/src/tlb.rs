@@ -11,7 +11,9 @@
 //! - [`TAG_INVALID`] (all ones): no translation cached for this kind of access (not
 //!   present, not allowed, or, for writes, the dirty bit not yet set);
 //! - page | [`TAG_SLOW`]: the translation is valid but the access must take the slow
-//!   path: MMIO, ROM, unassigned memory, or a write to a page holding code.
+//!   path: MMIO, ROM, unassigned memory, a write to a page holding code, a write to a
+//!   clean page of watched memory, or any fetch from watched memory (see the dirty
+//!   module).
 //!
 //! # Inline probe (for the JIT)
 //! `base = Tlb::entries_ptr()`; the supervisor set is `base[0..TLB_SIZE]`, the user set
@@ -272,6 +274,51 @@ impl Tlb {
                 self.used_all = true;
             }
         }
+    }
+
+    /// Records a translation to a page of watched memory (see the dirty module): like
+    /// [`Tlb::insert`] with host address `host`, but fetches always take the slow path,
+    /// and writes too while the page is clean (`dirty == false`).
+    pub(crate) fn insert_watched(
+        &mut self,
+        linear: u64,
+        user: bool,
+        t: &Translation,
+        host: u64,
+        dirty: bool,
+    ) {
+        self.insert(linear, user, t, Some(host), !dirty);
+        let e = &mut self.entries[Self::index(linear, user)];
+        if e.fetch != TAG_INVALID {
+            e.fetch |= TAG_SLOW;
+        }
+    }
+
+    /// Lets writes to the page of `linear` go fast again if the slot caches it with a
+    /// write permission made slow only by [`Tlb::insert_watched`] or
+    /// [`Tlb::drop_write_range`] (the caller knows the page is dirty watched memory).
+    pub(crate) fn unslow_write(&mut self, linear: u64, user: bool, frame: u64) {
+        let i = Self::index(linear, user);
+        let page = linear & PAGE_MASK;
+        if self.entries[i].write == page | TAG_SLOW && self.frames[i] == frame {
+            self.entries[i].write = page;
+        }
+    }
+
+    /// Makes every write to a physical frame in `[lo, hi)` take the slow path (watched
+    /// pages just handed over as clean).
+    pub fn drop_write_range(&mut self, lo: u64, hi: u64) {
+        if !self.any {
+            return;
+        }
+        let cand = self.candidates();
+        for &i in &cand {
+            let i = i as usize;
+            if (lo..hi).contains(&self.frames[i]) {
+                self.entries[i].write |= TAG_SLOW;
+            }
+        }
+        self.restore(cand);
     }
 
     /// The slots that may be non-empty: the `used` list, or all of them.
