@@ -39,6 +39,7 @@
 
 pub mod cache;
 pub mod emit;
+pub mod lockstep;
 pub mod translate;
 
 use cache::{BlockKey, BlockTable, CodeRegion, Entry};
@@ -55,6 +56,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use translate::{plan_block, Term, MAX_BLOCK_INSNS};
+
+pub use lockstep::{Divergence, LockstepStats};
 
 /// Default code cache size.
 pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
@@ -91,6 +94,8 @@ pub struct JitStats {
     pub fallbacks: HashMap<Mnemonic, u64>,
     /// Interpreter steps outside translatable modes (real mode, TF, interrupt delivery...).
     pub interp_mode_steps: u64,
+    /// Lock-step checker counters ([`Jit::run_lockstep`]).
+    pub lockstep: LockstepStats,
 }
 
 impl std::fmt::Display for JitStats {
@@ -119,6 +124,9 @@ impl std::fmt::Display for JitStats {
         for (m, n) in v.iter().take(20) {
             writeln!(f, "jit:   fallback {:<12} {}", format!("{m:?}"), n)?;
         }
+        if self.lockstep.blocks + self.lockstep.interp_only > 0 {
+            writeln!(f, "jit: {}", self.lockstep)?;
+        }
         Ok(())
     }
 }
@@ -144,43 +152,6 @@ struct Stub {
     addr: usize,
     target: u32,
     chained: bool,
-}
-
-/// A divergence found in lock-step mode.
-#[derive(Debug, Clone)]
-pub struct Divergence {
-    /// Guest EIP of the block.
-    pub eip: u32,
-    /// Listing of the block.
-    pub listing: String,
-    /// State after the translated block.
-    pub jit: Box<CpuState>,
-    /// State after the interpreter ran the same instructions.
-    pub interp: Box<CpuState>,
-}
-
-impl std::fmt::Display for Divergence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "lock-step divergence in block at {:#010x}:", self.eip)?;
-        write!(f, "{}", self.listing)?;
-        const N: [&str; 8] = ["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"];
-        for (i, n) in N.iter().enumerate() {
-            let (a, b) = (self.jit.gpr[i] as u32, self.interp.gpr[i] as u32);
-            let mark = if a != b { "  <--" } else { "" };
-            writeln!(f, "  {n}: jit {a:08x} interp {b:08x}{mark}")?;
-        }
-        writeln!(
-            f,
-            "  eip: jit {:08x} interp {:08x}",
-            self.jit.rip as u32, self.interp.rip as u32
-        )?;
-        writeln!(
-            f,
-            "  eflags: jit {:08x} interp {:08x}",
-            self.jit.eflags(),
-            self.interp.eflags()
-        )
-    }
 }
 
 /// The translator and its code cache.
@@ -329,16 +300,12 @@ impl Jit {
         }
     }
 
-    /// Like [`Jit::run`], but runs every translated block once in each engine (the
-    /// translated code, then the interpreter from the same starting state) and stops at
-    /// the first difference in GPRs, EIP or defined arithmetic flags. On success the
-    /// interpreter's state is kept.
-    ///
-    /// Limitation: a block that touches memory cannot be replayed (a read-modify-write
-    /// would apply twice), so in lock-step mode memory instructions are not translated:
-    /// they run in the interpreter, and lock-step checks the register-only translation
-    /// and the block plumbing. The memory path is checked by the random differential
-    /// tests instead.
+    /// Like [`Jit::run`], but runs every translated block in both engines (the
+    /// interpreter with its memory writes logged and then undone, then the translated
+    /// code from the same state) and stops at the first difference in instructions
+    /// retired, faults, registers, defined flags or memory written (see the [`lockstep`]
+    /// module). On success the translated block's state is kept. Blocks are not
+    /// chained, so every block entry is checked.
     pub fn run_lockstep(
         &mut self,
         cpu: &mut Cpu,
@@ -365,10 +332,6 @@ impl Jit {
             self.sync_epoch(cpu);
             let mut mode = if left < MAX_BLOCK_INSNS as u64 {
                 None
-            } else if lockstep {
-                // Translated memory accesses cannot be replayed: lock-step compares
-                // register-only blocks (and memory instructions run interpreted).
-                mode_bits(&cpu.s).map(|m| m & !(MODE_FLAT_DATA | MODE_FS | MODE_GS))
             } else {
                 mode_bits(&cpu.s)
             };
@@ -516,31 +479,7 @@ impl Jit {
     }
 
     fn lockstep_block(&mut self, cpu: &mut Cpu, b: u32) -> Result<u64, Box<Divergence>> {
-        cpu.s.materialize_flags();
-        let before = cpu.s.clone();
-        let icount_before = cpu.stats.instructions;
-        let (n, _) = self.enter_with_budget(cpu, b, 1);
-        let jit_state = cpu.s.clone();
-        cpu.s = before;
-        for _ in 0..n {
-            if cpu.try_step().is_err() {
-                break;
-            }
-        }
-        cpu.stats.instructions = icount_before + n;
-        let und = self.blocks[b as usize].undefined;
-        let same = (0..8).all(|r| jit_state.gpr[r] as u32 == cpu.s.gpr[r] as u32)
-            && jit_state.rip as u32 == cpu.s.rip as u32
-            && (jit_state.eflags() ^ cpu.s.eflags()) & !und == 0;
-        if same {
-            return Ok(n);
-        }
-        Err(Box::new(Divergence {
-            eip: self.blocks[b as usize].eip,
-            listing: self.listing(b as usize),
-            jit: Box::new(jit_state),
-            interp: Box::new(cpu.s.clone()),
-        }))
+        self.lockstep_check(cpu, b)
     }
 
     fn try_chain(&mut self, id: u64, b: u32, eip: u32) {

@@ -795,11 +795,7 @@ fn lockstep_reports_a_divergence() {
     let code = [0x83, 0xc0, 0x01, 0xeb, 0x00, 0xf4];
     cpu.mmu.phys.write(CODE, &code);
     cpu.s.rip = CODE;
-    let key = (
-        CODE,
-        mode_bits(&cpu.s).unwrap() & !(MODE_FLAT_DATA | MODE_FS | MODE_GS),
-        CODE as u32,
-    );
+    let key = (CODE, mode_bits(&cpu.s).unwrap(), CODE as u32);
     let e = jit.translate(&mut cpu, key, CODE as u32);
     let Entry::Native(b) = e else {
         panic!("not translated")
@@ -1610,4 +1606,127 @@ fn random_bytes_never_hurt_the_host() {
     assert!(jit.stats.translated > 0);
     // Each machine has its own physical map: the cache was flushed between them.
     assert!(jit.stats.flushes >= 299, "{}", jit.stats);
+}
+
+#[test]
+fn in_block_interpreter_calls_fault_precisely() {
+    // mov eax, 1 ; stc ; pushfd (in block) ; cld (in block) ; mov esi, HOLE-2 ;
+    // mov edi, DATA ; add eax, 2 ; movsd (in block: reads across into HOLE, #PF) ;
+    // mov edx, 5 ; hlt
+    let mut c = vec![0xb8, 1, 0, 0, 0, 0xf9, 0x9c, 0xfc, 0xbe];
+    c.extend_from_slice(&((HOLE - 2) as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&[0x83, 0xc0, 0x02]);
+    let fault_at = CODE + c.len() as u64;
+    c.extend_from_slice(&[0xa5, 0xba, 5, 0, 0, 0, 0xf4]);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[2] = 0x2222;
+    }
+    assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+    assert_eq!(icpu.run(1000), StepEvent::Halted);
+    let st = jit.stats();
+    assert_eq!(st.in_block.get(&Mnemonic::Pushfd), Some(&1), "{st}");
+    assert_eq!(st.in_block.get(&Mnemonic::Movsd), Some(&1), "{st}");
+    assert!(
+        st.fallbacks.keys().all(|&m| m == Mnemonic::Hlt),
+        "only the handler's HLT went through the dispatcher: {st}"
+    );
+    assert_eq!(st.faults, 1);
+    // Hand-derived: EAX = 3, EDX untouched, ESI/EDI not advanced, #PF at the MOVSD
+    // (CR2 = first byte in the hole), the handler's frame holds the MOVSD's EIP.
+    let s = &jcpu.s;
+    assert_eq!([s.gpr[0], s.gpr[2]].map(|v| v as u32), [3, 0x2222]);
+    assert_eq!(s.gpr[6] as u32, (HOLE - 2) as u32);
+    assert_eq!(s.cr2 as u32, HOLE as u32);
+    let mut frame = [0u8; 8];
+    jcpu.mmu.phys.read(STACK_TOP - 4 - 16, &mut frame);
+    assert_eq!(
+        u32::from_le_bytes(frame[4..8].try_into().unwrap()),
+        fault_at as u32,
+        "faulting EIP"
+    );
+    assert_eq!(jcpu.stats.instructions, icpu.stats.instructions);
+    compare(&jcpu, &icpu, 0).unwrap();
+    assert_eq!(jcpu.s.cr2, icpu.s.cr2);
+    assert_eq!(jcpu.s.gpr[4], icpu.s.gpr[4]);
+}
+
+#[test]
+fn in_block_rep_movs_across_pages_and_onto_code() {
+    // Copies a 0x2000-byte pattern (crossing pages) into DATA+0x100.., then in a loop
+    // copies 1 byte over the immediate of the block's own later instruction:
+    //   L: mov esi, SRC ; mov edi, PATCH ; mov ecx, 1 ; rep movsb ; P: add eax, imm8 ;
+    //      dec ebx ; jnz L ; hlt
+    const SRC: u64 = 0x20ffe;
+    let big_src = 0x30000u64;
+    let big_dst = 0x50100u64;
+    let mut c = vec![0xbe];
+    c.extend_from_slice(&(big_src as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(big_dst as u32).to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&0x2000u32.to_le_bytes());
+    c.extend_from_slice(&[0xfc, 0xf3, 0xa4]); // cld ; rep movsb
+    let l = CODE + c.len() as u64;
+    let patch = l + 5 + 5 + 5 + 2 + 2;
+    c.push(0xbe);
+    c.extend_from_slice(&(SRC as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(patch as u32).to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&1u32.to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0xa4]); // rep movsb
+    c.extend_from_slice(&[0x83, 0xc0, 0x01]); // add eax, 1 (imm patched)
+    assert_eq!(CODE + c.len() as u64 - 1, patch);
+    c.push(0x4b); // dec ebx
+    let rel = l as i64 - (CODE as i64 + c.len() as i64 + 2);
+    c.extend_from_slice(&[0x75, rel as i8 as u8, 0xf4]);
+    let pattern: Vec<u8> = (0..0x2000u32).map(|k| (k * 7 + 3) as u8).collect();
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = machine();
+    let mut icpu = machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.mmu.phys.write(big_src, &pattern);
+        cpu.mmu.phys.write(SRC, &[0x10, 0x20]);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[3] = 3;
+    }
+    assert_eq!(jit.run(&mut jcpu, 100_000), StepEvent::Halted);
+    assert_eq!(icpu.run(100_000), StepEvent::Halted);
+    // Hand-derived: the first pass adds the patched 0x10 (the copy precedes the add),
+    // and so do the other two: EAX = 0x30.
+    assert_eq!(jcpu.s.gpr[0] as u32, 0x30);
+    let mut got = vec![0u8; 0x2000];
+    jcpu.mmu.phys.read(big_dst, &mut got);
+    assert!(got == pattern, "bulk copy across pages");
+    compare(&jcpu, &icpu, 0).unwrap();
+    let st = jit.stats();
+    assert!(st.in_block.get(&Mnemonic::Movsb).copied().unwrap_or(0) >= 4, "{st}");
+    assert!(st.invalidated >= 1, "the store into code invalidated the block: {st}");
+}
+
+#[test]
+fn in_block_popfd_setting_if_leaves_the_block() {
+    // An interrupt is pending; IF = 0. push 0x202 ; popfd (in block: IF 0 -> 1, the block
+    // must leave so the interrupt is taken before the next instruction) ; mov eax, 7 ;
+    // hlt. The handler (HANDLER, vector 0x1e) halts.
+    let c = [0x68, 0x02, 0x02, 0, 0, 0x9d, 0xb8, 7, 0, 0, 0, 0xf4];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = paged_machine();
+    cpu.intr = Some(Box::new(LateIrq { polls: 0, after: 0 }));
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    assert_eq!(jit.run(&mut cpu, 1000), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u32, 0, "interrupted before mov eax, 7");
+    assert_eq!(cpu.s.rip as u32, 0x30001, "halted in the handler");
+    let st = jit.stats();
+    assert_eq!(st.in_block.get(&Mnemonic::Popfd), Some(&1), "{st}");
+    assert_eq!(st.in_block_exits, 1);
 }

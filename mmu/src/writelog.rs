@@ -143,12 +143,12 @@ impl WriteLog {
     }
 
     /// Puts the old bytes of every recorded write back, newest first, through
-    /// [`PhysMem::write`] (so code-page marks see the writes), and empties the log.
-    pub fn undo(&mut self, phys: &mut PhysMem) {
+    /// [`PhysMem::write`] (so code-page marks see the writes). The log keeps its
+    /// records.
+    pub fn undo(&self, phys: &mut PhysMem) {
         for r in self.recs.iter().rev() {
             phys.write(r.addr, &self.bytes[r.at..r.at + r.len]);
         }
-        self.clear();
     }
 }
 
@@ -189,6 +189,8 @@ mod tests {
         let mut b = [0u8; 4];
         m.read(0x1000, &mut b);
         assert_eq!(b, [1, 2, 3, 4], "newest first restores the original bytes");
+        assert_eq!(log.len(), 2);
+        log.clear();
         assert!(log.is_empty());
     }
 
