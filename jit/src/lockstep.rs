@@ -35,7 +35,7 @@
 
 use crate::translate::count_dependent;
 use crate::Jit;
-use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind, RflagsBits};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, RflagsBits};
 use morph86_cpu::exception::Exception;
 use morph86_cpu::state::{AC, AF, CF, DF, IF, OF, PF, SF, ZF};
 use morph86_cpu::{Cpu, CpuState};
@@ -54,16 +54,20 @@ pub struct LockstepStats {
     pub bytes: u64,
     /// Blocks that wrote to a page holding code (left early by both engines).
     pub code_writes: u64,
-    /// Blocks run by the interpreter only (device access or paging change: not replayable).
+    /// Blocks run by the interpreter only (port I/O, time stamp, device access or
+    /// paging change: not replayable).
     pub interp_only: u64,
+    /// Blocks whose translated code left before the interpreter's run ended (compared
+    /// at the point it left).
+    pub early_exits: u64,
 }
 
 impl std::fmt::Display for LockstepStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "lockstep: {} blocks / {} instructions compared clean ({} with a fault, {} writing code), {} bytes written compared, {} blocks interpreter-only (device access)",
-            self.blocks, self.insns, self.faults, self.code_writes, self.bytes, self.interp_only
+            "lockstep: {} blocks / {} instructions compared clean ({} with a fault, {} writing code, {} left early), {} bytes written compared, {} blocks interpreter-only (I/O, devices)",
+            self.blocks, self.insns, self.faults, self.code_writes, self.early_exits, self.bytes, self.interp_only
         )
     }
 }
@@ -240,12 +244,34 @@ pub fn undefined_after(insns: &[Instruction]) -> u32 {
     und
 }
 
+/// Instructions whose effects cannot be replayed (port I/O) or differ between two runs
+/// (time stamp, hardware random numbers): a block holding one runs in the interpreter
+/// only.
+fn not_replayable(m: Mnemonic) -> bool {
+    use Mnemonic::*;
+    matches!(
+        m,
+        In | Out
+            | Insb
+            | Insw
+            | Insd
+            | Outsb
+            | Outsw
+            | Outsd
+            | Rdtsc
+            | Rdtscp
+            | Rdpmc
+            | Rdrand
+            | Rdseed
+    )
+}
+
 /// The names of the state parts (besides undefined flags) in which `a` and `b` differ.
 fn state_diffs(a: &CpuState, b: &CpuState, und: u32) -> Vec<&'static str> {
     let mut v = Vec::new();
-    for r in 0..8 {
+    for (r, n) in GPR_NAMES.iter().enumerate() {
         if a.gpr[r] as u32 != b.gpr[r] as u32 {
-            v.push(GPR_NAMES[r]);
+            v.push(*n);
         }
     }
     if a.rip as u32 != b.rip as u32 {
@@ -254,9 +280,9 @@ fn state_diffs(a: &CpuState, b: &CpuState, und: u32) -> Vec<&'static str> {
     if (a.eflags() ^ b.eflags()) & !und != 0 {
         v.push("eflags");
     }
-    for r in 0..6 {
+    for (r, n) in SEG_NAMES.iter().enumerate() {
         if a.seg[r] != b.seg[r] {
-            v.push(SEG_NAMES[r]);
+            v.push(*n);
         }
     }
     if a.cr0 != b.cr0 || a.cr2 != b.cr2 || a.cr3 != b.cr3 || a.cr4 != b.cr4 {
@@ -293,19 +319,28 @@ impl Jit {
         let count0 = cpu.stats.instructions;
         let regs0 = cpu.mmu.paging_regs();
 
-        // 1. The interpreter, every write logged.
+        // 1. The interpreter, every write logged. `snaps[k]` / `marks[k]`: the state
+        // and the number of writes after k instructions.
+        let io = insns.iter().any(|i| not_replayable(i.mnemonic()));
         cpu.mmu.start_write_log(Box::default());
         let mut snaps = vec![s0.clone()];
+        let mut marks = vec![0usize];
         let mut interp_fault = None;
         let mut wrote_code = false;
-        for _ in 0..insns.len() {
+        for (k, i) in insns.iter().enumerate() {
             match cpu.try_step() {
                 Ok(()) => {
                     cpu.s.materialize_flags();
                     snaps.push(cpu.s.clone());
+                    marks.push(cpu.mmu.write_log().map_or(0, |l| l.len()));
                     if cpu.mmu.phys.has_dirty_code() {
                         // Translated code leaves its block right after such a write.
                         wrote_code = true;
+                        break;
+                    }
+                    if k + 1 < insns.len() && cpu.s.rip != i.next_ip() {
+                        // Left the block's straight line (a REP chunk that did not
+                        // finish): translated code leaves the block there too.
                         break;
                     }
                 }
@@ -320,7 +355,7 @@ impl Jit {
         let interp_state = cpu.s.clone();
 
         // 2. Side effects that cannot be replayed: the interpreter's run stands.
-        if ilog.touched_device() || cpu.mmu.paging_regs() != regs0 {
+        if io || ilog.touched_device() || cpu.mmu.paging_regs() != regs0 {
             self.stats.lockstep.interp_only += 1;
             self.ctx.exception = interp_fault;
             return Ok(ni);
@@ -355,19 +390,46 @@ impl Jit {
         let jlog: Box<WriteLog> = cpu.mmu.stop_write_log().unwrap_or_default();
         let jit_fault = self.ctx.exception;
 
-        // 5. Compare.
+        // 5. Compare. Translated code may leave its block before the end (and the
+        // remaining instructions then run afresh from the dispatcher), so it is
+        // compared with the interpreter's state after as many instructions; a fault
+        // must be the interpreter's, at the same instruction.
         let mut reasons: Vec<String> = Vec::new();
-        if nj != ni {
+        if nj > ni || (jit_fault.is_some() && nj != ni) {
             reasons.push(format!("instructions retired: jit {nj} interp {ni}"));
         }
-        if jit_fault != interp_fault {
+        if jit_fault.is_some() && jit_fault != interp_fault {
             reasons.push("faults differ".into());
         }
-        let at = (nj.min(ni)) as usize;
+        let at = nj.min(ni) as usize;
+        let (want_state, writes_kept) = if jit_fault.is_some() {
+            (interp_state.clone(), ilog.len())
+        } else {
+            (snaps[at].clone(), marks[at])
+        };
+        if at < ni as usize || (interp_fault.is_some() && jit_fault.is_none()) {
+            self.stats.lockstep.early_exits += 1;
+        }
         let undefined = undefined_after(&insns[..at.min(insns.len())]);
-        let diffs = state_diffs(&cpu.s, &interp_state, undefined);
+        let diffs = state_diffs(&cpu.s, &want_state, undefined);
         if !diffs.is_empty() {
             reasons.push(format!("state differs: {}", diffs.join(", ")));
+        }
+        // The pages as the interpreter left them after `writes_kept` writes: later
+        // writes taken back, newest first.
+        let mut expected = expected;
+        for w in ilog
+            .writes()
+            .skip(writes_kept)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            let page = w.addr & !(PAGE_SIZE - 1);
+            if let Ok(k) = expected.binary_search_by_key(&page, |e| e.0) {
+                let off = (w.addr - page) as usize;
+                expected[k].1[off..off + w.old.len()].copy_from_slice(w.old);
+            }
         }
         let mut memory = Vec::new();
         let mut mem_diffs = 0usize;
@@ -419,7 +481,7 @@ impl Jit {
             reason: reasons.join("; "),
             listing: self.listing(b as usize),
             jit: Box::new(cpu.s.clone()),
-            interp: Box::new(interp_state),
+            interp: Box::new(want_state),
             jit_insns: nj,
             interp_insns: ni,
             jit_fault,
@@ -428,5 +490,440 @@ impl Jit {
             translator_undefined,
             memory,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Expected guest results are worked out by hand from the programs; the checker's
+    //! ability to fail is shown by corrupting translated host code on purpose.
+    use super::*;
+    use crate::cache::Entry;
+    use crate::mode_bits;
+    use iced_x86::{Encoder, Register};
+    use morph86_cpu::state::{
+        SegReg, ATTR_ACCESSED, ATTR_CODE, ATTR_DB, ATTR_G, ATTR_P, ATTR_RW, ATTR_S, CR0_PE, CR0_PG,
+    };
+    use morph86_cpu::{Segment, StepEvent};
+    use morph86_mmu::{BusDevice, Mmu, PhysMem};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    const CODE: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STACK_TOP: u64 = 0x7800;
+    const HANDLER: u64 = 0x30000;
+    /// Not present when paging is on.
+    const HOLE: u64 = 0x9000;
+    /// Linear page mapped (when paging is on) to the physical page of `CODE`.
+    const ALIAS: u64 = 0x30_0000;
+    const MMIO: u64 = 0xe000_0000;
+
+    /// Flat 32-bit protected mode, ring 0; with `paged`, 0-4 MiB identity-mapped except
+    /// `HOLE` (not present) and `ALIAS` (another view of the `CODE` page). Every
+    /// exception vector goes to a HLT at `HANDLER`.
+    fn machine(paged: bool) -> Cpu {
+        let mut cpu = Cpu::new(Mmu::new(PhysMem::new(4 << 20).unwrap()));
+        cpu.s.cr0 |= CR0_PE;
+        let flat = |attrs: u32, selector: u16| Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
+            selector,
+        };
+        for s in SegReg::ALL {
+            cpu.s.seg[s as usize] = flat(0, 0x10);
+        }
+        cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
+        let gdt: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+        for (k, d) in gdt.iter().enumerate() {
+            cpu.mmu.phys.write(0x500 + 8 * k as u64, &d.to_le_bytes());
+        }
+        for v in 0..32u64 {
+            // 32-bit interrupt gate, selector 8, offset HANDLER.
+            let lo = (HANDLER & 0xffff) | (0x08 << 16);
+            let hi = (HANDLER & 0xffff_0000) | 0x8e00;
+            cpu.mmu
+                .phys
+                .write(0x600 + 8 * v, &(lo | hi << 32).to_le_bytes());
+        }
+        cpu.mmu.phys.write(HANDLER, &[0xf4]);
+        cpu.s.gdtr.base = 0x500;
+        cpu.s.gdtr.limit = 23;
+        cpu.s.idtr.base = 0x600;
+        cpu.s.idtr.limit = 32 * 8 - 1;
+        if paged {
+            cpu.mmu.phys.write(0x1000, &(0x2000u32 | 3).to_le_bytes());
+            for p in 0..1024u64 {
+                let pte = match p * 4096 {
+                    HOLE => 0,
+                    ALIAS => CODE | 3,
+                    a => a | 3,
+                };
+                cpu.mmu
+                    .phys
+                    .write(0x2000 + 4 * p, &(pte as u32).to_le_bytes());
+            }
+            cpu.s.cr3 = 0x1000;
+            cpu.s.cr0 |= CR0_PG;
+        }
+        cpu.s.gpr[4] = STACK_TOP;
+        cpu.sync_paging();
+        cpu
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn run(jit: &mut Jit, cpu: &mut Cpu) -> StepEvent {
+        match jit.run_lockstep(cpu, 100_000) {
+            Ok(ev) => ev,
+            Err(d) => panic!("{d}"),
+        }
+    }
+
+    /// Registers a random instruction may write: EAX ECX EDX EBP ESI EDI (EBX holds
+    /// the data pointer, ESP the stack).
+    const DST: [u8; 6] = [0, 1, 2, 5, 6, 7];
+
+    /// A random straight-line program of memory instructions on `[ebx+d8]` (EBX points
+    /// into DATA) and the stack, ending in HLT.
+    fn random_memory_program(r: &mut Rng) -> Vec<u8> {
+        let mut c = Vec::new();
+        let n = 1 + r.below(80);
+        for _ in 0..n {
+            let d = DST[r.below(6) as usize];
+            let s = r.below(8) as u8;
+            let disp = (r.below(64) as u8) & !3 | (r.below(4) == 0) as u8;
+            let m = |reg: u8| 0x43 | reg << 3; // [ebx+d8]
+            match r.below(16) {
+                0 => c.extend_from_slice(&[0x89, m(s), disp]), // mov [m], r
+                1 => c.extend_from_slice(&[0x8b, m(d), disp]), // mov r, [m]
+                2 => {
+                    // add/or/adc/sbb/and/sub/xor/cmp [m], r
+                    let op = [0x01, 0x09, 0x11, 0x19, 0x21, 0x29, 0x31, 0x39][r.below(8) as usize];
+                    c.extend_from_slice(&[op, m(s), disp]);
+                }
+                3 => {
+                    // the same, r <- r op [m]
+                    let op = [0x03, 0x0b, 0x13, 0x1b, 0x23, 0x2b, 0x33, 0x3b][r.below(8) as usize];
+                    c.extend_from_slice(&[op, m(d), disp]);
+                }
+                4 => c.extend_from_slice(&[0xff, m(r.below(2) as u8), disp]), // inc/dec [m]
+                5 => c.extend_from_slice(&[0xf7, m(2 + r.below(2) as u8), disp]), // not/neg [m]
+                6 => c.extend_from_slice(&[0x88, m(s & 3), disp]),            // mov [m], r8
+                7 => c.extend_from_slice(&[0x0f, 0xb6, m(d), disp]),          // movzx r, byte [m]
+                8 => c.push(0x50 + s),                                        // push r
+                9 => c.push(0x58 + d),                                        // pop r
+                10 => c.extend_from_slice(&[0x87, m(d), disp]),               // xchg [m], r
+                11 => {
+                    // shl/shr/sar/rol [m], imm8
+                    let k = [4u8, 5, 7, 0][r.below(4) as usize];
+                    c.extend_from_slice(&[0xc1, m(k), disp, r.below(40) as u8]);
+                }
+                12 => c.extend_from_slice(&[0x0f, 0xaf, m(d), disp]), // imul r, [m]
+                13 => {
+                    c.extend_from_slice(&[0xc7, m(0), disp]); // mov dword [m], imm32
+                    c.extend_from_slice(&(r.next() as u32).to_le_bytes());
+                }
+                14 => c.extend_from_slice(&[0x01, 0xc0 | s << 3 | d]), // add d, s
+                _ => c.extend_from_slice(&[0x0f, 0xc1, m(d), disp]),   // xadd [m], r
+            }
+        }
+        c.push(0xf4);
+        c
+    }
+
+    #[test]
+    fn random_memory_blocks_run_clean_in_lockstep() {
+        let mut r = Rng(0x6c6f_636b_7374_6570);
+        let mut jit = Jit::new(1 << 20).unwrap();
+        for case in 0..300 {
+            let mut cpu = machine(case % 2 == 1);
+            let code = random_memory_program(&mut r);
+            cpu.mmu.phys.write(CODE, &code);
+            let data: Vec<u8> = (0..0x100).map(|_| r.next() as u8).collect();
+            cpu.mmu.phys.write(DATA, &data);
+            for g in [0, 1, 2, 5, 6, 7] {
+                cpu.s.gpr[g] = r.next() as u32 as u64;
+            }
+            cpu.s.gpr[3] = DATA + 0x40;
+            cpu.s.rip = CODE;
+            let ev = match jit.run_lockstep(&mut cpu, 100_000) {
+                Ok(ev) => ev,
+                Err(d) => panic!("case {case}: {d}"),
+            };
+            assert_eq!(ev, StepEvent::Halted, "case {case}");
+        }
+        let st = &jit.stats.lockstep;
+        assert!(st.blocks >= 300 && st.insns > 300 * 20, "{st}");
+        assert!(st.bytes > 300 * 20, "memory writes compared: {st}");
+    }
+
+    /// Runs `code` at `at` (plus `extra` pieces) from EAX = ECX = 0 in lock-step; returns
+    /// the CPU and the JIT after the HLT.
+    fn run_smc(paged: bool, pieces: &[(u64, &[u8])], ebx: u64) -> (Cpu, Jit) {
+        let mut cpu = machine(paged);
+        for (at, code) in pieces {
+            cpu.mmu.phys.write(*at, code);
+        }
+        cpu.s.rip = CODE;
+        cpu.s.gpr[3] = ebx;
+        let mut jit = Jit::new(1 << 20).unwrap();
+        assert_eq!(run(&mut jit, &mut cpu), StepEvent::Halted);
+        (cpu, jit)
+    }
+
+    #[test]
+    fn smc_within_the_same_block() {
+        // mov byte [CODE+12], 0x41 ; mov edx, 7 ; X: inc eax (0x40, becomes inc ecx) ; hlt
+        let mut c = vec![0xc6, 0x05];
+        c.extend_from_slice(&(CODE as u32 + 12).to_le_bytes());
+        c.extend_from_slice(&[0x41, 0xba, 7, 0, 0, 0, 0x40, 0xf4]);
+        assert_eq!(c[12], 0x40);
+        let (cpu, jit) = run_smc(false, &[(CODE, &c)], 0);
+        // The store lands before X runs: ECX counts, EAX does not.
+        assert_eq!(
+            [cpu.s.gpr[0], cpu.s.gpr[1], cpu.s.gpr[2]].map(|v| v as u32),
+            [0, 1, 7]
+        );
+        assert!(
+            jit.stats.lockstep.code_writes >= 1,
+            "{}",
+            jit.stats.lockstep
+        );
+    }
+
+    /// mov ebx, 2 ; L: call Y ; mov byte [Y+2 (through `via`)], 5 ; dec ebx ; jnz L ; hlt,
+    /// with Y: add eax, 1 ; ret. The second call adds 5: EAX = 6.
+    fn call_patch_loop(y: u64, via: u64) -> Vec<u8> {
+        let mut c = vec![0xbb, 2, 0, 0, 0];
+        let l = CODE + c.len() as u64;
+        c.push(0xe8);
+        c.extend_from_slice(&((y as i64 - (l as i64 + 5)) as i32).to_le_bytes());
+        c.extend_from_slice(&[0xc6, 0x05]);
+        c.extend_from_slice(&((via + 2) as u32).to_le_bytes());
+        c.push(5);
+        c.push(0x4b);
+        let rel = l as i64 - (CODE as i64 + c.len() as i64 + 2);
+        c.extend_from_slice(&[0x75, rel as i8 as u8, 0xf4]);
+        c
+    }
+
+    const Y_CODE: [u8; 4] = [0x83, 0xc0, 0x01, 0xc3];
+
+    #[test]
+    fn smc_same_page_other_block() {
+        let y = CODE + 0x100;
+        let c = call_patch_loop(y, y);
+        let (cpu, jit) = run_smc(false, &[(CODE, &c), (y, &Y_CODE)], 0);
+        assert_eq!(cpu.s.gpr[0] as u32, 6);
+        assert!(
+            jit.stats.lockstep.code_writes >= 2,
+            "{}",
+            jit.stats.lockstep
+        );
+        assert!(jit.stats.invalidated >= 1, "{}", jit.stats);
+    }
+
+    #[test]
+    fn smc_across_pages() {
+        let y = CODE + 0x1010;
+        let c = call_patch_loop(y, y);
+        let (cpu, jit) = run_smc(false, &[(CODE, &c), (y, &Y_CODE)], 0);
+        assert_eq!(cpu.s.gpr[0] as u32, 6);
+        assert!(
+            jit.stats.lockstep.code_writes >= 2,
+            "{}",
+            jit.stats.lockstep
+        );
+    }
+
+    #[test]
+    fn smc_through_an_alias_mapping() {
+        // The store goes through ALIAS, another linear view of the code page.
+        let y = CODE + 0x100;
+        let c = call_patch_loop(y, ALIAS + 0x100);
+        let (cpu, jit) = run_smc(true, &[(CODE, &c), (y, &Y_CODE)], 0);
+        assert_eq!(cpu.s.gpr[0] as u32, 6);
+        assert!(
+            jit.stats.lockstep.code_writes >= 2,
+            "{}",
+            jit.stats.lockstep
+        );
+        assert!(jit.stats.lockstep.blocks >= 4, "{}", jit.stats.lockstep);
+    }
+
+    #[test]
+    fn faults_are_compared() {
+        // mov eax, 1 ; mov [ebx], eax ; mov ecx, [HOLE+4] (#PF) ; mov edx, 5 ; hlt
+        let mut c = vec![0xb8, 1, 0, 0, 0, 0x89, 0x03, 0x8b, 0x0d];
+        c.extend_from_slice(&((HOLE + 4) as u32).to_le_bytes());
+        c.extend_from_slice(&[0xba, 5, 0, 0, 0, 0xf4]);
+        let (cpu, jit) = run_smc(true, &[(CODE, &c)], DATA);
+        assert_eq!(cpu.s.cr2 as u32, HOLE as u32 + 4);
+        assert_eq!(
+            cpu.s.rip as u32,
+            HANDLER as u32 + 1,
+            "halted in the handler"
+        );
+        assert_ne!(cpu.s.gpr[2] as u32, 5, "mov edx, 5 never ran");
+        assert_eq!(
+            cpu.mmu.phys.ram()[DATA as usize],
+            1,
+            "the store before the fault"
+        );
+        assert!(jit.stats.lockstep.faults >= 1, "{}", jit.stats.lockstep);
+    }
+
+    struct Counter(Arc<AtomicU32>);
+    impl BusDevice for Counter {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            data.fill(0x11);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn device_accesses_are_not_replayed() {
+        // mov eax, [MMIO] ; add eax, 1 ; mov [DATA], eax ; hlt
+        let mut c = vec![0xa1];
+        c.extend_from_slice(&(MMIO as u32).to_le_bytes());
+        c.extend_from_slice(&[0x83, 0xc0, 0x01, 0xa3]);
+        c.extend_from_slice(&(DATA as u32).to_le_bytes());
+        c.push(0xf4);
+        let n = Arc::new(AtomicU32::new(0));
+        let mut cpu = machine(false);
+        cpu.mmu
+            .phys
+            .add_mmio(MMIO, 0x1000, Box::new(Counter(n.clone())));
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        let mut jit = Jit::new(1 << 20).unwrap();
+        assert_eq!(run(&mut jit, &mut cpu), StepEvent::Halted);
+        assert_eq!(n.load(Ordering::Relaxed), 1, "one device read, not two");
+        assert_eq!(cpu.s.gpr[0] as u32, 0x1111_1112);
+        assert!(
+            jit.stats.lockstep.interp_only >= 1,
+            "{}",
+            jit.stats.lockstep
+        );
+    }
+
+    /// Translates the block at CODE and returns its number.
+    fn translate_at_code(jit: &mut Jit, cpu: &mut Cpu) -> u32 {
+        let key = (CODE, mode_bits(&cpu.s).unwrap(), CODE as u32);
+        let Entry::Native(b) = jit.translate(cpu, key, CODE as u32) else {
+            panic!("not translated")
+        };
+        b
+    }
+
+    /// Rewrites the last `mov [mem], reg` of the host code of the block's first guest
+    /// instruction with `f` (which must keep the length).
+    fn patch_store(jit: &mut Jit, b: u32, f: impl Fn(&mut Instruction)) {
+        let (s, e) = jit.blocks[b as usize].ranges[0];
+        let bytes = jit.region.bytes(s, e - s).unwrap().to_vec();
+        let store = Decoder::with_ip(64, &bytes, s as u64, DecoderOptions::NONE)
+            .iter()
+            .filter(|i| {
+                i.mnemonic() == Mnemonic::Mov
+                    && i.op0_kind() == OpKind::Memory
+                    && i.op1_kind() == OpKind::Register
+            })
+            .last()
+            .expect("a store in the host code");
+        let mut new = store;
+        f(&mut new);
+        let mut enc = Encoder::new(64);
+        enc.encode(&new, store.ip()).unwrap();
+        let code = enc.take_buffer();
+        assert_eq!(code.len(), store.len(), "same length");
+        jit.region.patch(store.ip() as usize, &code);
+    }
+
+    fn broken_store(f: impl Fn(&mut Instruction)) -> Box<Divergence> {
+        // mov [ebx+8], eax ; hlt
+        let mut cpu = machine(false);
+        cpu.mmu.phys.write(CODE, &[0x89, 0x43, 0x08, 0xf4]);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[0] = 0x1234_5678;
+        cpu.s.gpr[1] = 0x9abc_def0;
+        cpu.s.gpr[3] = DATA;
+        let mut jit = Jit::new(1 << 20).unwrap();
+        // Warm the TLB so the store takes the translated fast path.
+        cpu.mmu.write_u32(DATA, 0, false).unwrap();
+        let b = translate_at_code(&mut jit, &mut cpu);
+        patch_store(&mut jit, b, f);
+        jit.run_lockstep(&mut cpu, 100).unwrap_err()
+    }
+
+    #[test]
+    fn a_wrong_stored_value_is_detected() {
+        // The host store writes ECX instead of EAX.
+        let d = broken_store(|i| {
+            let r = i.op1_register();
+            let other = if r == Register::EAX {
+                Register::ECX
+            } else {
+                Register::EAX
+            };
+            i.set_op1_register(other);
+        });
+        assert!(d.reason.contains("bytes of memory differ"), "{d}");
+        assert_eq!(
+            d.memory[0],
+            MemDiff {
+                addr: DATA + 8,
+                jit: 0xf0,
+                interp: 0x78
+            },
+            "{d}"
+        );
+        assert!(d
+            .to_string()
+            .contains("mem 0x00020008: jit f0 interp 78  <--"));
+    }
+
+    #[test]
+    fn a_wrong_store_address_is_detected() {
+        // The host store lands 0x40 bytes further on.
+        let d = broken_store(|i| i.set_memory_displacement64(i.memory_displacement64() + 0x40));
+        assert!(d.reason.contains("bytes of memory differ"), "{d}");
+        let addrs: Vec<u64> = d.memory.iter().map(|m| m.addr).collect();
+        assert!(
+            addrs.contains(&(DATA + 8)) && addrs.contains(&(DATA + 0x48)),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn undefined_flags_follow_the_last_writer() {
+        let dec = |b: &[u8]| -> Vec<Instruction> {
+            Decoder::with_ip(32, b, 0, DecoderOptions::NONE)
+                .iter()
+                .collect()
+        };
+        // mul ecx: SF ZF AF PF undefined; then add eax, 1 defines them all.
+        assert_eq!(undefined_after(&dec(&[0xf7, 0xe1])), SF | ZF | AF | PF);
+        assert_eq!(undefined_after(&dec(&[0xf7, 0xe1, 0x83, 0xc0, 0x01])), 0);
+        // shl eax, cl may change nothing: mul's undefined flags stay undefined.
+        let v = undefined_after(&dec(&[0xf7, 0xe1, 0xd3, 0xe0]));
+        assert_eq!(v & (SF | ZF | PF | AF), SF | ZF | PF | AF);
+        // and eax, ecx: AF undefined only.
+        assert_eq!(undefined_after(&dec(&[0x21, 0xc8])), AF);
     }
 }
