@@ -20,6 +20,14 @@
 //!   changed: text cells whose character or attribute changed, and scanlines whose video
 //!   memory pages were written since the last update.
 //!
+//! The framebuffer memory ([`Vga::framebuffer_memory`]) is MMU watched memory
+//! (`morph86_mmu::dirty`): the machine maps it at BAR0's address with
+//! `PhysMem::add_watched`, so guest stores reach it at RAM speed through the TLB and
+//! the MMU logs the written pages; at each harvest an [`LfbSink`] copies those pages into
+//! [`Vga::lfb`], the copy the renderer reads, and marks their scanlines for redrawing.
+//! Accesses that still come through the device (the banked window at 0xA0000, BAR0 moved
+//! by the guest away from the watched mapping) update both.
+//!
 //! Snapshot: the whole device state is serde-serializable ([`Vga`] derives it).
 //!
 //! There is no VGA BIOS: [`Vga::bios_text_mode`] does what its power-on code would
@@ -32,7 +40,7 @@ pub use render::{Frame, Rect};
 
 use crate::bus::lock;
 use crate::pci::{BarKind, PciConfig, PciFunction};
-use morph86_mmu::BusDevice;
+use morph86_mmu::{BusDevice, DirtySink, WatchedMem};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 
@@ -220,9 +228,14 @@ pub struct Vga {
     vbe_index: u16,
     /// Dispi registers.
     pub vbe: [u16; VBE_REGS],
-    /// VBE memory (the linear framebuffer).
+    /// The display's copy of the VBE memory (the linear framebuffer), as of the last
+    /// harvest of [`Vga::framebuffer_memory`] (plus the writes made through the device).
     #[serde(skip, default = "new_lfb")]
     pub lfb: Vec<u8>,
+    /// The VBE memory itself (guest's side; see the module documentation). Clones of a
+    /// `Vga` share it.
+    #[serde(skip, default = "new_fb")]
+    fb: Arc<WatchedMem>,
     #[serde(skip, default = "new_vram_dirty")]
     vram_dirty: Vec<bool>,
     #[serde(skip, default = "new_lfb_dirty")]
@@ -239,6 +252,10 @@ pub struct Vga {
 
 fn new_lfb() -> Vec<u8> {
     vec![0; LFB_SIZE]
+}
+fn new_fb() -> Arc<WatchedMem> {
+    // 16 MiB of address space, committed only as the guest draws.
+    WatchedMem::new(LFB_SIZE).expect("cannot reserve host memory for the VGA framebuffer")
 }
 fn new_vram_dirty() -> Vec<bool> {
     vec![true; VRAM_SIZE / DIRTY_PAGE]
@@ -277,6 +294,12 @@ impl Default for Vga {
 impl Vga {
     /// A VGA at power-on: all registers zero, memory clear, VBE off.
     pub fn new() -> Self {
+        Self::with_framebuffer(new_fb())
+    }
+
+    /// A VGA at power-on using `fb` (at least [`LFB_SIZE`] bytes, cleared by the caller)
+    /// as its framebuffer memory.
+    fn with_framebuffer(fb: Arc<WatchedMem>) -> Self {
         let mut vbe = [0u16; VBE_REGS];
         vbe[VBE_INDEX_ID as usize] = VBE_ID5;
         vbe[VBE_INDEX_VIDEO_MEMORY_64K as usize] = (LFB_SIZE >> 16) as u16;
@@ -305,6 +328,7 @@ impl Vga {
             vbe_index: 0,
             vbe,
             lfb: new_lfb(),
+            fb,
             vram_dirty: new_vram_dirty(),
             lfb_dirty: new_lfb_dirty(),
             full_redraw: true,
@@ -313,9 +337,21 @@ impl Vga {
         }
     }
 
-    /// Back to power-on state (keeps nothing).
+    /// Back to power-on state (keeps nothing but the framebuffer memory's identity, which
+    /// the machine has mapped; its contents are cleared).
+    ///
+    /// Call it from the thread that runs the guest (as the machine's reset does), or
+    /// before that thread starts: it writes the framebuffer memory.
     pub fn reset(&mut self) {
-        *self = Vga::new();
+        let fb = self.fb.clone();
+        fb_fill(&fb, 0, LFB_SIZE, 0);
+        *self = Vga::with_framebuffer(fb);
+    }
+
+    /// The framebuffer memory, to be mapped at BAR0's address as watched memory with an
+    /// [`LfbSink`] (see the module documentation).
+    pub fn framebuffer_memory(&self) -> Arc<WatchedMem> {
+        self.fb.clone()
     }
 
     /// What a VGA BIOS does at power-on: mode 03h (80x25 text, 9x16 cells, colour
@@ -583,6 +619,7 @@ impl Vga {
                     if v & VBE_NOCLEARMEM == 0 {
                         let used = (self.vbe_stride() * self.vbe[2] as usize).min(LFB_SIZE);
                         self.lfb[..used].fill(0);
+                        fb_fill(&self.fb, 0, used, 0);
                     }
                 }
                 self.vbe[4] = v & (VBE_ENABLED | VBE_GETCAPS | VBE_8BIT_DAC | VBE_LFB_ENABLED);
@@ -662,7 +699,9 @@ impl Vga {
     pub fn mem_read(&mut self, off: u64) -> u8 {
         if self.vbe_enabled() && off < 0x1_0000 {
             let a = ((self.vbe[VBE_INDEX_BANK as usize] as usize) << 16) + off as usize;
-            return self.lfb.get(a).copied().unwrap_or(0xff);
+            let mut b = [0xff];
+            self.lfb_read(a as u64, &mut b);
+            return b[0];
         }
         let Some(a) = self.window_offset(off) else {
             return 0xff;
@@ -701,10 +740,7 @@ impl Vga {
     pub fn mem_write(&mut self, off: u64, v: u8) {
         if self.vbe_enabled() && off < 0x1_0000 {
             let a = ((self.vbe[VBE_INDEX_BANK as usize] as usize) << 16) + off as usize;
-            if let Some(b) = self.lfb.get_mut(a) {
-                *b = v;
-                self.mark_lfb(a, 1);
-            }
+            self.lfb_write(a as u64, &[v]);
             return;
         }
         let Some(a) = self.window_offset(off) else {
@@ -782,22 +818,49 @@ impl Vga {
         out
     }
 
-    /// A read of the linear framebuffer at `off` (BAR0 relative).
+    /// A read of the linear framebuffer at `off` (BAR0 relative), made by the guest
+    /// through the device (call it on the thread that runs the guest).
     pub fn lfb_read(&self, off: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.lfb.get(off as usize + i).copied().unwrap_or(0xff);
+        data.fill(0xff);
+        let o = off as usize;
+        if o >= LFB_SIZE {
+            return;
         }
+        let n = data.len().min(LFB_SIZE - o);
+        // SAFETY: device accesses run on the guest's thread (dirty module contract), and
+        // this view ends before the function returns.
+        let fb = unsafe { self.fb.bytes() };
+        data[..n].copy_from_slice(&fb[o..o + n]);
     }
 
-    /// A write to the linear framebuffer at `off`.
+    /// A write to the linear framebuffer at `off`, made by the guest through the device
+    /// (call it on the thread that runs the guest): it reaches the memory and the
+    /// display's copy.
     pub fn lfb_write(&mut self, off: u64, data: &[u8]) {
         let o = off as usize;
         if o >= LFB_SIZE {
             return;
         }
         let n = data.len().min(LFB_SIZE - o);
+        // SAFETY: as in `lfb_read`.
+        let fb = unsafe { self.fb.bytes_mut() };
+        fb[o..o + n].copy_from_slice(&data[..n]);
         self.lfb[o..o + n].copy_from_slice(&data[..n]);
         self.mark_lfb(o, n);
+    }
+
+    /// Copies framebuffer pages `pages` of `mem` into the display's copy and marks them
+    /// for redrawing (what [`LfbSink`] does at a harvest).
+    pub fn lfb_pages_written(&mut self, mem: &[u8], pages: &[usize]) {
+        for &p in pages {
+            let lo = p * DIRTY_PAGE;
+            if lo >= LFB_SIZE.min(mem.len()) {
+                continue;
+            }
+            let hi = (lo + DIRTY_PAGE).min(LFB_SIZE).min(mem.len());
+            self.lfb[lo..hi].copy_from_slice(&mem[lo..hi]);
+            self.mark_lfb(lo, hi - lo);
+        }
     }
 
     /// Forces the next [`Vga::update`] to redraw the whole frame.
@@ -812,6 +875,17 @@ pub fn ega_colour(i: u8) -> [u8; 3] {
     let c =
         |primary: u8, secondary: u8| ((i >> primary) & 1) * 0x2a + ((i >> secondary) & 1) * 0x15;
     [c(2, 5), c(1, 4), c(0, 3)]
+}
+
+/// Fills `len` bytes of framebuffer memory at `off` with `v` (on the guest's thread).
+fn fb_fill(fb: &WatchedMem, off: usize, len: usize, v: u8) {
+    // SAFETY: the callers (VBE enable, reset) run on the guest's thread or before it
+    // starts (dirty module contract); the view ends here.
+    let mem = unsafe { fb.bytes_mut() };
+    let end = off.saturating_add(len).min(mem.len());
+    if off < end {
+        mem[off..end].fill(v);
+    }
 }
 
 /// Bytes per pixel of a VBE depth.
@@ -886,6 +960,16 @@ pub fn install_ports(bus: &mut crate::PortBus, vga: &SharedVga) -> Result<(), cr
     )?;
     bus.register("vbe-data", PORT_VBE_DATA, 2, 0, crate::Width::Any, dev)?;
     Ok(())
+}
+
+/// The harvest's receiver for the framebuffer's watched memory: copies written pages
+/// into [`Vga::lfb`] (see the module documentation).
+pub struct LfbSink(pub SharedVga);
+
+impl DirtySink for LfbSink {
+    fn pages_written(&mut self, mem: &[u8], pages: &[usize]) {
+        lock(&self.0).lfb_pages_written(mem, pages);
+    }
 }
 
 /// The legacy memory window: map at [`LEGACY_BASE`] with length [`LEGACY_LEN`].

@@ -86,6 +86,14 @@ pub fn install(pc: &mut PcPlatform, phys: &mut PhysMem) -> Result<SharedVga, Str
         )
         .map_err(|e| e.to_string())?;
     phys.add_mmio(PCI_MMIO_BASE, PCI_MMIO_LEN, pc.pci_mmio_window());
+    // The framebuffer at BAR0's address as watched memory: guest stores go at RAM speed
+    // and the MMU logs the pages they write (the run loop harvests them into the VGA).
+    let fb = lock(&vga).framebuffer_memory();
+    phys.add_watched(
+        vga::DEFAULT_LFB_ADDR as u64,
+        fb,
+        Box::new(vga::LfbSink(vga.clone())),
+    );
     Ok(vga)
 }
 

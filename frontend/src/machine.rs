@@ -491,6 +491,7 @@ fn vcpu_loop(
         }
         executed += batch;
         crate::display::GUEST_STATS.note(batch, halted);
+        cpu.mmu.harvest_watched(halted);
         if exec_trace && executed.is_multiple_of(EXEC_SAMPLE) {
             let frames = frame_chain(&mut cpu);
             log::debug!(
@@ -553,6 +554,7 @@ fn vcpu_loop(
             deadline = pc.poll();
         }
     };
+    cpu.mmu.harvest_watched(true);
     if stats {
         if let Some(j) = &jit {
             eprintln!("morph86: jit: {}", j.stats);

@@ -184,6 +184,9 @@ impl Vga {
     /// Brings `frame` up to date with video memory and registers. `now_ms` drives cursor
     /// and character blinking. Returns the area that changed, if any.
     pub fn update(&mut self, frame: &mut Frame, now_ms: u64) -> Option<Rect> {
+        // Ask for the framebuffer pages the guest wrote through the MMU; the guest's
+        // thread hands them over at its next harvest, for the next update.
+        self.fb.request();
         let mode = self.current_mode();
         let (w, h) = match mode {
             Mode::Blank => (frame.width.max(640), frame.height.max(400)),
