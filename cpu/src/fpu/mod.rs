@@ -95,44 +95,128 @@ pub const TAG_SPECIAL: u16 = 2;
 /// Tag value: empty.
 pub const TAG_EMPTY: u16 = 3;
 
+/// Byte offset of the FNSAVE image in [`FpuState`] (the state starts with it).
+pub const FSAVE_IMAGE_OFFSET: usize = 0;
+/// Length of the 32-bit protected-mode FNSAVE/FRSTOR image (Intel SDM vol. 1, figure 8-9).
+pub const FSAVE_IMAGE_LEN: usize = 108;
+
 /// x87 registers and environment.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// The first [`FSAVE_IMAGE_LEN`] bytes are laid out as the 32-bit protected-mode
+/// FNSAVE/FRSTOR image, so the JIT can load the state into the host's x87 with one
+/// `FRSTOR` and store it back with one `FNSAVE` (ARCHITECTURE.md section 2): control,
+/// status and tag word each in the low half of a doubleword, then 16 bytes of
+/// instruction/data pointers, then ST(0)-ST(7) *in stack order* (10 bytes each). The
+/// pointer bytes of the image are scratch (a host `FNSAVE` writes host addresses there):
+/// the guest's FIP/FCS/FOP/FDP/FDS are the separate fields after the image.
+///
+/// The full tag word is kept as FNSAVE stores it: a register's tag is empty or else
+/// what its contents say ([`tag_of`]); only the empty bits matter to FRSTOR.
+///
+/// TOP (in `sw`) must change only through [`FpuState::set_top`] / [`FpuState::set_sw`]
+/// (and push/pop), which rotate the stack-ordered registers so that the physical
+/// registers keep their values.
+#[repr(C, align(16))]
+#[derive(Debug, Clone, Copy)]
 pub struct FpuState {
-    /// Physical registers R0-R7 (ST(i) is R[(TOP + i) % 8]).
-    pub regs: [F80; 8],
     /// Control word.
     pub cw: u16,
-    /// Status word, with TOP in bits 11-13.
+    /// Image padding (reserved half of the CW doubleword).
+    pub cw_hi: u16,
+    /// Status word, with TOP in bits 11-13 (see the note on TOP above).
     pub sw: u16,
-    /// Full tag word, two bits a register (00 valid, 01 zero, 10 special, 11 empty).
+    /// Image padding.
+    pub sw_hi: u16,
+    /// Full tag word, two bits per *physical* register (00 valid, 01 zero, 10 special,
+    /// 11 empty).
     pub tw: u16,
+    /// Image padding.
+    pub tw_hi: u16,
+    /// The image's pointer doublewords (FIP, FCS|FOP, FDP, FDS): scratch.
+    pub image_ptrs: [u8; 16],
+    /// ST(0)-ST(7) in stack order: `st_img[i]` is physical register (TOP + i) % 8, as
+    /// 64-bit significand then sign/exponent, little-endian.
+    pub st_img: [[u8; 10]; 8],
     /// Last instruction opcode (11 bits).
     pub fop: u16,
-    /// Last instruction pointer offset.
-    pub fip: u32,
     /// Last instruction CS selector.
     pub fcs: u16,
+    /// Last instruction pointer offset.
+    pub fip: u32,
     /// Last data pointer offset.
     pub fdp: u32,
     /// Last data pointer segment selector.
     pub fds: u16,
+    /// JIT only: nonzero while the host's x87 holds this state (between a translated
+    /// block's `FRSTOR` and the `FNSAVE` on the way out). Always 0 when Rust code runs.
+    pub host_live: u8,
+    /// JIT only: `host_live` as it was when a slow path saved the state.
+    pub host_was_live: u8,
+    /// JIT only: the linear address of the current memory operand, kept until the
+    /// instruction completes and it becomes FDP.
+    pub fdp_pending: u32,
 }
+
+const _: () = assert!(std::mem::offset_of!(FpuState, st_img) == 28);
+const _: () = assert!(std::mem::offset_of!(FpuState, fop) == FSAVE_IMAGE_LEN);
+
+impl PartialEq for FpuState {
+    /// Architectural state only (the image's scratch bytes and the JIT's bookkeeping
+    /// are left out).
+    fn eq(&self, o: &Self) -> bool {
+        self.cw == o.cw
+            && self.sw == o.sw
+            && self.tw == o.tw
+            && self.st_img == o.st_img
+            && self.fop == o.fop
+            && self.fcs == o.fcs
+            && self.fip == o.fip
+            && self.fdp == o.fdp
+            && self.fds == o.fds
+    }
+}
+
+impl Eq for FpuState {}
 
 impl Default for FpuState {
     /// The state after FNINIT (and after RESET, as far as software can tell).
     fn default() -> Self {
         FpuState {
-            regs: [F80::default(); 8],
             cw: 0x037f,
+            cw_hi: 0,
             sw: 0,
+            sw_hi: 0,
             tw: 0xffff,
+            tw_hi: 0,
+            image_ptrs: [0; 16],
+            st_img: [[0; 10]; 8],
             fop: 0,
-            fip: 0,
             fcs: 0,
+            fip: 0,
             fdp: 0,
             fds: 0,
+            host_live: 0,
+            host_was_live: 0,
+            fdp_pending: 0,
         }
+    }
+}
+
+/// The 10 little-endian bytes of an 80-bit value (significand, then sign/exponent).
+pub fn f80_to_bytes(v: F80) -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b[..8].copy_from_slice(&v.mant.to_le_bytes());
+    b[8..].copy_from_slice(&v.se.to_le_bytes());
+    b
+}
+
+/// An 80-bit value from its 10 little-endian bytes.
+pub fn f80_from_bytes(b: &[u8; 10]) -> F80 {
+    let mut m = [0u8; 8];
+    m.copy_from_slice(&b[..8]);
+    F80 {
+        mant: u64::from_le_bytes(m),
+        se: u16::from_le_bytes([b[8], b[9]]),
     }
 }
 
@@ -167,19 +251,40 @@ pub fn constant(k: usize, cw: u16) -> F80 {
 }
 
 impl FpuState {
-    /// FNINIT: control word 0x37f, status 0, all registers empty, pointers cleared.
+    /// FNINIT: control word 0x37f, status 0, all registers empty, pointers cleared
+    /// (the physical registers keep their contents; TOP becomes 0).
     pub fn init(&mut self) {
-        let regs = self.regs;
+        self.set_top(0);
+        let (st, live, was) = (self.st_img, self.host_live, self.host_was_live);
         *self = FpuState::default();
-        self.regs = regs;
+        self.st_img = st;
+        self.host_live = live;
+        self.host_was_live = was;
     }
     /// TOP field of the status word.
     pub fn top(&self) -> usize {
         ((self.sw >> 11) & 7) as usize
     }
-    /// Sets TOP.
+    /// Sets TOP; the stack-ordered image is rotated so the physical registers keep
+    /// their values.
     pub fn set_top(&mut self, t: usize) {
+        let old = self.top();
+        self.st_img.rotate_left((t.wrapping_sub(old)) & 7);
         self.sw = (self.sw & !SW_TOP) | (((t & 7) as u16) << 11);
+    }
+    /// Replaces the whole status word (TOP included, through [`FpuState::set_top`]).
+    pub fn set_sw(&mut self, v: u16) {
+        self.set_top(((v & SW_TOP) >> 11) as usize);
+        self.sw = v;
+    }
+    /// Value of physical register R`r`.
+    pub fn reg(&self, r: usize) -> F80 {
+        f80_from_bytes(&self.st_img[r.wrapping_sub(self.top()) & 7])
+    }
+    /// Writes physical register R`r` (the tag is left alone).
+    pub fn set_reg(&mut self, r: usize, v: F80) {
+        let i = r.wrapping_sub(self.top()) & 7;
+        self.st_img[i] = f80_to_bytes(v);
     }
     /// Physical register number of ST(i).
     pub fn phys(&self, i: usize) -> usize {
@@ -199,12 +304,12 @@ impl FpuState {
     }
     /// Value of ST(i) (whatever the tag).
     pub fn st(&self, i: usize) -> F80 {
-        self.regs[self.phys(i)]
+        f80_from_bytes(&self.st_img[i & 7])
     }
     /// Writes ST(i) and its tag.
     pub fn set_st(&mut self, i: usize, v: F80) {
         let r = self.phys(i);
-        self.regs[r] = v;
+        self.st_img[i & 7] = f80_to_bytes(v);
         self.set_tag(r, tag_of(v));
     }
     /// Pushes a value (TOP decremented, then ST(0) written).
@@ -247,7 +352,7 @@ impl FpuState {
     pub fn set_abridged_tag(&mut self, t: u8) {
         for r in 0..8 {
             let tag = if t & (1 << r) != 0 {
-                tag_of(self.regs[r])
+                tag_of(self.reg(r))
             } else {
                 TAG_EMPTY
             };
@@ -261,7 +366,7 @@ impl FpuState {
             let t = if self.tag(r) == TAG_EMPTY {
                 TAG_EMPTY
             } else {
-                tag_of(self.regs[r])
+                tag_of(self.reg(r))
             };
             tw |= t << (2 * r);
         }

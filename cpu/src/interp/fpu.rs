@@ -1083,7 +1083,7 @@ impl Cpu {
         let real = self.fpu_real_layout();
         let f = &mut self.s.fpu;
         f.cw = (word(0) as u16 & 0x1f3f) | CW_BIT6;
-        f.sw = word(1) as u16;
+        f.set_sw(word(1) as u16);
         let tw = word(2) as u16;
         if real {
             let hi = if size32 { 0xffff } else { 0xf };
@@ -1105,19 +1105,16 @@ impl Cpu {
             f.fds = word(6) as u16;
         }
         if rstor {
-            let top = f.top();
             for k in 0..8 {
                 let o = envlen + 10 * k;
-                let mut r = [0u8; 10];
-                r.copy_from_slice(&b[o..o + 10]);
-                f.regs[(top + k) & 7] = f80_from_bytes(&r);
+                f.st_img[k].copy_from_slice(&b[o..o + 10]);
             }
         }
         for r in 0..8 {
             let t = if (tw >> (2 * r)) & 3 == TAG_EMPTY {
                 TAG_EMPTY
             } else {
-                tag_of(f.regs[r])
+                tag_of(f.reg(r))
             };
             f.set_tag(r, t);
         }
@@ -1150,7 +1147,7 @@ impl Cpu {
             }
             let f = &mut self.s.fpu;
             f.cw = (rd16(0) & 0x1f3f) | CW_BIT6;
-            f.sw = rd16(2);
+            f.set_sw(rd16(2));
             f.fop = rd16(6) & 0x7ff;
             f.fip = rd32(8);
             f.fcs = rd16(12);
@@ -1158,10 +1155,7 @@ impl Cpu {
             f.fds = rd16(20);
             for k in 0..8 {
                 let o = 32 + 16 * k;
-                let mut r = [0u8; 10];
-                r.copy_from_slice(&b[o..o + 10]);
-                let p = (f.top() + k) & 7;
-                f.regs[p] = f80_from_bytes(&r);
+                f.st_img[k].copy_from_slice(&b[o..o + 10]);
             }
             f.set_abridged_tag(b[4]);
             f.update_es();
@@ -1210,24 +1204,6 @@ impl Cpu {
             self.fpu_write_bytes(i, 32, &b[32..160])
         }
     }
-}
-
-/// Decodes 10 little-endian bytes as an extended value.
-pub(crate) fn f80_from_bytes(b: &[u8; 10]) -> F80 {
-    let mut m = [0u8; 8];
-    m.copy_from_slice(&b[..8]);
-    F80 {
-        mant: u64::from_le_bytes(m),
-        se: u16::from_le_bytes([b[8], b[9]]),
-    }
-}
-
-/// Encodes an extended value as 10 little-endian bytes.
-pub(crate) fn f80_to_bytes(v: F80) -> [u8; 10] {
-    let mut b = [0u8; 10];
-    b[..8].copy_from_slice(&v.mant.to_le_bytes());
-    b[8..].copy_from_slice(&v.se.to_le_bytes());
-    b
 }
 
 /// FBLD: 18 packed BCD digits and a sign byte, converted exactly. Invalid digits give
@@ -1403,7 +1379,7 @@ mod tests {
         assert_eq!(c.s.fpu.tw, 0xffff);
         assert_eq!(c.s.fpu.top(), 0);
         run(&mut c, &[0xdd, 0x26, 0x00, 0x22]).unwrap();
-        assert_eq!(c.s.fpu.regs, saved.regs);
+        assert_eq!(c.s.fpu.st_img, saved.st_img);
         assert_eq!(c.s.fpu.tw, saved.tw);
         assert_eq!(c.s.fpu.sw, saved.sw);
         assert_eq!(c.s.fpu.cw, saved.cw);
@@ -1504,16 +1480,19 @@ mod tests {
         };
         for _ in 0..30000 {
             let f = &mut c.s.fpu;
-            for r in f.regs.iter_mut() {
+            for r in 0..8 {
                 let v = next();
-                *r = F80 {
-                    mant: v,
-                    se: (v >> 48) as u16 ^ (next() as u16),
-                };
+                f.set_reg(
+                    r,
+                    F80 {
+                        mant: v,
+                        se: (v >> 48) as u16 ^ (next() as u16),
+                    },
+                );
             }
             f.tw = next() as u16;
             f.cw = next() as u16;
-            f.sw = next() as u16 & !(SW_ES | SW_B);
+            f.set_sw(next() as u16 & !(SW_ES | SW_B));
             c.s.cr0 = (c.s.cr0 & !(CR0_TS | CR0_EM | CR0_MP)) | ((next() & 0xe) * (next() & 1));
             c.s.cr4 = next() & CR4_OSFXSR;
             let mut code = vec![0u8; 8];

@@ -79,13 +79,6 @@ pub fn tag_of(r: &F80) -> u16 {
     }
 }
 
-fn f80(b: &[u8; 10]) -> F80 {
-    F80 {
-        mant: u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
-        se: u16::from_le_bytes([b[8], b[9]]),
-    }
-}
-
 impl Interp {
     /// A CPU with the code and data areas mapped.
     pub fn new() -> Result<Interp, String> {
@@ -180,20 +173,18 @@ impl Interp {
     fn set_fx(&mut self, fx: &Fx) {
         let f = &mut self.cpu.s.fpu;
         f.cw = fx.fcw;
-        f.sw = fx.fsw;
+        f.set_sw(fx.fsw);
         f.fop = fx.fop & 0x7ff;
-        let top = fx.top();
         let mut tw = 0u16;
         for i in 0..8 {
-            // Physical register R[(top + i) % 8] is ST(i).
-            let p = (top + i) & 7;
-            f.regs[p] = f80(&fx.st[i]);
+            // ST(i), stack order as in the FXSAVE image.
+            f.st_img[i].copy_from_slice(&fx.st[i][..10]);
         }
         for p in 0..8 {
             let t = if fx.ftw & (1 << p) == 0 {
                 3
             } else {
-                tag_of(&f.regs[p])
+                tag_of(&f.reg(p))
             };
             tw |= t << (2 * p);
         }
@@ -221,11 +212,8 @@ impl Interp {
                 fx.ftw |= 1 << p;
             }
         }
-        let top = fx.top();
         for i in 0..8 {
-            let r = f.regs[(top + i) & 7];
-            fx.st[i][..8].copy_from_slice(&r.mant.to_le_bytes());
-            fx.st[i][8..].copy_from_slice(&r.se.to_le_bytes());
+            fx.st[i][..10].copy_from_slice(&f.st_img[i]);
         }
         for i in 0..8 {
             fx.xmm[i][..8].copy_from_slice(&self.cpu.s.sse.xmm[i][0].to_le_bytes());
