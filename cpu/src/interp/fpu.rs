@@ -381,6 +381,8 @@ impl Cpu {
                 if m == Ffreep {
                     f.pop();
                 }
+                // C0-C3 are undefined; the host's x87 clears C1 (and keeps the rest).
+                f.sw &= !SW_C1;
                 Ok(())
             }
             Fincstp | Fdecstp => {
@@ -714,7 +716,11 @@ impl Cpu {
         };
         // EFLAGS are written even under unmasked IE/DE (measured); the pop is not done.
         self.s.set_arith_flags(CF | PF | AF | ZF | EF_SF | OF, fl);
+        // C1 is defined only for a stack fault (0); otherwise the host's x87 keeps it.
         ctx.flags &= !C1;
+        if ctx.flags & SF == 0 {
+            ctx.flags |= self.s.fpu.sw & SW_C1;
+        }
         if ctx.flags & (IE | DE) & !ctx.cw != 0 {
             self.fpu_commit(&ctx);
             return Ok(());
@@ -809,9 +815,13 @@ impl Cpu {
             if ctx.masked(IE) {
                 f.set_st(0, F80::INDEFINITE);
             }
-        } else if cond {
-            let v = f.st(j);
-            f.set_st(0, v);
+        } else {
+            if cond {
+                let v = f.st(j);
+                f.set_st(0, v);
+            }
+            // C1 is defined only for a stack fault; otherwise the host's x87 keeps it.
+            ctx.flags |= f.sw & SW_C1;
         }
         self.fpu_commit(&ctx);
     }
@@ -825,7 +835,8 @@ impl Cpu {
             if ctx.masked(IE) {
                 self.s.fpu.set_st(0, F80::INDEFINITE);
             }
-            self.fpu_set_cc(self.s.fpu.sw & SW_C1);
+            // C0 and C3 keep their values, as for any NaN result (host-checked).
+            self.fpu_set_cc(self.s.fpu.sw & (SW_C0 | SW_C3));
             self.fpu_commit(&ctx);
             return;
         }
@@ -839,7 +850,11 @@ impl Cpu {
             if !ctx.pre_fault() {
                 self.s.fpu.set_st(0, v);
                 let mut cc = 0;
-                if partial {
+                if v.is_nan() {
+                    // A NaN result (NaN operand, infinite dividend, zero divisor): C1
+                    // and C2 clear, C0 and C3 keep their values (as the host's x87 does).
+                    cc = self.s.fpu.sw & (SW_C0 | SW_C3);
+                } else if partial {
                     cc |= SW_C2;
                 } else {
                     if q & 1 != 0 {
