@@ -1,0 +1,324 @@
+//! Linux's console on the emulated screen down to the shell prompt: Debian's i386 kernel
+//! booted directly (no BIOS), with the busybox initramfs ending in a shell on the console
+//! (`shell=1`, `console=tty0` last so /dev/console is the screen):
+//!
+//! - `vga=0x312`: `boot_params.screen_info` describes the VBE linear framebuffer
+//!   (640x480x32 at BAR0), the kernel's vesafb driver takes it and fbcon draws 80x30
+//!   cells of 8x16 on it;
+//! - no `vga=`: screen_info describes 80x25 VGA text and vgacon draws in text mode.
+//!
+//! Either way the screenshot must show, from top to bottom: kernel log lines (printk
+//! timestamps), the init script's `GUEST-READY` line (user space writing to the
+//! console), busybox's banner and help line, and its `/ # ` prompt on the last line
+//! written. In text mode the characters are morph86's own font (vgacon keeps the font
+//! the "BIOS" loaded), light grey on black; on the framebuffer fbcon draws with the
+//! kernel's font, so the expected pixels come from QEMU's screen showing the same lines
+//! (`tests/golden/linux_fbcon_rows_qemu.png`, see [`fbcon_golden`]).
+//!
+//! The machine is stopped the way a user stops it, with Ctrl-A x on the serial console,
+//! a few seconds after the kernel has started /init. The guests live in
+//! `$MORPH86_GUESTS`, else `~/.cache/morph86/guests`; when absent the test says so and
+//! passes. A debug build skips the boots.
+
+use morph86_devices::vga::font::FONT_8X16;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn guests() -> PathBuf {
+    if let Some(d) = std::env::var_os("MORPH86_GUESTS") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/morph86/guests")
+}
+
+/// (width, height, 0xRRGGBB pixels)
+fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
+    let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
+    let mut r = dec.read_info().expect("png header");
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).expect("png data");
+    let px = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|c| (c[0] as u32) << 16 | (c[1] as u32) << 8 | c[2] as u32)
+        .collect();
+    (info.width as usize, info.height as usize, px)
+}
+
+/// A text screen in a screenshot: cells of `cw` x 16 pixels, glyphs 8 wide.
+struct Screen {
+    w: usize,
+    h: usize,
+    px: Vec<u32>,
+    cw: usize,
+    shot: PathBuf,
+}
+
+impl Screen {
+    fn rows(&self) -> usize {
+        self.h / 16
+    }
+
+    fn shows_at(&self, row: usize, c0: usize, text: &[u8]) -> bool {
+        text.iter().enumerate().all(|(i, &ch)| {
+            (0..16).all(|y| {
+                let bits = FONT_8X16[ch as usize * 16 + y];
+                (0..8).all(|x| {
+                    let p = self.px[(row * 16 + y) * self.w + (c0 + i) * self.cw + x];
+                    p == if bits & (0x80 >> x) != 0 { 0xaaaaaa } else { 0 }
+                })
+            })
+        })
+    }
+
+    /// The last row with anything but black on it.
+    fn last_used_row(&self) -> Option<usize> {
+        (0..self.rows()).rev().find(|&r| {
+            self.px[r * 16 * self.w..(r + 1) * 16 * self.w]
+                .iter()
+                .any(|&p| p != 0)
+        })
+    }
+}
+
+/// Boots the kernel with `append` (plus the shell arguments), stops it with Ctrl-A x a
+/// few seconds after /init started, and returns the serial output and the screenshot.
+/// `None` when the guest files are missing.
+fn boot_to_shell(append: &str) -> Option<(String, Screen)> {
+    let dir = guests();
+    let kernel = dir.join("vmlinuz-686");
+    let initrd = dir.join("boot-i386.cpio.gz");
+    if !(kernel.exists() && initrd.exists()) {
+        eprintln!(
+            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
+            dir.display()
+        );
+        return None;
+    }
+    let shot = std::env::temp_dir().join(format!(
+        "morph86-shell-{}-{}.png",
+        std::process::id(),
+        append.len()
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_morph86"))
+        .args(["-m", "256", "-display", "none", "-serial", "stdio"])
+        .args(["-no-reboot", "-accel", "jit"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "{append} console=ttyS0 console=tty0 shell=1 cryptomgr.notests"
+        ))
+        .arg("--screenshot")
+        .arg(&shot)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run morph86");
+    let serial = Arc::new(Mutex::new(String::new()));
+    let out = child.stdout.take().unwrap();
+    let s2 = serial.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(l) = line else { break };
+            let mut s = s2.lock().unwrap();
+            s.push_str(&l);
+            s.push('\n');
+        }
+    });
+    let t0 = Instant::now();
+    let started = loop {
+        if serial.lock().unwrap().contains("Run /init as init process") {
+            break true;
+        }
+        if t0.elapsed() > Duration::from_secs(600) || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if started {
+        // The init script and the shell need a fraction of a guest second; leave them
+        // plenty of host time even on a loaded machine.
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(b"\x01x");
+    let _ = stdin.flush();
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t1.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(stdin);
+    reader.join().unwrap();
+    let serial = serial.lock().unwrap().clone();
+    assert!(started, "the kernel never started /init:\n{serial}");
+    let status = status.unwrap_or_else(|| panic!("Ctrl-A x did not stop morph86:\n{serial}"));
+    assert!(status.success(), "morph86 failed ({status}):\n{serial}");
+    let (w, h, px) = read_png(&shot);
+    // Kept for a look when a check fails; removed when they pass.
+    eprintln!("screenshot: {}", shot.display());
+    let cw = if (w, h) == (720, 400) { 9 } else { 8 };
+    Some((serial, Screen { w, h, px, cw, shot }))
+}
+
+/// What the console must show, in order from top to bottom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// A kernel log line: its printk timestamp opens with "[   ".
+    Kernel,
+    /// The init script's "GUEST-READY ..." line.
+    GuestReady,
+    /// Busybox's banner, "BusyBox v1.35.0 (Debian 1:1.35.0-4+deb12u1+b1) built-in shell (ash)".
+    BusyBox,
+    /// "Enter 'help' for a list of built-in commands."
+    Help,
+    /// The prompt, "/ # ".
+    Prompt,
+}
+
+const LINES: [Line; 5] = [
+    Line::Kernel,
+    Line::GuestReady,
+    Line::BusyBox,
+    Line::Help,
+    Line::Prompt,
+];
+
+/// The same lines as QEMU's screen showed them, as a strip of 16-pixel rows in the order
+/// of [`LINES`], each kept for the cells that do not change from boot to boot (see
+/// [`fbcon_golden`]).
+struct Golden {
+    w: usize,
+    px: Vec<u32>,
+    cells: [usize; 5],
+}
+
+/// The fbcon lines from QEMU 7.2 (`qemu-system-i386 -vga std`, same kernel, initramfs
+/// and arguments, `screendump` in the monitor once the prompt was up): rows 0, 22, 26,
+/// 27 and 29 of its 80x30 console, cut to their first 4, 12, 80, 80 and 4 cells (the
+/// rest, timestamps and the blinking cursor, blanked). fbcon draws with the kernel's own
+/// font, so equal text gives equal pixels on any correct framebuffer.
+fn fbcon_golden() -> Golden {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/linux_fbcon_rows_qemu.png");
+    let (w, h, px) = read_png(&path);
+    assert_eq!((w, h), (640, 80), "{}", path.display());
+    Golden {
+        w,
+        px,
+        cells: [4, 12, 80, 80, 4],
+    }
+}
+
+impl Screen {
+    /// Whether row `row` holds `line`: with `golden`, the golden's cells for it pixel
+    /// for pixel; else (VGA text) the text in morph86's font.
+    fn is(&self, row: usize, line: Line, golden: Option<&Golden>) -> bool {
+        let k = LINES.iter().position(|l| *l == line).unwrap();
+        match golden {
+            Some(g) => (0..16).all(|y| {
+                let n = g.cells[k] * 8;
+                let ours = &self.px[(row * 16 + y) * self.w..][..n];
+                let theirs = &g.px[(k * 16 + y) * g.w..][..n];
+                ours == theirs
+            }),
+            None => {
+                let text: &[u8] = match line {
+                    Line::Kernel => b"[   ",
+                    Line::GuestReady => b"GUEST-READY ",
+                    Line::BusyBox => {
+                        b"BusyBox v1.35.0 (Debian 1:1.35.0-4+deb12u1+b1) built-in shell (ash)"
+                    }
+                    Line::Help => b"Enter 'help' for a list of built-in commands.",
+                    Line::Prompt => b"/ # ",
+                };
+                self.shows_at(row, 0, text)
+            }
+        }
+    }
+}
+
+/// The checks common to both consoles: kernel log, then user space's output, then the
+/// shell's banner and its prompt on the last line written.
+fn check_console(serial: &str, s: &Screen, golden: Option<&Golden>) {
+    let find = |line: Line| (0..s.rows()).find(|&r| s.is(r, line, golden));
+    let ready = find(Line::GuestReady)
+        .unwrap_or_else(|| panic!("no GUEST-READY line on the screen {}", s.shot.display()));
+    // The kernel's log above it (which lines depends on how far the console scrolled).
+    let log_rows = (0..ready)
+        .filter(|&r| s.is(r, Line::Kernel, golden))
+        .count();
+    assert!(
+        log_rows >= 5,
+        "only {log_rows} kernel log lines above GUEST-READY on the screen {}:\n{serial}",
+        s.shot.display()
+    );
+    let banner = find(Line::BusyBox)
+        .unwrap_or_else(|| panic!("no busybox banner on the screen {}", s.shot.display()));
+    assert!(
+        banner > ready,
+        "the shell's banner must follow the init script's output"
+    );
+    assert!(
+        s.is(banner + 1, Line::Help, golden),
+        "no help line under the banner"
+    );
+    let last = s.last_used_row().unwrap();
+    assert!(
+        last > banner + 1 && s.is(last, Line::Prompt, golden),
+        "the last line written (row {last}) is not busybox's '/ # ' prompt (screen {})",
+        s.shot.display()
+    );
+    std::fs::remove_file(&s.shot).ok();
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux: run with cargo test --release"
+)]
+fn debian_686_vesafb_console_shows_the_boot_log_and_a_shell_prompt() {
+    let Some((serial, s)) = boot_to_shell("vga=0x312") else {
+        return;
+    };
+    for line in [
+        "vesafb: mode is 640x480x32, linelength=2560",
+        "vesafb: framebuffer at 0xe0000000",
+        "fb0: VESA VGA frame buffer device",
+        "Console: switching to colour frame buffer device 80x30",
+    ] {
+        assert!(serial.contains(line), "'{line}' missing:\n{serial}");
+    }
+    assert_eq!((s.w, s.h), (640, 480), "the vga=0x312 framebuffer");
+    check_console(&serial, &s, Some(&fbcon_golden()));
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux: run with cargo test --release"
+)]
+fn debian_686_vgacon_console_shows_the_boot_log_and_a_shell_prompt() {
+    let Some((serial, s)) = boot_to_shell("") else {
+        return;
+    };
+    assert!(
+        serial.contains("Console: colour VGA+ 80x25"),
+        "vgacon did not take the screen:\n{serial}"
+    );
+    assert_eq!((s.w, s.h), (720, 400), "80x25 text with 9x16 cells");
+    check_console(&serial, &s, None);
+}
