@@ -39,7 +39,10 @@ pub struct Args {
     /// Initial ramdisk (Linux) or comma-separated modules (Multiboot).
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<String>,
-    /// Kernel command line.
+    /// Kernel command line. For a direct Linux boot, `vga=0x312` (640x480), 0x315
+    /// (800x600), 0x318 (1024x768) or 0x31b (1280x1024), 32 bpp, or 0x311/0x314/0x317/0x31a
+    /// (16 bpp) start the screen in that VBE mode for vesafb; without `vga=` the kernel
+    /// gets 80x25 VGA text (vgacon).
     #[arg(
         long,
         value_name = "CMDLINE",
