@@ -878,6 +878,15 @@ fn run_boot(mut cmd: Command, timeout: Duration, echo: bool) -> Boot {
     }
 }
 
+/// Writes the JSON document (pretty), making the directory first.
+fn write_json(path: &Path, doc: &Value) -> Result<(), String> {
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| e.to_string())
+}
+
 /// Records a failure that ends an engine's part in the run.
 fn kill_engine(res: &mut Results, dead: &mut Vec<Engine>, e: Engine, row: &str, why: String) {
     res.fail(e, row, why);
@@ -1313,6 +1322,50 @@ fn main() -> ExitCode {
     }
 
     let bench_all = names.join(",");
+    let json_path = o.json.clone().unwrap_or_else(|| {
+        let stamp = iso_utc(started).replace(':', "");
+        workspace().join(format!("target/bench/bench-{stamp}.json"))
+    });
+    let versions = json!({
+        "morph86_git": git_version(),
+        "morph86_binary": morph86,
+        "morph86_binary_mtime_utc": std::fs::metadata(&morph86).and_then(|m| m.modified()).ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| iso_utc(d.as_secs())),
+        "qemu_system": qemu_system.as_ref().and_then(|p| first_line_of(p, &["--version"])),
+        "qemu_user": qemu_user.as_ref().and_then(|p| first_line_of(p, &["--version"])),
+        "busybox": first_line_of(&busybox, &[]),
+        "guest_manifest": std::fs::read_to_string(g.join("MANIFEST.txt")).ok().map(|t| t.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>()),
+    });
+    let make_doc = |res: &Results, reps_done: u32| {
+        let meta = json!({
+            "started_utc": iso_utc(started),
+            "finished_utc": iso_utc(now_unix()),
+            "reps_done": reps_done,
+            "command": argv,
+            "options": {
+                "engines": o.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
+                "workloads": names,
+                "reps": o.reps,
+                "kernel": kernel,
+                "initrd": initrd,
+                "append_example": guest_append(&o.append_extra, &bench_all, false),
+                "interp_workloads": o.interp_workloads,
+                "check": o.check,
+                "timeout_s": o.timeout.as_secs_f64(),
+                "method": "host wall clock: guests from the BENCH-BEGIN to the BENCH-END serial line, boot from spawn to GUEST-READY; native and qemu-user from spawn to exit; one boot per rep",
+            },
+            "host": {
+                "cpu_model": cpu_model(),
+                "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "loadavg_start": load_start,
+                "loadavg_end": loadavg(),
+                "os_release": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
+            },
+            "versions": versions,
+        });
+        to_json(res, &rows, meta)
+    };
+    let mut rep_done = 0;
     for rep in 1..=o.reps {
         for e in o.engines.clone() {
             if dead.contains(&e) {
@@ -1403,13 +1456,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        // Partial results survive an interrupted run.
+        rep_done = rep;
+        if let Err(e) = write_json(&json_path, &make_doc(&res, rep_done)) {
+            eprintln!("bench: cannot write {}: {e}", json_path.display());
+        }
     }
     if needs_scratch {
         let _ = std::fs::remove_dir_all(&scratch);
     }
 
     // Report.
-    let finished = now_unix();
     let load_end = loadavg();
     println!(
         "\nmorph86 benchmarks, {} ({} reps, medians of host wall seconds; load average {} at start, {} at end)\n",
@@ -1450,52 +1507,8 @@ fn main() -> ExitCode {
         );
     }
 
-    let meta = json!({
-        "started_utc": iso_utc(started),
-        "finished_utc": iso_utc(finished),
-        "command": argv,
-        "options": {
-            "engines": o.engines.iter().map(|e| e.name()).collect::<Vec<_>>(),
-            "workloads": names,
-            "reps": o.reps,
-            "kernel": kernel,
-            "initrd": initrd,
-            "append_example": guest_append(&o.append_extra, &bench_all, false),
-            "interp_workloads": o.interp_workloads,
-            "check": o.check,
-            "timeout_s": o.timeout.as_secs_f64(),
-            "method": "host wall clock: guests from the BENCH-BEGIN to the BENCH-END serial line, boot from spawn to GUEST-READY; native and qemu-user from spawn to exit; one boot per rep",
-        },
-        "host": {
-            "cpu_model": cpu_model(),
-            "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "loadavg_start": load_start,
-            "loadavg_end": load_end,
-            "os_release": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
-        },
-        "versions": {
-            "morph86_git": git_version(),
-            "morph86_binary": morph86,
-            "morph86_binary_mtime_utc": std::fs::metadata(&morph86).and_then(|m| m.modified()).ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| iso_utc(d.as_secs())),
-            "qemu_system": qemu_system.as_ref().and_then(|p| first_line_of(p, &["--version"])),
-            "qemu_user": qemu_user.as_ref().and_then(|p| first_line_of(p, &["--version"])),
-            "busybox": first_line_of(&busybox, &[]),
-            "guest_manifest": std::fs::read_to_string(g.join("MANIFEST.txt")).ok().map(|t| t.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>()),
-        },
-    });
-    let doc = to_json(&res, &rows, meta);
-    let json_path = o.json.clone().unwrap_or_else(|| {
-        let stamp = iso_utc(started).replace(':', "");
-        workspace().join(format!("target/bench/bench-{stamp}.json"))
-    });
-    if let Some(d) = json_path.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    match serde_json::to_string_pretty(&doc)
-        .map_err(|e| e.to_string())
-        .and_then(|s| std::fs::write(&json_path, s + "\n").map_err(|e| e.to_string()))
-    {
+    let doc = make_doc(&res, rep_done);
+    match write_json(&json_path, &doc) {
         Ok(()) => println!("JSON: {}", json_path.display()),
         Err(e) => {
             eprintln!("bench: cannot write {}: {e}", json_path.display());
