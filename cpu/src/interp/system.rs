@@ -44,6 +44,18 @@ pub mod features {
         FPU | VME | DE | PSE | TSC | MSR | PAE | CX8 | SEP | PGE | CMOV | PSE36 | FXSR;
     /// CPUID.80000001h:EDX bit 20: execute-disable (EFER.NXE).
     pub const EXT_NX: u32 = 1 << 20;
+    /// CPUID.80000007h:EDX bit 8: invariant TSC (constant rate, runs in every C-state).
+    /// The host-clock TSC is exactly that, and saying so lets Linux trust it without a
+    /// watchdog (it has no HPET or ACPI PM timer to check it against here).
+    pub const EXT_INVARIANT_TSC: u32 = 1 << 8;
+    /// CPUID.(EAX=7,ECX=0):EBX bit 1: the IA32_TSC_ADJUST MSR.
+    pub const LEAF7_TSC_ADJUST: u32 = 1 << 1;
+    /// CPUID.15h: TSC/crystal ratio 40/1 on a 25 MHz crystal, i.e. the 1 GHz of
+    /// [`crate::TscSource::HOST_HZ`]. A guest told the frequency need not measure it
+    /// against the PIT, which fails or goes wrong when the host deschedules the vCPU.
+    pub const TSC_CRYSTAL_HZ: u32 = 25_000_000;
+    /// CPUID.15h:EBX, the TSC/crystal ratio numerator (EAX, the denominator, is 1).
+    pub const TSC_RATIO: u32 = (crate::TscSource::HOST_HZ / TSC_CRYSTAL_HZ as u64) as u32;
     /// CPUID.1:EAX: family 6, model 3, stepping 3 (a Pentium II, as DX holds at reset).
     pub const SIGNATURE: u32 = 0x0000_0633;
 }
@@ -76,6 +88,8 @@ const DR7_ONE: u64 = 1 << 10;
 // MSR numbers (SDM vol. 4).
 /// IA32_TIME_STAMP_COUNTER.
 pub const MSR_TSC: u32 = 0x10;
+/// IA32_TSC_ADJUST.
+pub const MSR_TSC_ADJUST: u32 = 0x3b;
 /// IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1b;
 /// IA32_BIOS_SIGN_ID (microcode revision).
@@ -716,8 +730,8 @@ impl Cpu {
 
     /// CPUID (see [`features`]).
     fn cpuid(&mut self) {
-        const MAX_BASIC: u32 = 2;
-        const MAX_EXT: u32 = 0x8000_0001;
+        const MAX_BASIC: u32 = 0x16;
+        const MAX_EXT: u32 = 0x8000_0007;
         let mut leaf = self.s.gpr[reg::RAX] as u32;
         if (leaf > MAX_BASIC && leaf < 0x8000_0000) || leaf > MAX_EXT {
             // Intel: an unknown leaf returns the highest basic leaf.
@@ -729,8 +743,16 @@ impl Cpu {
             1 => (features::SIGNATURE, 0, 0, features::LEAF1_EDX),
             // One iteration, no cache or TLB descriptors (0x00 = null descriptor).
             2 => (1, 0, 0, 0),
+            7 if self.s.gpr[reg::RCX] as u32 == 0 => (0, features::LEAF7_TSC_ADJUST, 0, 0),
+            // TSC frequency = ECX * EBX / EAX; leaf 16h: base/max/bus MHz.
+            0x15 => (1, features::TSC_RATIO, features::TSC_CRYSTAL_HZ, 0),
+            0x16 => {
+                let mhz = (crate::TscSource::HOST_HZ / 1_000_000) as u32;
+                (mhz, mhz, 100, 0)
+            }
             0x8000_0000 => (MAX_EXT, 0, 0, 0),
             0x8000_0001 => (0, 0, 0, features::EXT_NX),
+            0x8000_0007 => (0, 0, 0, features::EXT_INVARIANT_TSC),
             _ => (0, 0, 0, 0),
         };
         self.s.set_r32(reg::RAX, a);
@@ -789,6 +811,8 @@ impl Cpu {
         let m = &self.s.msr;
         Some(match n {
             MSR_TSC => self.tsc(),
+            // TSC_ADJUST moves with every TSC write, as the offset does (SDM vol. 3 17.17.3).
+            MSR_TSC_ADJUST => self.tsc_offset,
             MSR_APIC_BASE => m.apic_base,
             MSR_BIOS_SIGN_ID => 0,
             MSR_MTRRCAP => MTRRCAP_VALUE,
@@ -808,6 +832,7 @@ impl Cpu {
         let gp = Err(Exception::gp(0));
         match n {
             MSR_TSC => self.tsc_offset = v.wrapping_sub(self.tsc_count()),
+            MSR_TSC_ADJUST => self.tsc_offset = v,
             MSR_APIC_BASE => {
                 if v & !APIC_BASE_WRITABLE != 0 {
                     return gp;
@@ -1033,10 +1058,38 @@ mod tests {
         c.s.gpr[reg::RAX] = 0x8000_0001;
         c.cpuid();
         assert_ne!(c.s.gpr[reg::RDX] & (1 << 20), 0, "NX");
-        // Unknown leaf: highest basic leaf's data.
+        // Unknown leaf: highest basic leaf's data (16h: base frequency in MHz).
         c.s.gpr[reg::RAX] = 0x55;
         c.cpuid();
-        assert_eq!(c.s.gpr[reg::RAX], 1);
+        assert_eq!(c.s.gpr[reg::RAX], 1000);
+        // 15h: the TSC runs at crystal * EBX / EAX = 1 GHz, as RDTSC counts host ns.
+        c.s.gpr[reg::RAX] = 0x15;
+        c.cpuid();
+        let (a, b, cx) = (c.s.gpr[reg::RAX], c.s.gpr[reg::RBX], c.s.gpr[reg::RCX]);
+        assert_eq!(cx * b / a, 1_000_000_000);
+        // Invariant TSC (80000007h:EDX bit 8) and TSC_ADJUST (7:EBX bit 1).
+        c.s.gpr[reg::RAX] = 0x8000_0007;
+        c.cpuid();
+        assert_ne!(c.s.gpr[reg::RDX] & (1 << 8), 0);
+        c.s.gpr[reg::RAX] = 7;
+        c.s.gpr[reg::RCX] = 0;
+        c.cpuid();
+        assert_ne!(c.s.gpr[reg::RBX] & (1 << 1), 0);
+    }
+
+    #[test]
+    fn tsc_adjust_follows_tsc_writes() {
+        let mut c = pm_cpu(&[]);
+        assert_eq!(c.read_msr(MSR_TSC_ADJUST), Some(0));
+        let t0 = c.tsc();
+        c.write_msr(MSR_TSC_ADJUST, 500).unwrap();
+        assert_eq!(c.tsc(), t0 + 500, "TSC moves by the change of TSC_ADJUST");
+        c.write_msr(MSR_TSC, t0 + 1500).unwrap();
+        assert_eq!(
+            c.read_msr(MSR_TSC_ADJUST),
+            Some(1500),
+            "and TSC writes move it"
+        );
     }
 
     #[test]
@@ -1250,7 +1303,10 @@ mod tests {
         assert!(t1 - t0 < 5_000_000_000, "{t0} -> {t1}");
         assert_eq!(c.write_msr(MSR_TSC, 1 << 40), Ok(()));
         let t2 = read(&mut c);
-        assert!((1u64 << 40..(1 << 40) + 5_000_000_000).contains(&t2), "{t2}");
+        assert!(
+            (1u64 << 40..(1 << 40) + 5_000_000_000).contains(&t2),
+            "{t2}"
+        );
         c.reset();
         assert!(c.tsc() < 5_000_000_000, "RESET clears the TSC");
     }
