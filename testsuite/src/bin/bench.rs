@@ -1261,6 +1261,21 @@ fn main() -> ExitCode {
         }
     }
 
+    // Run a private copy of morph86: a concurrent `cargo build` replacing the binary must
+    // not change the engine between repetitions.
+    let morph86_copy =
+        std::env::temp_dir().join(format!("morph86-bench-{}-morph86", std::process::id()));
+    let mut morph86_run = morph86.clone();
+    if wants_morph86 && morph86.is_file() {
+        match std::fs::copy(&morph86, &morph86_copy) {
+            Ok(_) => morph86_run = morph86_copy.clone(),
+            Err(e) => eprintln!(
+                "bench: cannot copy {} ({e}); running it in place",
+                morph86.display()
+            ),
+        }
+    }
+
     // Scratch directory for the native and user-mode runs.
     let scratch = std::env::temp_dir().join(format!("morph86-bench-{}", std::process::id()));
     let needs_scratch = o
@@ -1423,7 +1438,7 @@ fn main() -> ExitCode {
                             "256",
                         ]);
                     } else {
-                        cmd = Command::new(&morph86);
+                        cmd = Command::new(&morph86_run);
                         cmd.args(["-nographic", "-no-reboot", "-m", "256", "-accel"]);
                         cmd.arg(if e == Engine::Jit { "jit" } else { "interp" });
                     }
@@ -1465,6 +1480,7 @@ fn main() -> ExitCode {
     if needs_scratch {
         let _ = std::fs::remove_dir_all(&scratch);
     }
+    let _ = std::fs::remove_file(&morph86_copy);
 
     // Report.
     let load_end = loadavg();
