@@ -363,6 +363,25 @@ pub fn wants_window(display: Option<crate::cli::Display>, nographic: bool) -> Re
     }
 }
 
+/// Where a `fw` x `fh` frame goes in a `ww` x `wh` window: (x, y, width, height) of the
+/// largest rectangle with the frame's aspect ratio that fits, centred (bars on two sides
+/// when the window's shape differs). Never empty, never outside the window (a window
+/// smaller than a pixel in some direction gets a 1-pixel picture).
+pub fn fit(fw: u32, fh: u32, ww: u32, wh: u32) -> (u32, u32, u32, u32) {
+    let (fw, fh) = (u64::from(fw.max(1)), u64::from(fh.max(1)));
+    let (ww64, wh64) = (u64::from(ww.max(1)), u64::from(wh.max(1)));
+    // Compare ww/wh with fw/fh without rounding: the window is wider than the frame's
+    // shape when ww * fh > wh * fw; then the height limits the picture.
+    let (w, h) = if ww64 * fh > wh64 * fw {
+        ((wh64 * fw / fh).max(1), wh64)
+    } else {
+        (ww64, (ww64 * fh / fw).max(1))
+    };
+    let (w, h) = (w as u32, h as u32);
+    let (ww, wh) = (ww.max(1), wh.max(1));
+    ((ww - w) / 2, (wh - h) / 2, w, h)
+}
+
 /// Delay before `--send-keys` starts typing, and between key strokes.
 const SEND_KEYS_DELAY: Duration = Duration::from_millis(700);
 const SEND_KEYS_GAP: Duration = Duration::from_millis(40);
@@ -482,6 +501,42 @@ mod tests {
         use morph86_mmu::IoBus;
         bus.io_write(0xcf8, 4, 0x8000_0000 | (VGA_PCI_SLOT as u32) << 11);
         assert_eq!(bus.io_read(0xcfc, 4), 0x1111_1234);
+    }
+
+    #[test]
+    fn resized_windows_keep_the_frame_aspect_ratio() {
+        // Same size: the whole window.
+        assert_eq!(fit(640, 480, 640, 480), (0, 0, 640, 480));
+        // Twice as large: scaled by 2.
+        assert_eq!(fit(640, 480, 1280, 960), (0, 0, 1280, 960));
+        // A wide window: full height, 4:3 width centred, bars left and right.
+        assert_eq!(fit(640, 480, 1920, 1080), (240, 0, 1440, 1080));
+        // A tall window: full width, bars above and below.
+        assert_eq!(fit(640, 480, 800, 1000), (0, 200, 800, 600));
+        // 720x400 text (9:5) in a 4:3 window: 800x444, 78 pixels above and below.
+        assert_eq!(fit(720, 400, 800, 600), (0, 78, 800, 444));
+        // Smaller than the frame: scaled down.
+        assert_eq!(fit(1024, 768, 320, 240), (0, 0, 320, 240));
+        // Degenerate sizes stay inside the window and non-empty.
+        assert_eq!(fit(640, 480, 0, 0), (0, 0, 1, 1));
+        assert_eq!(fit(1920, 1, 10, 10), (0, 4, 10, 1));
+        for (fw, fh) in [(640, 480), (720, 400), (1920, 1200), (8, 4096)] {
+            for (ww, wh) in [(1, 1), (333, 777), (4000, 3), (1280, 1024)] {
+                let (x, y, w, h) = fit(fw, fh, ww, wh);
+                assert!(x + w <= ww && y + h <= wh && w >= 1 && h >= 1);
+                // One side touches the window; the other is the exact scaled length
+                // rounded down (or the 1-pixel minimum).
+                let (fw, fh) = (fw as f64, fh as f64);
+                if h == wh {
+                    let exact = wh as f64 * fw / fh;
+                    assert!(w == 1 || (exact - w as f64).abs() < 1.0, "{w} vs {exact}");
+                } else {
+                    assert_eq!(w, ww);
+                    let exact = ww as f64 * fh / fw;
+                    assert!(h == 1 || (exact - h as f64).abs() < 1.0, "{h} vs {exact}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the PS/2 aux port while grabbed (click to grab, Ctrl-Alt-G to release, as in QEMU).
 
 use super::{DisplayOptions, Input, Screen, SEND_KEYS_DELAY, SEND_KEYS_GAP};
-use sdl2::event::{Event, WindowEvent};
+use sdl2::event::Event;
 use sdl2::keyboard::{Keycode, Mod, Scancode};
 use sdl2::mouse::MouseButton;
 use sdl2::pixels::PixelFormatEnum;
@@ -131,6 +131,78 @@ fn scancode_for_char(c: char) -> Option<Scancode> {
     }
 }
 
+/// Host keyboard and mouse as the guest gets them: keys always; the mouse, as PS/2 aux
+/// motion and button reports, only while grabbed (click in the window to grab,
+/// Ctrl-Alt-G to release, as in QEMU).
+#[derive(Debug, Default)]
+struct Pointer {
+    grabbed: bool,
+    /// Buttons held: bit 0 left, bit 1 right, bit 2 middle (the PS/2 packet's order).
+    buttons: u8,
+}
+
+impl Pointer {
+    /// Sends what `ev` means to the guest through `input`; returns `Some(grab)` when the
+    /// window must take (true) or give back (false) the host mouse.
+    fn event(&mut self, ev: &Event, input: &Input) -> Option<bool> {
+        match *ev {
+            Event::KeyDown {
+                scancode: Some(Scancode::G),
+                keymod,
+                ..
+            } if keymod.intersects(Mod::LCTRLMOD | Mod::RCTRLMOD)
+                && keymod.intersects(Mod::LALTMOD | Mod::RALTMOD) =>
+            {
+                self.grabbed = false;
+                return Some(false);
+            }
+            Event::KeyDown {
+                scancode: Some(sc), ..
+            } => {
+                if let Some(code) = set1_code(sc) {
+                    input.key(code, true);
+                }
+            }
+            Event::KeyUp {
+                scancode: Some(sc), ..
+            } => {
+                if let Some(code) = set1_code(sc) {
+                    input.key(code, false);
+                }
+            }
+            Event::MouseButtonDown { .. } if !self.grabbed => {
+                // This click grabs the mouse; the guest does not see it.
+                self.grabbed = true;
+                return Some(true);
+            }
+            Event::MouseButtonDown { mouse_btn, .. } | Event::MouseButtonUp { mouse_btn, .. }
+                if self.grabbed =>
+            {
+                let bit = match mouse_btn {
+                    MouseButton::Left => 1,
+                    MouseButton::Right => 2,
+                    MouseButton::Middle => 4,
+                    _ => 0,
+                };
+                if matches!(ev, Event::MouseButtonDown { .. }) {
+                    self.buttons |= bit;
+                } else {
+                    self.buttons &= !bit;
+                }
+                input.mouse(0, 0, 0, self.buttons);
+            }
+            // SDL's y grows downwards, the PS/2 mouse's upwards.
+            Event::MouseMotion { xrel, yrel, .. } if self.grabbed => {
+                input.mouse(xrel, -yrel, 0, self.buttons)
+            }
+            // Wheel away from the user: SDL y > 0; IntelliMouse Z < 0.
+            Event::MouseWheel { y, .. } if self.grabbed => input.mouse(0, 0, -y, self.buttons),
+            _ => {}
+        }
+        None
+    }
+}
+
 /// The window loop (see [`super::run`]).
 pub(super) fn run(
     opts: &DisplayOptions,
@@ -160,7 +232,6 @@ pub(super) fn run(
         .build()
         .map_err(|e| e.to_string())?;
     let mut canvas = window.into_canvas().build().map_err(|e| e.to_string())?;
-    canvas.set_logical_size(w, h).map_err(|e| e.to_string())?;
     let tc = canvas.texture_creator();
     let mut texture = tc
         .create_texture_streaming(PixelFormatEnum::RGB888, w, h)
@@ -168,8 +239,7 @@ pub(super) fn run(
     upload(&mut texture, screen, None)?;
     let mut pump = ctx.event_pump()?;
     let mouse = ctx.mouse();
-    let mut grabbed = false;
-    let mut buttons = 0u8;
+    let mut pointer = Pointer::default();
     let mut frames = 0u32;
     let mut last_title = Instant::now();
     let mut last_executed = super::GUEST_STATS.get().0;
@@ -183,67 +253,12 @@ pub(super) fn run(
     let mut next_key = Instant::now() + SEND_KEYS_DELAY;
     while !finished() {
         for ev in pump.poll_iter() {
-            match ev {
-                Event::Quit { .. } => {
-                    quit.store(true, Ordering::SeqCst);
-                    input.wakeup.notify();
-                }
-                Event::KeyDown {
-                    scancode: Some(sc),
-                    keymod,
-                    ..
-                } if sc == Scancode::G
-                    && keymod.intersects(Mod::LCTRLMOD | Mod::RCTRLMOD)
-                    && keymod.intersects(Mod::LALTMOD | Mod::RALTMOD) =>
-                {
-                    grabbed = false;
-                    mouse.set_relative_mouse_mode(false);
-                }
-                Event::KeyDown {
-                    scancode: Some(sc), ..
-                } => {
-                    if let Some(code) = set1_code(sc) {
-                        input.key(code, true);
-                    }
-                }
-                Event::KeyUp {
-                    scancode: Some(sc), ..
-                } => {
-                    if let Some(code) = set1_code(sc) {
-                        input.key(code, false);
-                    }
-                }
-                Event::MouseButtonDown { mouse_btn, .. } if !grabbed => {
-                    let _ = mouse_btn;
-                    grabbed = true;
-                    mouse.set_relative_mouse_mode(true);
-                }
-                Event::MouseButtonDown { mouse_btn, .. }
-                | Event::MouseButtonUp { mouse_btn, .. }
-                    if grabbed =>
-                {
-                    let bit = match mouse_btn {
-                        MouseButton::Left => 1,
-                        MouseButton::Right => 2,
-                        MouseButton::Middle => 4,
-                        _ => 0,
-                    };
-                    if matches!(ev, Event::MouseButtonDown { .. }) {
-                        buttons |= bit;
-                    } else {
-                        buttons &= !bit;
-                    }
-                    input.mouse(0, 0, 0, buttons);
-                }
-                Event::MouseMotion { xrel, yrel, .. } if grabbed => {
-                    input.mouse(xrel, -yrel, 0, buttons);
-                }
-                Event::MouseWheel { y, .. } if grabbed => input.mouse(0, 0, -y, buttons),
-                Event::Window {
-                    win_event: WindowEvent::Exposed | WindowEvent::SizeChanged(..),
-                    ..
-                } => {}
-                _ => {}
+            if let Event::Quit { .. } = ev {
+                quit.store(true, Ordering::SeqCst);
+                input.wakeup.notify();
+            }
+            if let Some(grab) = pointer.event(&ev, input) {
+                mouse.set_relative_mouse_mode(grab);
             }
         }
         if let Some(c) = keys.last().copied() {
@@ -283,14 +298,19 @@ pub(super) fn run(
             texture = tc
                 .create_texture_streaming(PixelFormatEnum::RGB888, w, h)
                 .map_err(|e| e.to_string())?;
-            canvas.set_logical_size(w, h).map_err(|e| e.to_string())?;
             let _ = canvas.window_mut().set_size(w, h);
             upload(&mut texture, screen, None)?;
         } else if let Some(r) = changed {
             upload(&mut texture, screen, Some(r))?;
         }
         canvas.clear();
-        canvas.copy(&texture, None, None)?;
+        let (ww, wh) = canvas.output_size()?;
+        let (x, y, dw, dh) = super::fit(w, h, ww, wh);
+        canvas.copy(
+            &texture,
+            None,
+            Some(sdl2::rect::Rect::new(x as i32, y as i32, dw, dh)),
+        )?;
         canvas.present();
         frames += 1;
         if last_title.elapsed() >= Duration::from_secs(1) {
@@ -304,7 +324,7 @@ pub(super) fn run(
             } else {
                 "running"
             };
-            let grab = if grabbed {
+            let grab = if pointer.grabbed {
                 " - Ctrl-Alt-G releases the mouse"
             } else {
                 ""
@@ -409,6 +429,118 @@ mod tests {
         println!(
             "SDL (offscreen) 640x480: texture upload full {full:.1} us, one scanline {line:.1} us; copy+present {present:.1} us"
         );
+    }
+
+    /// The guest's side of the PS/2 controller: enables the aux port and the mouse's
+    /// data reporting, then reads aux bytes.
+    struct Guest(morph86_devices::PortBus);
+    impl Guest {
+        fn new(pc: &mut morph86_devices::PcPlatform) -> Self {
+            use morph86_mmu::IoBus;
+            let mut g = Guest(pc.take_io_bus().unwrap());
+            // 8042 command A8h: enable the aux interface; D4h: next data byte to the
+            // mouse; F4h: Enable Data Reporting, answered with ACK FAh.
+            g.0.io_write(0x64, 1, 0xa8);
+            g.0.io_write(0x64, 1, 0xd4);
+            g.0.io_write(0x60, 1, 0xf4);
+            assert_eq!(g.aux_bytes(), vec![0xfa]);
+            g
+        }
+        /// Every byte waiting in the output buffer that comes from the aux port.
+        fn aux_bytes(&mut self) -> Vec<u8> {
+            use morph86_mmu::IoBus;
+            let mut v = Vec::new();
+            // Status bit 0: output buffer full; bit 5: the byte is from the aux port.
+            while self.0.io_read(0x64, 1) & 0x21 == 0x21 {
+                v.push(self.0.io_read(0x60, 1) as u8);
+            }
+            v
+        }
+    }
+
+    fn button(down: bool, b: MouseButton) -> Event {
+        if down {
+            Event::MouseButtonDown {
+                timestamp: 0,
+                window_id: 0,
+                which: 0,
+                mouse_btn: b,
+                clicks: 1,
+                x: 10,
+                y: 10,
+            }
+        } else {
+            Event::MouseButtonUp {
+                timestamp: 0,
+                window_id: 0,
+                which: 0,
+                mouse_btn: b,
+                clicks: 1,
+                x: 10,
+                y: 10,
+            }
+        }
+    }
+
+    fn motion(xrel: i32, yrel: i32) -> Event {
+        Event::MouseMotion {
+            timestamp: 0,
+            window_id: 0,
+            which: 0,
+            mousestate: sdl2::mouse::MouseState::from_sdl_state(0),
+            x: 0,
+            y: 0,
+            xrel,
+            yrel,
+        }
+    }
+
+    /// SDL mouse events become PS/2 mouse packets (3 bytes: buttons with bit 3 always
+    /// set and the X/Y sign bits 4/5, then X and Y as two's complement, Y up) on the
+    /// 8042's aux port, only while the window has grabbed the mouse.
+    #[test]
+    fn sdl_mouse_events_become_ps2_aux_packets() {
+        let mut pc =
+            morph86_devices::PcPlatform::new(morph86_devices::PlatformConfig::new(16 << 20))
+                .unwrap();
+        let input = Input::new(&pc);
+        let mut guest = Guest::new(&mut pc);
+        let mut p = Pointer::default();
+        // Not grabbed: motion is the host's; the first click grabs and is not sent.
+        assert_eq!(p.event(&motion(5, 5), &input), None);
+        assert_eq!(
+            p.event(&button(true, MouseButton::Left), &input),
+            Some(true)
+        );
+        assert_eq!(guest.aux_bytes(), Vec::<u8>::new());
+        // Right 5, up 3 (SDL yrel -3).
+        assert_eq!(p.event(&motion(5, -3), &input), None);
+        assert_eq!(guest.aux_bytes(), vec![0x08, 5, 3]);
+        // Left 2, down 7: both sign bits.
+        p.event(&motion(-2, 7), &input);
+        assert_eq!(guest.aux_bytes(), vec![0x38, 0xfe, 0xf9]);
+        // Left button down, right button down, left up.
+        p.event(&button(true, MouseButton::Left), &input);
+        assert_eq!(guest.aux_bytes(), vec![0x09, 0, 0]);
+        p.event(&button(true, MouseButton::Right), &input);
+        assert_eq!(guest.aux_bytes(), vec![0x0b, 0, 0]);
+        p.event(&button(false, MouseButton::Left), &input);
+        assert_eq!(guest.aux_bytes(), vec![0x0a, 0, 0]);
+        // Moving with the right button held.
+        p.event(&motion(1, 0), &input);
+        assert_eq!(guest.aux_bytes(), vec![0x0a, 1, 0]);
+        // Ctrl-Alt-G releases the mouse: no more packets.
+        let ctrl_alt_g = Event::KeyDown {
+            timestamp: 0,
+            window_id: 0,
+            keycode: None,
+            scancode: Some(Scancode::G),
+            keymod: Mod::LCTRLMOD | Mod::LALTMOD,
+            repeat: false,
+        };
+        assert_eq!(p.event(&ctrl_alt_g, &input), Some(false));
+        p.event(&motion(4, 4), &input);
+        assert_eq!(guest.aux_bytes(), Vec::<u8>::new());
     }
 
     #[test]
