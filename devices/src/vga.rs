@@ -28,7 +28,9 @@
 //! Accesses that still come through the device (the banked window at 0xA0000, BAR0 moved
 //! by the guest away from the watched mapping) update both.
 //!
-//! Snapshot: the whole device state is serde-serializable ([`Vga`] derives it).
+//! Snapshot: [`Vga::save`] gives a [`VgaState`] (serde): registers, palette, planar
+//! memory, dispi registers and the framebuffer up to its last non-zero byte;
+//! [`Vga::restore`] puts it back into the same framebuffer memory.
 //!
 //! There is no VGA BIOS: [`Vga::bios_text_mode`] does what its power-on code would
 //! (registers for mode 03h, the EGA palette in the DAC, an 8x16 font in plane 2).
@@ -863,10 +865,57 @@ impl Vga {
         }
     }
 
+    /// Snapshot of the device (take it between guest instructions, on the guest's
+    /// thread: it reads the framebuffer memory).
+    pub fn save(&self) -> VgaState {
+        // SAFETY: called on the guest's thread between instructions (dirty module
+        // contract); the view ends in this function.
+        let fb = unsafe { self.fb.bytes() };
+        let used = fb.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let mut regs = self.clone();
+        regs.lfb = Vec::new();
+        VgaState {
+            regs,
+            framebuffer: fb[..used.min(LFB_SIZE)].to_vec(),
+        }
+    }
+
+    /// Restores a snapshot (on the guest's thread, between instructions): the
+    /// framebuffer memory keeps its identity (the machine has it mapped) and gets the
+    /// saved contents; the next [`Vga::update`] redraws everything.
+    pub fn restore(&mut self, s: &VgaState) {
+        let fb = self.fb.clone();
+        let mut v = s.regs.clone();
+        v.fb = fb;
+        v.vram.resize(VRAM_SIZE, 0);
+        let n = s.framebuffer.len().min(LFB_SIZE);
+        v.lfb = new_lfb();
+        v.lfb[..n].copy_from_slice(&s.framebuffer[..n]);
+        // SAFETY: as in `save`.
+        let mem = unsafe { v.fb.bytes_mut() };
+        mem[..LFB_SIZE].fill(0);
+        mem[..n].copy_from_slice(&s.framebuffer[..n]);
+        v.vram_dirty = new_vram_dirty();
+        v.lfb_dirty = new_lfb_dirty();
+        v.render = render::RenderCache::default();
+        v.full_redraw = true;
+        v.font_dirty = true;
+        *self = v;
+    }
+
     /// Forces the next [`Vga::update`] to redraw the whole frame.
     pub fn invalidate(&mut self) {
         self.full_redraw = true;
     }
+}
+
+/// Saved state of the VGA (see [`Vga::save`]).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VgaState {
+    /// Registers, palette, planar memory and dispi registers.
+    regs: Vga,
+    /// The framebuffer up to its last non-zero byte.
+    framebuffer: Vec<u8>,
 }
 
 /// The 64 EGA colours as 6-bit DAC values: colour bits `rgbRGB` (bit 5 = secondary red,

@@ -445,6 +445,70 @@ fn guest_stores_reach_the_screen_through_the_harvest() {
 }
 
 #[test]
+fn snapshot_round_trip_keeps_text_and_framebuffer() {
+    // Text mode with a cell written through the window, then a VBE mode with pixels.
+    let mut v = Vga::new();
+    v.bios_text_mode();
+    let mut w = VgaWindow(Arc::new(Mutex::new(v)));
+    w.write(0x1_8000 + 2 * 81, &[b'Q', 0x1e]); // row 1, column 1 of B8000h
+    let vga = w.0.clone();
+    let mut text = Frame::default();
+    vga.lock().unwrap().update(&mut text, 0);
+    let json = serde_json::to_string(&vga.lock().unwrap().save()).unwrap();
+    // Restored into a VGA in another state: the same picture.
+    let other: SharedVga = Arc::new(Mutex::new(Vga::new()));
+    let mut p = VgaPorts(other.clone());
+    vbe_out(&mut p, VBE_INDEX_XRES, 320);
+    vbe_out(&mut p, VBE_INDEX_YRES, 200);
+    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    let fb_before = other.lock().unwrap().framebuffer_memory();
+    other
+        .lock()
+        .unwrap()
+        .restore(&serde_json::from_str(&json).unwrap());
+    let mut f = Frame::default();
+    other.lock().unwrap().update(&mut f, 0);
+    assert_eq!((f.width, f.height), (720, 400));
+    assert_eq!(f.pixels, text.pixels);
+    // The framebuffer memory the machine mapped is still the one in use.
+    assert!(Arc::ptr_eq(
+        &fb_before,
+        &other.lock().unwrap().framebuffer_memory()
+    ));
+    // VBE: pixels survive, in the display's copy and in the memory the guest reads.
+    let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+    let mut p = VgaPorts(vga.clone());
+    vbe_out(&mut p, VBE_INDEX_XRES, 640);
+    vbe_out(&mut p, VBE_INDEX_YRES, 480);
+    vbe_out(&mut p, VBE_INDEX_BPP, 32);
+    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    vga.lock()
+        .unwrap()
+        .lfb_write((479 * 640 + 639) * 4, &0x00c0_ffeeu32.to_le_bytes());
+    let state = vga.lock().unwrap().save();
+    let json = serde_json::to_string(&state).unwrap();
+    assert!(
+        json.len() < 4 * LFB_SIZE / 10,
+        "only the used framebuffer is saved"
+    );
+    let restored: SharedVga = Arc::new(Mutex::new(Vga::new()));
+    restored
+        .lock()
+        .unwrap()
+        .restore(&serde_json::from_str(&json).unwrap());
+    let mut f = Frame::default();
+    restored.lock().unwrap().update(&mut f, 0);
+    assert_eq!((f.width, f.height), (640, 480));
+    assert_eq!(f.pixel(639, 479), 0xc0ffee);
+    let mut b = [0u8; 4];
+    restored
+        .lock()
+        .unwrap()
+        .lfb_read((479 * 640 + 639) * 4, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x00c0_ffee);
+}
+
+#[test]
 fn dac_reads_back_and_crtc_protect() {
     let mut v = Vga::new();
     set_dac(&mut v, 5, [1, 2, 3]);
