@@ -1,6 +1,11 @@
 //! The terminal as the guest's serial console: raw mode while the guest runs (restored
 //! on exit, also after a panic), and QEMU's escape keys: Ctrl-A x quits, Ctrl-A Ctrl-A
 //! sends a Ctrl-A to the guest, Ctrl-A h prints help.
+//!
+//! As with QEMU's `-nographic` (its multiplexed `mon:stdio`), the escapes work whatever
+//! stdin is: a terminal or a pipe (`printf '\001x' | morph86 ...` ends the run). The end
+//! of input differs: on a terminal it means the terminal went away, and the run ends;
+//! on a pipe or file the guest keeps running with no more input, as under QEMU.
 
 use std::io::{Read, Write};
 
@@ -42,10 +47,57 @@ impl Drop for RawMode {
     }
 }
 
-/// Reads stdin on its own thread, handling the Ctrl-A escapes: bytes for the guest go
-/// to `on_byte`, Ctrl-A x (or, with escapes on, the end of input) calls `on_quit`. With
-/// `escapes` off (stdin not a terminal) bytes pass through untouched.
-pub fn spawn_reader<B, Q>(on_byte: B, on_quit: Q, escapes: bool) -> std::io::Result<()>
+/// The escape character (Ctrl-A), as in QEMU.
+pub const ESCAPE: u8 = 0x01;
+
+/// What one chunk of input means once the escapes are taken out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes for the guest, in order.
+    pub guest: Vec<u8>,
+    /// Ctrl-A x was typed: the bytes after it are dropped.
+    pub quit: bool,
+    /// Ctrl-A h was typed: print the help.
+    pub help: bool,
+}
+
+/// The escape-key state machine: remembers a Ctrl-A that ended the previous chunk.
+#[derive(Debug, Default)]
+pub struct Escapes {
+    after_escape: bool,
+}
+
+impl Escapes {
+    /// Splits `input` into guest bytes and escape commands. An unknown key after Ctrl-A
+    /// is dropped with the Ctrl-A, as QEMU does.
+    pub fn decode(&mut self, input: &[u8]) -> Decoded {
+        let mut d = Decoded::default();
+        for &b in input {
+            if self.after_escape {
+                self.after_escape = false;
+                match b {
+                    b'x' | b'X' => {
+                        d.quit = true;
+                        return d;
+                    }
+                    ESCAPE => d.guest.push(ESCAPE),
+                    b'h' | b'H' | b'?' => d.help = true,
+                    _ => {}
+                }
+            } else if b == ESCAPE {
+                self.after_escape = true;
+            } else {
+                d.guest.push(b);
+            }
+        }
+        d
+    }
+}
+
+/// Reads stdin on its own thread: bytes for the guest go to `on_byte`, Ctrl-A x calls
+/// `on_quit` (see [`Escapes`]). The end of input calls `on_quit` only when
+/// `quit_at_eof` (stdin is a terminal); otherwise the reader just stops.
+pub fn spawn_reader<B, Q>(on_byte: B, on_quit: Q, quit_at_eof: bool) -> std::io::Result<()>
 where
     B: Fn(&[u8]) + Send + 'static,
     Q: Fn() + Send + 'static,
@@ -55,46 +107,82 @@ where
         .spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 256];
-            let mut out = Vec::with_capacity(256);
-            let mut ctrl_a = false;
+            let mut esc = Escapes::default();
             loop {
                 let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        if escapes {
+                    Ok(0) => {
+                        if quit_at_eof {
+                            on_quit();
+                        }
+                        return;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("console: reading stdin failed: {e}");
+                        if quit_at_eof {
                             on_quit();
                         }
                         return;
                     }
                     Ok(n) => n,
                 };
-                out.clear();
-                for &b in &buf[..n] {
-                    if escapes && ctrl_a {
-                        ctrl_a = false;
-                        match b {
-                            b'x' | b'X' => {
-                                on_byte(&out);
-                                on_quit();
-                                return;
-                            }
-                            0x01 => out.push(0x01),
-                            b'h' | b'H' => {
-                                let mut e = std::io::stderr();
-                                let _ =
-                                    write!(e, "\r\nC-a x    exit morph86\r\nC-a C-a  send C-a\r\n");
-                            }
-                            _ => {}
-                        }
-                    } else if escapes && b == 0x01 {
-                        ctrl_a = true;
-                    } else {
-                        out.push(b);
-                    }
+                let d = esc.decode(&buf[..n]);
+                if !d.guest.is_empty() {
+                    on_byte(&d.guest);
                 }
-                if !out.is_empty() {
-                    on_byte(&out);
+                if d.help {
+                    let mut e = std::io::stderr();
+                    let _ = write!(
+                        e,
+                        "\r\nC-a h    print this help\r\nC-a x    exit morph86\r\nC-a C-a  send C-a\r\n"
+                    );
+                }
+                if d.quit {
+                    on_quit();
+                    return;
                 }
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_bytes_pass_through() {
+        let mut e = Escapes::default();
+        let d = e.decode(b"ls -l\r");
+        assert_eq!(d.guest, b"ls -l\r");
+        assert!(!d.quit && !d.help);
+    }
+
+    #[test]
+    fn ctrl_a_x_quits_and_drops_the_rest() {
+        let mut e = Escapes::default();
+        let d = e.decode(b"ab\x01xcd");
+        assert_eq!(d.guest, b"ab");
+        assert!(d.quit);
+        let d = e.decode(b"\x01X");
+        assert!(d.quit, "upper case X too");
+    }
+
+    #[test]
+    fn escape_split_across_reads() {
+        let mut e = Escapes::default();
+        let d = e.decode(b"a\x01");
+        assert_eq!(d.guest, b"a");
+        assert!(!d.quit);
+        let d = e.decode(b"x");
+        assert!(d.quit && d.guest.is_empty());
+    }
+
+    #[test]
+    fn double_ctrl_a_sends_one_and_unknown_keys_vanish() {
+        let mut e = Escapes::default();
+        let d = e.decode(b"\x01\x01\x01zq\x01h");
+        assert_eq!(d.guest, b"\x01q");
+        assert!(d.help && !d.quit);
+    }
 }
