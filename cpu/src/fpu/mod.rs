@@ -152,6 +152,9 @@ pub struct FpuState {
     pub host_live: u8,
     /// JIT only: `host_live` as it was when a slow path saved the state.
     pub host_was_live: u8,
+    /// JIT only: set by translated code before a slow-path or interpreter call for an
+    /// instruction that leaves the x87 state alone, so the call need not store it.
+    pub host_call_keeps: u8,
     /// JIT only: the linear address of the current memory operand, kept until the
     /// instruction completes and it becomes FDP.
     pub fdp_pending: u32,
@@ -197,6 +200,7 @@ impl Default for FpuState {
             fds: 0,
             host_live: 0,
             host_was_live: 0,
+            host_call_keeps: 0,
             fdp_pending: 0,
         }
     }
@@ -255,11 +259,17 @@ impl FpuState {
     /// (the physical registers keep their contents; TOP becomes 0).
     pub fn init(&mut self) {
         self.set_top(0);
-        let (st, live, was) = (self.st_img, self.host_live, self.host_was_live);
+        let (st, live, was, keeps) = (
+            self.st_img,
+            self.host_live,
+            self.host_was_live,
+            self.host_call_keeps,
+        );
         *self = FpuState::default();
         self.st_img = st;
         self.host_live = live;
         self.host_was_live = was;
+        self.host_call_keeps = keeps;
     }
     /// TOP field of the status word.
     pub fn top(&self) -> usize {
