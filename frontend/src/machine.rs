@@ -294,6 +294,13 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
 
     let quit = Arc::new(AtomicBool::new(false));
+    // SIGINT/SIGTERM/SIGHUP stop the machine as Ctrl-A x does (before any thread starts).
+    let (q, wake) = (quit.clone(), pc.wakeup.clone());
+    console::catch_termination(move || {
+        q.store(true, Ordering::SeqCst);
+        wake.notify();
+    })
+    .map_err(|e| MachineError::Host(e.to_string()))?;
     let _raw = if let Some(port) = stdio_port {
         let input = pc.serial_input(port);
         // SAFETY: isatty only inspects the descriptor.
