@@ -146,6 +146,55 @@ where
     Ok(())
 }
 
+/// The signals that end a run cleanly (terminal mode restored, `--screenshot` written,
+/// `--stats` printed), as QEMU ends on them: SIGINT, SIGTERM, SIGHUP.
+const TERMINATION: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Blocks the termination signals in the calling thread and every thread it starts
+/// afterwards (call it before starting any), and starts a thread that takes them with
+/// `sigwait` and calls `on_signal`, so the machine stops the way Ctrl-A x stops it. A
+/// second signal ends the process at once (status 128 + signal), for a run that does
+/// not stop.
+pub fn catch_termination<F>(on_signal: F) -> std::io::Result<()>
+where
+    F: Fn() + Send + 'static,
+{
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in TERMINATION {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    // SAFETY: changes only this thread's signal mask, from a valid set.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut first = true;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` stays valid for the thread's life; sigwait writes `sig`.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
+                if first {
+                    eprintln!("\r\nmorph86: terminating on signal {sig}\r");
+                    first = false;
+                    on_signal();
+                } else {
+                    std::process::exit(128 + sig);
+                }
+            }
+        })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
