@@ -253,6 +253,20 @@ impl Cpu {
         r
     }
 
+    /// Like [`Cpu::try_step`] for an instruction already decoded (by a JIT, when it
+    /// translated the code): `i` must have been decoded from the bytes at the current
+    /// EIP, in 32-bit code with a flat CS, whose fetch the caller has checked.
+    pub fn exec_decoded(&mut self, i: &iced_x86::Instruction) -> Res<()> {
+        self.start_rip = self.s.rip;
+        self.s.rip = i.next_ip32() as u64;
+        let r = self.execute(i);
+        match r {
+            Ok(()) => self.stats.instructions += 1,
+            Err(_) => self.s.rip = self.start_rip,
+        }
+        r
+    }
+
     /// Delivers an exception raised by an instruction (whose state has been rolled back
     /// to the instruction start), applying the double- and triple-fault rules.
     pub fn raise(&mut self, e: Exception) -> StepEvent {

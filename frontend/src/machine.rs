@@ -439,7 +439,7 @@ const POLL_EVERY: u32 = 256;
 const EXEC_SAMPLE: u64 = 1 << 20;
 
 /// Instructions per batch under the JIT (translated code is fast, so batches are longer).
-const JIT_BATCH: u64 = 4096;
+const JIT_BATCH: u64 = 16384;
 
 #[allow(clippy::too_many_arguments)]
 fn vcpu_loop(
@@ -564,7 +564,7 @@ fn vcpu_loop(
     cpu.mmu.harvest_watched(true);
     if stats {
         if let Some(j) = &jit {
-            eprintln!("morph86: jit: {}", j.stats);
+            eprintln!("morph86: jit: {}", j.stats());
         }
         let st = &cpu.stats;
         eprintln!(

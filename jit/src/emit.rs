@@ -10,7 +10,8 @@
 //! | r12 | `*mut JitCtx` |
 //! | r13 | linear, then host address of the current memory operand |
 //! | r9 | copy of the guest flags (LAHF image in AH, OF in AL) around TLB probes |
-//! | r10, r11, r14 | scratch (probe, loaded branch target, budget check, slow-path argument) |
+//! | r10, r11 | scratch (probe, loaded branch target, instruction count) |
+//! | r14 | block budget + 1 (`JitCtx::budget` is loaded at entry, stored at exit) |
 //! | EFLAGS (arithmetic bits) | guest CF PF AF ZF SF OF |
 //!
 //! Flag discipline inside a block: the emitter tracks whether host EFLAGS and/or r9
@@ -22,15 +23,15 @@
 //! The trampoline loads all of that from `CpuState` once, jumps to the block, and the
 //! shared exit path stores it back: guest registers are in host registers for as long
 //! as execution stays in chained blocks, and guest flags are spilled only at that exit
-//! or a slow path (the block-entry budget check uses `jrcxz`/`lea`, which leave EFLAGS
-//! alone).
+//! or a slow path (the block-entry budget check uses `xchg`/`loop`/`lea`, which leave
+//! EFLAGS alone).
 //!
 //! Block layout:
 //! ```text
-//! out:    mov rcx, r14 ; jmp reentry          (budget exhausted)
-//! entry:  mov r14, rcx ; mov ecx, [r12+budget] ; jrcxz out
-//!         lea ecx, [rcx-1] ; mov [r12+budget], ecx ; mov rcx, r14
-//!         mov r14, [r12+icount] ; lea r14, [r14+n] ; mov [r12+icount], r14
+//! out:    xchg rcx, r14 ; mov r14d, 1 ; jmp reentry     (budget exhausted)
+//! entry:  xchg rcx, r14 ; loop cont ; jmp out
+//! cont:   xchg rcx, r14
+//!         mov r11, [r12+icount] ; lea r11, [r11+n] ; mov [r12+icount], r11
 //!         <native guest instructions>
 //!         <terminator: jcc taken ; stub(next) ; taken: stub(target)>
 //! stub:   mov dword [r15+rip], eip ; mov qword [r12+exit], id ; jmp exit   (patchable)
@@ -42,8 +43,8 @@
 use crate::translate::{count_dependent, rflags_to_eflags, BlockPlan, Kind, Term};
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
-use iced_x86::Instruction;
-use morph86_cpu::state::ARITH_FLAGS;
+use iced_x86::{Instruction, OpKind};
+use morph86_cpu::state::{ARITH_FLAGS, IF};
 use morph86_cpu::{Cpu, CpuState, Exception};
 use morph86_mmu::tlb::TLB_SIZE;
 use morph86_mmu::TlbEntry;
@@ -58,7 +59,13 @@ pub const IND_MISS: u64 = u64::MAX - 1;
 /// page: it cannot be chained by patching, since the page's mapping may change).
 pub const IND_LOOKUP: u64 = u64::MAX - 2;
 /// Entries of the indirect-branch table (direct-mapped by physical address).
-pub const IND_SIZE: usize = 4096;
+pub const IND_SIZE: usize = 8192;
+
+/// Slot of the indirect-branch table for physical address `phys` (the host code's
+/// inline lookup computes the same: page offset mixed with the page number).
+pub fn ind_index(phys: u64) -> usize {
+    ((phys ^ (phys >> 12)) as usize) & (IND_SIZE - 1)
+}
 
 /// Dispatcher ↔ host code communication block (pointed to by r12).
 #[repr(C)]
@@ -67,8 +74,9 @@ pub struct JitCtx {
     /// Blocks that may still be entered before returning to the dispatcher; 0 stops at
     /// the next block entry (stop requests store 0).
     pub budget: u32,
-    /// Padding.
-    pub _pad: u32,
+    /// Argument of the slow path and the in-block interpreter call: the number of block
+    /// instructions not retired if this one leaves (set by block code before the call).
+    pub arg: u32,
     /// Guest instructions retired by host code since the dispatcher last cleared it.
     pub icount: u64,
     /// Id of the stub that left host code ([`NO_CHAIN`] if none).
@@ -86,15 +94,24 @@ pub struct JitCtx {
     /// Slow-path calls since the dispatcher last took the count.
     pub slow_calls: u64,
     /// The indirect-branch table: `IND_SIZE` entries (key, linear EIP, host entry,
-    /// padding), key = `phys | mode << 56`, indexed by `phys % IND_SIZE`.
+    /// padding), key = `phys | mode << 56`, indexed by [`ind_index`].
     pub ind: u64,
+    /// Mode bits of the blocks being run (all chained blocks share them).
+    pub mode: u8,
+    /// `PhysMem::epoch` when host code was entered.
+    pub epoch: u64,
+    /// In-block interpreter calls ([`jit_interp`]) by mnemonic (indexed by
+    /// `Mnemonic as usize`).
+    pub interp_calls: Vec<u64>,
+    /// In-block interpreter calls that left the block (fault, branch, mode change).
+    pub interp_exits: u64,
 }
 
 impl Default for JitCtx {
     fn default() -> Self {
         JitCtx {
             budget: 0,
-            _pad: 0,
+            arg: 0,
             icount: 0,
             exit: NO_CHAIN,
             tlb: 0,
@@ -104,6 +121,10 @@ impl Default for JitCtx {
             ram_base: 0,
             slow_calls: 0,
             ind: 0,
+            mode: 0,
+            epoch: 0,
+            interp_calls: vec![0; iced_x86::Mnemonic::values().count()],
+            interp_exits: 0,
         }
     }
 }
@@ -150,7 +171,74 @@ pub unsafe extern "sysv64" fn jit_slow(ctx: *mut JitCtx, not_retired: u32) -> u3
     }
 }
 
+/// Runs one untranslated instruction of a block in the interpreter: `insn`, decoded at
+/// translation time from the bytes at `cpu.s.rip` (stored by the caller). Returns 0 to
+/// continue in the block (it retired, fell through to the next instruction and changed
+/// nothing the block depends on: mode bits, interrupt flag off→on, the physical map,
+/// code pages), 1 to leave it: an exception (stored in `ctx.exception`, EIP at the
+/// instruction) or any of those changes (EIP wherever the instruction left it, a REP
+/// instruction that is not finished included). `not_retired` is as for [`jit_slow`],
+/// with [`INTERP_BRANCH`] set when the instruction is the block's terminating branch.
+///
+/// # Safety
+/// As [`jit_slow`]; `insn` must point to a live `Instruction` (the block keeps it).
+pub unsafe extern "sysv64" fn jit_interp(
+    ctx: *mut JitCtx,
+    not_retired: u32,
+    insn: *const Instruction,
+) -> u32 {
+    // SAFETY: per the function contract.
+    let ctx = unsafe { &mut *ctx };
+    // SAFETY: per the function contract.
+    let cpu = unsafe { &mut *ctx.cpu };
+    // SAFETY: per the function contract.
+    let i = unsafe { &*insn };
+    if let Some(c) = ctx.interp_calls.get_mut(i.mnemonic() as usize) {
+        *c += 1;
+    }
+    if cpu.mmu.phys.has_dirty_code() {
+        ctx.dirty.extend(cpu.take_dirty_code());
+    }
+    let branch = not_retired & INTERP_BRANCH != 0;
+    let not_retired = not_retired & !INTERP_BRANCH;
+    let counted = cpu.stats.instructions;
+    let if_before = cpu.s.eflags_raw & IF;
+    let r = cpu.exec_decoded(i);
+    cpu.s.materialize_flags();
+    match r {
+        Ok(()) => {
+            // The block counted this instruction at entry.
+            cpu.stats.instructions = counted;
+            let stay = (branch || cpu.s.rip == i.next_ip32() as u64)
+                && !cpu.mmu.phys.has_dirty_code()
+                && cpu.s.eflags_raw & IF <= if_before
+                && cpu.mmu.phys.epoch() == ctx.epoch
+                && crate::mode_bits(&cpu.s) == Some(ctx.mode);
+            if stay {
+                return 0;
+            }
+            if cpu.mmu.phys.has_dirty_code() {
+                ctx.dirty.extend(cpu.take_dirty_code());
+            }
+            ctx.interp_exits += 1;
+            ctx.icount = ctx.icount.saturating_sub(not_retired as u64 - 1);
+            1
+        }
+        Err(e) => {
+            ctx.exception = Some(e);
+            ctx.interp_exits += 1;
+            ctx.icount = ctx.icount.saturating_sub(not_retired as u64);
+            1
+        }
+    }
+}
+
+/// Flag in `jit_interp`'s `not_retired` argument: the instruction ends its block
+/// ([`Term::InterpBranch`]), so a change of EIP is expected, not a reason to leave.
+const INTERP_BRANCH: u32 = 1 << 31;
+
 const OFF_BUDGET: i32 = offset_of!(JitCtx, budget) as i32;
+const OFF_ARG: i32 = offset_of!(JitCtx, arg) as i32;
 const OFF_ICOUNT: i32 = offset_of!(JitCtx, icount) as i32;
 const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
 const OFF_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
@@ -189,6 +277,9 @@ pub struct TrampolineOffsets {
     pub exit: usize,
     /// The shared slow path (spill, call [`jit_slow`], reload).
     pub slow: usize,
+    /// The in-block interpreter call (spill, call [`jit_interp`] with the instruction
+    /// pointer from r11, reload).
+    pub interp: usize,
 }
 
 /// Assembles the entry/exit trampoline for base address `base`.
@@ -196,8 +287,11 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
     let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(base);
     let exit = ops.new_dynamic_label();
     let slow = ops.new_dynamic_label();
+    let interp = ops.new_dynamic_label();
+    let called = ops.new_dynamic_label();
     let leave = ops.new_dynamic_label();
     let helper = jit_slow as *const () as usize as i64;
+    let interp_helper = jit_interp as *const () as usize as i64;
     let g = |r: i32| OFF_GPR + 8 * r;
     dynasm!(ops
         ; .arch x64
@@ -211,6 +305,9 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; mov r15, rdi
         ; mov r12, rsi
         ; mov r13, rdx
+        // r14 = block budget + 1 for as long as host code runs (see `emit_block`).
+        ; mov r14d, DWORD [r12 + OFF_BUDGET]
+        ; lea r14d, [r14 + 1]
         // Guest arithmetic flags into host EFLAGS (DF, TF, AC stay 0 on the host).
         ; mov eax, DWORD [r15 + OFF_EFLAGS]
         ; and eax, ARITH_FLAGS as i32
@@ -227,6 +324,8 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; mov rdi, QWORD [r15 + g(7)]
         ; jmp r13
         ; =>exit
+        ; lea r14d, [r14 - 1]
+        ; mov DWORD [r12 + OFF_BUDGET], r14d
         ; mov QWORD [r15 + g(0)], rax
         ; mov QWORD [r15 + g(1)], rcx
         ; mov QWORD [r15 + g(2)], rdx
@@ -243,6 +342,10 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; and ecx, !ARITH_FLAGS as i32
         ; or ecx, eax
         ; mov DWORD [r15 + OFF_EFLAGS], ecx
+    );
+    crate::x87::emit_spill(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; add rsp, 8
         ; pop r15
         ; pop r14
@@ -252,7 +355,8 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; pop rbx
         ; ret
         // Slow path: called from block code with guest state in host registers and
-        // host flags, EIP stored, r14d = instructions not retired if this one leaves.
+        // host flags, EIP stored, `JitCtx::arg` = instructions not retired if this one
+        // leaves.
         ; =>slow
         ; mov QWORD [r15 + g(0)], rax
         ; mov QWORD [r15 + g(1)], rcx
@@ -270,13 +374,51 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; or r11d, r13d
         ; mov DWORD [r15 + OFF_EFLAGS], r11d
         ; mov rdi, r12
-        ; mov esi, r14d
+        ; mov esi, DWORD [r12 + OFF_ARG]
+    );
+    crate::x87::emit_spill_for_call(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; sub rsp, 8
         ; mov rax, QWORD helper
         ; call rax
         ; add rsp, 8
+        ; jmp =>called
+        // In-block interpreter call: as the slow path, r11 = the `Instruction`.
+        ; =>interp
+        ; mov QWORD [r15 + g(0)], rax
+        ; mov QWORD [r15 + g(1)], rcx
+        ; mov QWORD [r15 + g(2)], rdx
+        ; mov QWORD [r15 + g(3)], rbx
+        ; mov QWORD [r15 + g(4)], r8
+        ; mov QWORD [r15 + g(5)], rbp
+        ; mov QWORD [r15 + g(6)], rsi
+        ; mov QWORD [r15 + g(7)], rdi
+        ; pushfq
+        ; pop r13
+        ; and r13d, ARITH_FLAGS as i32
+        ; mov r10d, DWORD [r15 + OFF_EFLAGS]
+        ; and r10d, !ARITH_FLAGS as i32
+        ; or r10d, r13d
+        ; mov DWORD [r15 + OFF_EFLAGS], r10d
+        ; mov rdi, r12
+        ; mov esi, DWORD [r12 + OFF_ARG]
+        ; mov rdx, r11
+    );
+    crate::x87::emit_spill_for_call(&mut ops);
+    dynasm!(ops
+        ; .arch x64
+        ; sub rsp, 8
+        ; mov rax, QWORD interp_helper
+        ; call rax
+        ; add rsp, 8
+        ; =>called
         ; test eax, eax
         ; jnz =>leave
+    );
+    crate::x87::emit_reload_after_call(&mut ops, leave);
+    dynasm!(ops
+        ; .arch x64
         ; mov eax, DWORD [r15 + OFF_EFLAGS]
         ; and eax, ARITH_FLAGS as i32
         ; or eax, FLAGS_FIXED
@@ -313,6 +455,7 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
     let offs = TrampolineOffsets {
         exit: off(exit),
         slow: off(slow),
+        interp: off(interp),
     };
     let code = ops.finalize().unwrap_or_default();
     (code, offs)
@@ -404,6 +547,11 @@ pub struct Targets {
     pub exit: usize,
     /// The trampoline's slow path.
     pub slow: usize,
+    /// The trampoline's in-block interpreter call.
+    pub interp: usize,
+    /// Host address of the block's held instructions (one `Instruction` per
+    /// [`Kind::Interp`], in order), which outlive its code.
+    pub held: usize,
     /// Offset of the TLB set for this block's privilege (0 or [`TLB_USER_SET`]).
     pub tlb_set: i32,
     /// The block's mode bits (part of the indirect-branch key).
@@ -435,7 +583,9 @@ fn emit_indirect(ops: &mut Asm, base: usize, t: &Targets) {
         ; jne =>miss
         ; add r13, QWORD [r10 + addend]
         ; sub r13, QWORD [r12 + OFF_RAM]
-        ; mov r10d, r13d
+        ; mov r10, r13
+        ; shr r10, 12
+        ; xor r10d, r13d
         ; and r10d, (IND_SIZE - 1) as i32
         ; shl r10d, 5
         ; add r10, QWORD [r12 + OFF_IND]
@@ -477,7 +627,7 @@ type Asm = VecAssembler<X64Relocation>;
 fn save_flags(ops: &mut Asm) {
     dynasm!(ops
         ; .arch x64
-        ; xchg rax, r9
+        ; mov r9, rax
         ; lahf
         ; seto al
         ; xchg rax, r9
@@ -496,21 +646,57 @@ fn restore_flags(ops: &mut Asm) {
     );
 }
 
-/// Whether an instruction needs the guest flags in host EFLAGS before it runs (it
-/// reads some, or writes only some), and whether it writes any.
-fn flag_use(i: &Instruction) -> (bool, bool) {
+/// The arithmetic flags an instruction reads, the ones it always writes (defined or
+/// not) and whether it modifies any. A shift or rotate whose masked count is an
+/// immediate other than 0 writes what iced lists; one counted by CL may write nothing
+/// (count 0), so it is taken to write no flag for sure.
+fn flag_effect(i: &Instruction) -> (u32, u32, bool) {
     let read = rflags_to_eflags(i.rflags_read());
-    let modified = rflags_to_eflags(i.rflags_modified());
-    let def = rflags_to_eflags(
+    let modified = rflags_to_eflags(i.rflags_modified()) != 0;
+    let mut def = rflags_to_eflags(
         i.rflags_written() | i.rflags_cleared() | i.rflags_set() | i.rflags_undefined(),
     );
     if count_dependent(i) {
-        // Shifts and rotates may leave some or all flags alone (count 0, or a rotate
-        // through carry by a multiple of the width) and set OF even then on some hosts.
-        return (true, true);
+        let last = i.op_count().saturating_sub(1);
+        let imm_count = match i.op_kind(last) {
+            OpKind::Immediate8 => Some(i.immediate8() & 0x1f),
+            _ => None,
+        };
+        if imm_count.unwrap_or(0) == 0 {
+            def = 0;
+        }
     }
-    let needs = read != 0 || (modified != 0 && def != ARITH_FLAGS);
-    (needs, modified != 0)
+    (read, def, modified)
+}
+
+/// Whether an instruction needs the guest flags in host EFLAGS before it runs (it
+/// reads some, or writes only some while a flag it leaves alone is live afterwards),
+/// and whether it writes any.
+fn flag_use(i: &Instruction, live_after: u32) -> (bool, bool) {
+    let (read, def, modified) = flag_effect(i);
+    let needs = read != 0 || (modified && ARITH_FLAGS & !def & live_after != 0);
+    (needs, modified)
+}
+
+/// For each instruction of `plan`, the guest flags live after it: read by a later
+/// instruction before being written, or visible at a later exit. Every point that may
+/// leave the block (a memory access, whose fault must push exact flags; a helper call;
+/// the end) counts as reading all of them, so a flag is dead only until the next
+/// instruction that overwrites it on the straight register-only path.
+fn live_flags(plan: &BlockPlan) -> Vec<u32> {
+    let mut live = ARITH_FLAGS;
+    let mut out = vec![0; plan.insns.len()];
+    for (k, g) in plan.insns.iter().enumerate().rev() {
+        out[k] = live;
+        live = match g.kind {
+            Kind::Reg => {
+                let (read, def, _) = flag_effect(&g.instr);
+                (live & !def) | read
+            }
+            _ => ARITH_FLAGS,
+        };
+    }
+    out
 }
 
 /// One out-of-line slow path.
@@ -530,9 +716,8 @@ fn probe(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: DynamicLabel
     dynasm!(ops
         ; .arch x64
         ; mov r10d, r13d
-        ; shr r10d, 12
-        ; and r10d, (TLB_SIZE - 1) as i32
-        ; shl r10d, TLB_ENTRY_SHIFT
+        ; shr r10d, 12 - TLB_ENTRY_SHIFT
+        ; and r10d, ((TLB_SIZE - 1) << TLB_ENTRY_SHIFT) as i32
         ; add r10, QWORD [r12 + OFF_TLB]
         ; lea r11, [r13 + last]
         ; and r11, -4096
@@ -558,24 +743,27 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
     let out = ops.new_dynamic_label();
     let reentry = ops.new_dynamic_label();
     let n = plan.insn_count() as i32;
+    let cont = ops.new_dynamic_label();
+    // r14 holds the budget + 1: LOOP decrements it (as RCX) without touching EFLAGS and
+    // falls through when it reaches 0, i.e. when the budget was 0 on entry.
     dynasm!(ops
         ; .arch x64
         ; =>out
-        ; mov rcx, r14
+        ; xchg rcx, r14
+        ; mov r14d, 1
         ; jmp =>reentry
     );
     let entry = ops.offset().0;
     dynasm!(ops
         ; .arch x64
-        ; mov r14, rcx
-        ; mov ecx, DWORD [r12 + OFF_BUDGET]
-        ; jrcxz =>out
-        ; lea ecx, [rcx - 1]
-        ; mov DWORD [r12 + OFF_BUDGET], ecx
-        ; mov rcx, r14
-        ; mov r14, QWORD [r12 + OFF_ICOUNT]
-        ; lea r14, [r14 + n]
-        ; mov QWORD [r12 + OFF_ICOUNT], r14
+        ; xchg rcx, r14
+        ; loop =>cont
+        ; jmp =>out
+        ; =>cont
+        ; xchg rcx, r14
+        ; mov r11, QWORD [r12 + OFF_ICOUNT]
+        ; lea r11, [r11 + n]
+        ; mov QWORD [r12 + OFF_ICOUNT], r11
     );
     let mut fs = FlagState {
         host: true,
@@ -584,10 +772,27 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
     let mut slows: Vec<Slow> = Vec::new();
     let mut ranges = Vec::with_capacity(plan.insns.len());
     let mut ret_exit = None;
+    let mut held_k = 0usize;
+    let live = live_flags(plan);
+    let mut fpu_ready = false;
     for (k, g) in plan.insns.iter().enumerate() {
         let start = ops.offset().0;
         let eip = g.instr.ip32();
         let not_retired = (plan.insns.len() - k) as u32;
+        // The first host x87 instruction loads the guest x87 state (see x87.rs).
+        if !fpu_ready
+            && t.mode & crate::x87::MODE_X87 != 0
+            && matches!(g.kind, Kind::Reg | Kind::Mem { .. })
+            && crate::x87::needs_host_fpu(&g.instr)
+        {
+            if !fs.saved {
+                save_flags(&mut ops);
+                fs.saved = true;
+            }
+            crate::x87::emit_ensure(&mut ops, base, t.exit, eip, not_retired);
+            fs.host = false;
+            fpu_ready = true;
+        }
         // Memory forms: save flags, compute the address, probe.
         let mem = match &g.kind {
             Kind::Mem { ea, size, write } => Some((ea.clone(), *size, *write)),
@@ -599,7 +804,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
                 _ => None,
             },
-            Kind::Reg | Kind::Div(_) => None,
+            Kind::Reg | Kind::Div(_) | Kind::Interp => None,
         };
         let mut resume = None;
         if let Kind::Div(r) = g.kind {
@@ -651,7 +856,12 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         }
         match &g.kind {
             Kind::Reg | Kind::Mem { .. } => {
-                let (needs, writes) = flag_use(&g.instr);
+                let (needs, writes) = flag_use(&g.instr, live[k]);
+                if crate::x87::needs_fldcw_guard(&g.instr) {
+                    if let Some(sl) = slows.last() {
+                        crate::x87::emit_fldcw_guard(&mut ops, sl.label);
+                    }
+                }
                 if needs && !fs.host {
                     restore_flags(&mut ops);
                     fs.host = true;
@@ -687,6 +897,26 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 );
             }
             Kind::Div(_) => {}
+            Kind::Interp => {
+                if !fs.host {
+                    restore_flags(&mut ops);
+                }
+                let ptr = t.held + held_k * std::mem::size_of::<Instruction>();
+                held_k += 1;
+                let branch = k + 1 == plan.insns.len() && plan.term == Term::InterpBranch;
+                let arg = not_retired | if branch { INTERP_BRANCH } else { 0 };
+                dynasm!(ops
+                    ; .arch x64
+                    ; mov DWORD [r15 + OFF_RIP], eip as i32
+                    ; mov DWORD [r12 + OFF_ARG], arg as i32
+                    ; mov r11, QWORD ptr as i64
+                );
+                crate::x87::emit_call_hint(&mut ops, plan, t.mode, eip);
+                call_abs(&mut ops, base, t.interp);
+                // The interpreter's flags are back in host EFLAGS.
+                fs.host = true;
+                fs.saved = false;
+            }
             Kind::Leave => {
                 dynasm!(ops
                     ; .arch x64
@@ -778,6 +1008,11 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             save_flags(&mut ops);
             emit_indirect(&mut ops, base, t);
         }
+        Term::InterpBranch => {
+            dynasm!(ops ; .arch x64 ; mov r11d, DWORD [r15 + OFF_RIP]);
+            save_flags(&mut ops);
+            emit_indirect(&mut ops, base, t);
+        }
     }
     if !matches!(plan.term, Term::Fall { .. }) {
         if let Some(last) = ranges.last_mut() {
@@ -800,8 +1035,9 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r15 + OFF_RIP], sl.eip as i32
-            ; mov r14d, sl.not_retired as i32
+            ; mov DWORD [r12 + OFF_ARG], sl.not_retired as i32
         );
+        crate::x87::emit_call_hint(&mut ops, plan, t.mode, sl.eip);
         call_abs(&mut ops, base, t.slow);
         save_flags(&mut ops);
         dynasm!(ops ; .arch x64 ; jmp =>sl.resume);

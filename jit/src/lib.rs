@@ -10,8 +10,8 @@
 //!    become `[r13]` after an inline probe of the MMU's TLB; the block framework, exits,
 //!    chaining stubs and slow paths are assembled with dynasmrt's `VecAssembler` for the
 //!    final address;
-//! 4. place in the code cache ([`cache::CodeRegion`], W^X by mprotect, flushed whole when
-//!    full);
+//! 4. place in the code cache ([`cache::CodeRegion`], W^X by two views of one memory
+//!    object, flushed whole when full);
 //! 5. execute through the entry trampoline. Direct branches within a page are chained by
 //!    patching their exit stubs into jumps; RET and JMP reg look their target up inline
 //!    in a small table keyed by the target's *physical* address (found through the
@@ -25,7 +25,7 @@
 //! instruction (block-entry instruction count corrected), and a write to code leaves it
 //! right after the writing instruction; the dispatcher then invalidates the blocks of
 //! the written pages (notified through `Cpu::take_dirty_code`) before it looks up the
-//! next block. Every block entry checks a budget word (no flag clobber: `jrcxz`/`lea`),
+//! next block. Every block entry checks a budget (no flag clobber: `loop`/`lea`),
 //! so chained execution returns to the dispatcher regularly to poll interrupts and the
 //! stop flag.
 //!
@@ -41,8 +41,9 @@ pub mod cache;
 pub mod emit;
 pub mod lockstep;
 pub mod translate;
+pub mod x87;
 
-use cache::{BlockKey, BlockTable, CodeRegion, Entry};
+use cache::{BlockKey, BlockTable, CodeRegion, Entry, FxMap};
 use emit::{EnterFn, JitCtx, IND_MISS, IND_SIZE, NO_CHAIN};
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
 use morph86_cpu::state::{
@@ -51,11 +52,10 @@ use morph86_cpu::state::{
 };
 use morph86_cpu::{Cpu, CpuState, StepEvent};
 use morph86_mmu::{Access, PhysKind, PAGE_SIZE};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use translate::{plan_block, Term, MAX_BLOCK_INSNS};
+use translate::{plan_block, Term};
 
 pub use lockstep::{Divergence, LockstepStats};
 
@@ -68,6 +68,9 @@ const BLOCK_RESERVE: usize = 16384;
 const MAX_TABLE: usize = 1 << 20;
 /// Most blocks run per entry from the dispatcher (bounds interrupt latency).
 const MAX_CHAIN: u64 = 4096;
+/// Instructions per block assumed when turning an instruction budget into a block
+/// budget (see [`Jit::run`]).
+pub const BUDGET_INSNS_PER_BLOCK: u64 = 8;
 
 /// Counters for `--stats`.
 #[derive(Debug, Clone, Default)]
@@ -91,11 +94,26 @@ pub struct JitStats {
     /// Exceptions raised by translated code (through its slow path).
     pub faults: u64,
     /// Instructions run in the interpreter, by mnemonic.
-    pub fallbacks: HashMap<Mnemonic, u64>,
+    pub fallbacks: FxMap<Mnemonic, u64>,
     /// Interpreter steps outside translatable modes (real mode, TF, interrupt delivery...).
     pub interp_mode_steps: u64,
     /// Lock-step checker counters ([`Jit::run_lockstep`]).
     pub lockstep: LockstepStats,
+    /// Instructions run by the interpreter from inside a block, by mnemonic (filled in by
+    /// [`Jit::stats`]).
+    pub in_block: FxMap<Mnemonic, u64>,
+    /// In-block interpreter calls that left their block (fault, branch, mode change,
+    /// unfinished REP).
+    pub in_block_exits: u64,
+    /// Block lookups answered by the direct-mapped array.
+    pub lookup_hits: u64,
+    /// Block lookups that went to the hash map.
+    pub lookup_misses: u64,
+    /// Why host code returned to the dispatcher: a chainable stub not yet patched, an
+    /// indirect branch whose inline lookup missed, an exit that cannot be chained
+    /// (fault, in-block interpreter call that left, untranslated next instruction), the
+    /// block budget.
+    pub exits: [u64; 4],
 }
 
 impl std::fmt::Display for JitStats {
@@ -116,13 +134,30 @@ impl std::fmt::Display for JitStats {
             "jit: {} memory slow paths, {} faults in translated code",
             self.slow_paths, self.faults
         )?;
-        let mut v: Vec<_> = self.fallbacks.iter().collect();
-        v.sort_by(|a, b| {
-            b.1.cmp(a.1)
-                .then(format!("{:?}", a.0).cmp(&format!("{:?}", b.0)))
-        });
-        for (m, n) in v.iter().take(20) {
+        let ib: u64 = self.in_block.values().sum();
+        writeln!(
+            f,
+            "jit: {} in-block interpreter calls ({} left their block); lookups: {} direct-mapped hits, {} misses",
+            ib, self.in_block_exits, self.lookup_hits, self.lookup_misses
+        )?;
+        writeln!(
+            f,
+            "jit: exits to the dispatcher: {} chainable stubs, {} indirect misses, {} unchainable, {} budget",
+            self.exits[0], self.exits[1], self.exits[2], self.exits[3]
+        )?;
+        let sorted = |m: &FxMap<Mnemonic, u64>| {
+            let mut v: Vec<(Mnemonic, u64)> = m.iter().map(|(a, b)| (*a, *b)).collect();
+            v.sort_by(|a, b| {
+                b.1.cmp(&a.1)
+                    .then(format!("{:?}", a.0).cmp(&format!("{:?}", b.0)))
+            });
+            v
+        };
+        for (m, n) in sorted(&self.fallbacks).iter().take(20) {
             writeln!(f, "jit:   fallback {:<12} {}", format!("{m:?}"), n)?;
+        }
+        for (m, n) in sorted(&self.in_block).iter().take(20) {
+            writeln!(f, "jit:   in-block {:<12} {}", format!("{m:?}"), n)?;
         }
         if self.lockstep.blocks + self.lockstep.interp_only > 0 {
             writeln!(f, "jit: {}", self.lockstep)?;
@@ -142,6 +177,10 @@ struct Block {
     reentry: usize,
     /// Guest bytes of the block (decoded again for listings).
     guest: Vec<u8>,
+    /// Instructions the block runs through the interpreter (its code points at them;
+    /// a boxed slice never moves, so the pointers stay valid while the block exists).
+    #[allow(dead_code)]
+    held: Box<[Instruction]>,
     ranges: Vec<(usize, usize)>,
     undefined: u32,
     valid: bool,
@@ -160,6 +199,7 @@ pub struct Jit {
     enter_fn: EnterFn,
     exit_addr: usize,
     slow_addr: usize,
+    interp_addr: usize,
     table: BlockTable,
     blocks: Vec<Block>,
     stubs: Vec<Stub>,
@@ -170,6 +210,12 @@ pub struct Jit {
     pub stats: JitStats,
     /// Print each block (guest and host code) to stderr when it is translated.
     pub dump_blocks: bool,
+    /// Lock-step mode (`-accel check`): once the machine has run this many guest
+    /// instructions, its run loop calls [`Jit::run_lockstep`] instead of [`Jit::run`].
+    pub check: Option<u64>,
+    /// Translate blocks of one guest instruction each (for per-instruction differential
+    /// testing through [`Jit::step_block`]).
+    pub one_insn_blocks: bool,
     stop: Arc<AtomicBool>,
     /// `PhysMem::epoch` the cached blocks were made under.
     epoch: u64,
@@ -206,6 +252,7 @@ pub fn mode_bits(s: &CpuState) -> Option<u8> {
         if wide_data(s, SegReg::Gs) {
             m |= MODE_GS;
         }
+        m |= x87::mode_bit(s);
     }
     Some(m)
 }
@@ -262,6 +309,7 @@ impl Jit {
             enter_fn,
             exit_addr: at + offs.exit,
             slow_addr: at + offs.slow,
+            interp_addr: at + offs.interp,
             table: BlockTable::default(),
             blocks: Vec::new(),
             stubs: Vec::new(),
@@ -269,6 +317,8 @@ impl Jit {
             ind: vec![[u64::MAX, 0, 0, 0]; IND_SIZE].into_boxed_slice(),
             stats: JitStats::default(),
             dump_blocks: false,
+            check: None,
+            one_insn_blocks: false,
             stop: Arc::new(AtomicBool::new(false)),
             epoch: 0,
         })
@@ -281,6 +331,20 @@ impl Jit {
         self.stop.clone()
     }
 
+    /// The counters, with those kept elsewhere (in-block calls, lookups) filled in.
+    pub fn stats(&self) -> JitStats {
+        let mut st = self.stats.clone();
+        for (m, &n) in Mnemonic::values().zip(self.ctx.interp_calls.iter()) {
+            if n != 0 {
+                st.in_block.insert(m, n);
+            }
+        }
+        st.in_block_exits = self.ctx.interp_exits;
+        st.lookup_hits = self.table.front_hits;
+        st.lookup_misses = self.table.front_misses;
+        st
+    }
+
     /// Bytes of code cache in use.
     pub fn cache_used(&self) -> usize {
         self.region.used()
@@ -291,8 +355,11 @@ impl Jit {
         self.table.len()
     }
 
-    /// Runs up to `max_instructions` guest instructions (interpreted steps, including
-    /// interrupt deliveries, count as one each); stops early on HLT or a triple fault.
+    /// Runs about `max_instructions` guest instructions (interpreted steps, including
+    /// interrupt deliveries, count as one each). Translated code runs a whole number of
+    /// blocks, budgeted at [`BUDGET_INSNS_PER_BLOCK`] instructions each, so a run may
+    /// overrun the count (at most by a factor of [`translate::MAX_BLOCK_INSNS`] /
+    /// [`BUDGET_INSNS_PER_BLOCK`]); stops early on HLT or a triple fault.
     pub fn run(&mut self, cpu: &mut Cpu, max_instructions: u64) -> StepEvent {
         match self.run_inner(cpu, max_instructions, false) {
             Ok(ev) => ev,
@@ -330,11 +397,9 @@ impl Jit {
             }
             self.drain_dirty(cpu);
             self.sync_epoch(cpu);
-            let mut mode = if left < MAX_BLOCK_INSNS as u64 {
-                None
-            } else {
-                mode_bits(&cpu.s)
-            };
+            // A block may overrun the budget by up to MAX_BLOCK_INSNS - 1 instructions:
+            // interpreting the tail of every batch instead cost more than the overrun.
+            let mut mode = mode_bits(&cpu.s);
             // A pending interrupt is delivered by the interpreter's step (which polls the
             // controller itself), so poll here only before entering host code.
             if mode.is_some()
@@ -366,7 +431,7 @@ impl Jit {
                 }
             };
             let key = (phys, mode, eip);
-            let entry = match self.table.get(key) {
+            let entry = match self.table.lookup(key) {
                 Some(e) => e,
                 None => self.translate(cpu, key, eip),
             };
@@ -392,7 +457,7 @@ impl Jit {
                         && matches!(cpu.mmu.phys.kind(phys), PhysKind::Ram)
                     {
                         // Later RETs / JMP regs to here find the block inline.
-                        let slot = (phys as usize) % IND_SIZE;
+                        let slot = emit::ind_index(phys);
                         self.ind[slot] = [
                             phys | (mode as u64) << 56,
                             eip as u64,
@@ -405,6 +470,16 @@ impl Jit {
                         left = left.saturating_sub(n.max(1));
                     } else {
                         let (n, exit) = self.enter(cpu, b, left);
+                        let why = if self.ctx.budget == 0 {
+                            3
+                        } else if exit == IND_MISS {
+                            1
+                        } else if exit == NO_CHAIN {
+                            2
+                        } else {
+                            0
+                        };
+                        self.stats.exits[why] += 1;
                         left = left.saturating_sub(n.max(1));
                         ind_from = exit == IND_MISS;
                         chain_from = (exit != NO_CHAIN && exit != IND_MISS).then_some(exit);
@@ -437,7 +512,9 @@ impl Jit {
 
     /// Runs host code from block `b`; returns (guest instructions retired, exit id).
     fn enter(&mut self, cpu: &mut Cpu, b: u32, left: u64) -> (u64, u64) {
-        let budget = (left / MAX_BLOCK_INSNS as u64).clamp(1, MAX_CHAIN) as u32;
+        // Blocks average about ten instructions; budgeting for the longest possible
+        // ones made most dispatches end on the budget, in ever smaller steps.
+        let budget = (left / BUDGET_INSNS_PER_BLOCK).clamp(1, MAX_CHAIN) as u32;
         self.enter_with_budget(cpu, b, budget)
     }
 
@@ -454,7 +531,8 @@ impl Jit {
         self.ctx.tlb = cpu.mmu.tlb.entries_ptr() as u64;
         self.ctx.ram_base = cpu.mmu.phys.ram().as_ptr() as u64;
         self.ctx.ind = self.ind.as_mut_ptr() as u64;
-        self.region.make_executable();
+        self.ctx.mode = block.key.1;
+        self.ctx.epoch = cpu.mmu.phys.epoch();
         let cpu_ptr: *mut Cpu = cpu;
         self.ctx.cpu = cpu_ptr;
         // SAFETY: taking the address of a field through a valid pointer.
@@ -533,7 +611,11 @@ impl Jit {
                 }
                 bl.valid = false;
                 let (entry, reentry) = (bl.entry, bl.reentry);
-                self.ind.fill([u64::MAX, 0, 0, 0]);
+                // The only slot of the indirect-branch table that can lead here.
+                let slot = &mut self.ind[emit::ind_index(bl.key.0)];
+                if slot[2] == entry as u64 {
+                    *slot = [u64::MAX, 0, 0, 0];
+                }
                 if let Some(j) = emit::jmp_rel32(entry, reentry) {
                     self.region.patch(entry, &j);
                 }
@@ -578,6 +660,9 @@ impl Jit {
         }
         let mut bytes = vec![0u8; (page + PAGE_SIZE - phys) as usize];
         cpu.mmu.phys.read(phys, &mut bytes);
+        if self.one_insn_blocks {
+            lockstep::cut_to_one_instruction(&mut bytes, eip);
+        }
         // Writes to this page now take the MMU's slow path and are reported.
         cpu.mmu.mark_code(phys);
         let mut fs_gs = 0;
@@ -586,6 +671,9 @@ impl Jit {
         }
         if key.1 & MODE_GS != 0 {
             fs_gs |= translate::SEG_GS_OK;
+        }
+        if key.1 & x87::MODE_X87 != 0 {
+            fs_gs |= x87::PLAN_X87;
         }
         let plan = match plan_block(&bytes, eip, key.1 & MODE_FLAT_DATA != 0, fs_gs) {
             Ok(p) => p,
@@ -610,7 +698,11 @@ impl Jit {
                 vec![(next, same_page(next)), (target, same_page(target))]
             }
             Term::Call { target, .. } => vec![(target, same_page(target))],
-            Term::JmpReg { .. } | Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem => {
+            Term::JmpReg { .. }
+            | Term::Ret { .. }
+            | Term::CallReg { .. }
+            | Term::JmpMem
+            | Term::InterpBranch => {
                 Vec::new()
             }
         };
@@ -627,9 +719,17 @@ impl Jit {
             }
         }
         let base = self.region.next_addr();
+        let held: Box<[Instruction]> = plan
+            .insns
+            .iter()
+            .filter(|g| g.kind == translate::Kind::Interp)
+            .map(|g| g.instr)
+            .collect();
         let tgt = emit::Targets {
             exit: self.exit_addr,
             slow: self.slow_addr,
+            interp: self.interp_addr,
+            held: held.as_ptr() as usize,
             tlb_set: if key.1 & 3 == 3 {
                 emit::TLB_USER_SET
             } else {
@@ -667,6 +767,7 @@ impl Jit {
             entry: at + em.entry,
             reentry: at + em.reentry,
             guest: bytes[..plan.guest_len as usize].to_vec(),
+            held,
             ranges: em.ranges.iter().map(|&(s, e)| (at + s, at + e)).collect(),
             undefined: plan.undefined_at_exit,
             valid: true,

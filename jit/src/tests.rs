@@ -943,7 +943,11 @@ fn jump_through_register_and_chaining() {
     assert!(jit.stats.chained >= 1, "the loop's back edge is chained");
     assert!(jit.stats.executed >= 1000);
     let listing = jit
-        .dump_block(t, MODE_FLAT_DATA | MODE_FS | MODE_GS, t as u32)
+        .dump_block(
+            t,
+            MODE_FLAT_DATA | MODE_FS | MODE_GS | crate::x87::MODE_X87,
+            t as u32,
+        )
         .unwrap();
     assert!(listing.contains("add eax,ecx"), "{listing}");
 }
@@ -1309,7 +1313,11 @@ fn largest_blocks_fit_and_run() {
         "each of 16 words got 4 adds of 3"
     );
     let listing = jit
-        .dump_block(CODE, MODE_FLAT_DATA | MODE_FS | MODE_GS, CODE as u32)
+        .dump_block(
+            CODE,
+            MODE_FLAT_DATA | MODE_FS | MODE_GS | crate::x87::MODE_X87,
+            CODE as u32,
+        )
         .unwrap();
     assert!(listing.contains("64 guest instructions"), "{listing}");
 }
@@ -1334,61 +1342,59 @@ fn golden_listing() {
     }
 }
 
-const GOLDEN: &str = r#"block phys 0x10000 mode 56 eip 0x00010000: 5 guest instructions, 276 host bytes at +0x200
+const GOLDEN: &str = r#"block phys 0x10000 mode 120 eip 0x00010000: 5 guest instructions, 280 host bytes at +0x3d0
   (entry: budget check, instruction count)
-           208  mov r14,rcx
-           20b  mov ecx,[r12]
-           213  jrcxz 0x0000000000000200
-           215  lea ecx,[rcx-1]
-           218  mov [r12],ecx
-           220  mov rcx,r14
-           223  mov r14,[r12+8]
-           22b  lea r14,[r14+5]
-           232  mov [r12+8],r14
+           3de  xchg r14,rcx
+           3e1  loop 0x00000000000003e8
+           3e3  jmp 0x00000000000003d0
+           3e8  xchg r14,rcx
+           3eb  mov r11,[r12+8]
+           3f3  lea r11,[r11+5]
+           3fa  mov [r12+8],r11
   00010000  inc ecx
-           23a  inc ecx
+           402  inc ecx
   00010001  mov esp,eax
-           23c  mov r8d,eax
+           404  mov r8d,eax
   00010003  add edx,[0x8000]
-           23f  xchg r9,rax
-           241  lahf
-           242  seto al
-           245  xchg r9,rax
-           247  mov r13d,0x8000
-           24d  mov r10d,r13d
-           250  shr r10d,0xc
-           254  and r10d,0x3ff
-           25b  shl r10d,5
-           25f  add r10,[r12+0x18]
-           267  lea r11,[r13+3]
-           26e  and r11,0xfffffffffffff000
-           275  cmp r11,[r10]
-           27c  jne 0x00000000000002ce
-           282  add r13,[r10+0x18]
-           289  add edx,[r13]
+           407  mov r9,rax
+           40a  lahf
+           40b  seto al
+           40e  xchg r9,rax
+           410  mov r13d,0x8000
+           416  mov r10d,r13d
+           419  shr r10d,7
+           41d  and r10d,0x7fe0
+           424  add r10,[r12+0x18]
+           42c  lea r11,[r13+3]
+           433  and r11,0xfffffffffffff000
+           43a  cmp r11,[r10]
+           441  jne 0x0000000000000493
+           447  add r13,[r10+0x18]
+           44e  add edx,[r13]
   00010009  cmp ecx,0xa
-           28d  cmp ecx,0xa
+           452  cmp ecx,0xa
   0001000c  jne short 0x00010000
-           290  jne 0x00000000000002b2
-           296  mov dword ptr [r15+0x80],0x1000e
-           2a1  mov qword ptr [r12+0x10],0
-           2ad  jmp 0x0000000000000065
-           2b2  mov dword ptr [r15+0x80],0x10000
-           2bd  mov qword ptr [r12+0x10],1
-           2c9  jmp 0x0000000000000065
+           455  jne 0x0000000000000477
+           45b  mov dword ptr [r15+0x80],0x1000e
+           466  mov qword ptr [r12+0x10],0
+           472  jmp 0x0000000000000071
+           477  mov dword ptr [r15+0x80],0x10000
+           482  mov qword ptr [r12+0x10],1
+           48e  jmp 0x0000000000000071
   (out of line: exit stubs, slow paths)
-           2ce  xchg r9,rax
-           2d0  cmp al,0x81
-           2d2  sahf
-           2d3  xchg r9,rax
-           2d5  mov dword ptr [r15+0x80],0x10003
-           2e0  mov r14d,3
-           2e6  call 0x00000000000000d4
-           2eb  xchg r9,rax
-           2ed  lahf
-           2ee  seto al
-           2f1  xchg r9,rax
-           2f3  jmp 0x000000000000028d
+           493  xchg r9,rax
+           495  cmp al,0x81
+           497  sahf
+           498  xchg r9,rax
+           49a  mov dword ptr [r15+0x80],0x10003
+           4a5  mov dword ptr [r12+4],3
+           4b1  mov byte ptr [r15+0x3bc],1
+           4b9  call 0x0000000000000109
+           4be  mov r9,rax
+           4c1  lahf
+           4c2  seto al
+           4c5  xchg r9,rax
+           4c7  jmp 0x0000000000000452
 "#;
 
 #[test]
@@ -1606,4 +1612,127 @@ fn random_bytes_never_hurt_the_host() {
     assert!(jit.stats.translated > 0);
     // Each machine has its own physical map: the cache was flushed between them.
     assert!(jit.stats.flushes >= 299, "{}", jit.stats);
+}
+
+#[test]
+fn in_block_interpreter_calls_fault_precisely() {
+    // mov eax, 1 ; stc ; pushfd (in block) ; cld (in block) ; mov esi, HOLE-2 ;
+    // mov edi, DATA ; add eax, 2 ; movsd (in block: reads across into HOLE, #PF) ;
+    // mov edx, 5 ; hlt
+    let mut c = vec![0xb8, 1, 0, 0, 0, 0xf9, 0x9c, 0xfc, 0xbe];
+    c.extend_from_slice(&((HOLE - 2) as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&[0x83, 0xc0, 0x02]);
+    let fault_at = CODE + c.len() as u64;
+    c.extend_from_slice(&[0xa5, 0xba, 5, 0, 0, 0, 0xf4]);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[2] = 0x2222;
+    }
+    assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+    assert_eq!(icpu.run(1000), StepEvent::Halted);
+    let st = jit.stats();
+    assert_eq!(st.in_block.get(&Mnemonic::Pushfd), Some(&1), "{st}");
+    assert_eq!(st.in_block.get(&Mnemonic::Movsd), Some(&1), "{st}");
+    assert!(
+        st.fallbacks.keys().all(|&m| m == Mnemonic::Hlt),
+        "only the handler's HLT went through the dispatcher: {st}"
+    );
+    assert_eq!(st.faults, 1);
+    // Hand-derived: EAX = 3, EDX untouched, ESI/EDI not advanced, #PF at the MOVSD
+    // (CR2 = first byte in the hole), the handler's frame holds the MOVSD's EIP.
+    let s = &jcpu.s;
+    assert_eq!([s.gpr[0], s.gpr[2]].map(|v| v as u32), [3, 0x2222]);
+    assert_eq!(s.gpr[6] as u32, (HOLE - 2) as u32);
+    assert_eq!(s.cr2 as u32, HOLE as u32);
+    let mut frame = [0u8; 8];
+    jcpu.mmu.phys.read(STACK_TOP - 4 - 16, &mut frame);
+    assert_eq!(
+        u32::from_le_bytes(frame[4..8].try_into().unwrap()),
+        fault_at as u32,
+        "faulting EIP"
+    );
+    assert_eq!(jcpu.stats.instructions, icpu.stats.instructions);
+    compare(&jcpu, &icpu, 0).unwrap();
+    assert_eq!(jcpu.s.cr2, icpu.s.cr2);
+    assert_eq!(jcpu.s.gpr[4], icpu.s.gpr[4]);
+}
+
+#[test]
+fn in_block_rep_movs_across_pages_and_onto_code() {
+    // Copies a 0x2000-byte pattern (crossing pages) into DATA+0x100.., then in a loop
+    // copies 1 byte over the immediate of the block's own later instruction:
+    //   L: mov esi, SRC ; mov edi, PATCH ; mov ecx, 1 ; rep movsb ; P: add eax, imm8 ;
+    //      dec ebx ; jnz L ; hlt
+    const SRC: u64 = 0x20ffe;
+    let big_src = 0x30000u64;
+    let big_dst = 0x50100u64;
+    let mut c = vec![0xbe];
+    c.extend_from_slice(&(big_src as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(big_dst as u32).to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&0x2000u32.to_le_bytes());
+    c.extend_from_slice(&[0xfc, 0xf3, 0xa4]); // cld ; rep movsb
+    let l = CODE + c.len() as u64;
+    let patch = l + 5 + 5 + 5 + 2 + 2;
+    c.push(0xbe);
+    c.extend_from_slice(&(SRC as u32).to_le_bytes());
+    c.push(0xbf);
+    c.extend_from_slice(&(patch as u32).to_le_bytes());
+    c.push(0xb9);
+    c.extend_from_slice(&1u32.to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0xa4]); // rep movsb
+    c.extend_from_slice(&[0x83, 0xc0, 0x01]); // add eax, 1 (imm patched)
+    assert_eq!(CODE + c.len() as u64 - 1, patch);
+    c.push(0x4b); // dec ebx
+    let rel = l as i64 - (CODE as i64 + c.len() as i64 + 2);
+    c.extend_from_slice(&[0x75, rel as i8 as u8, 0xf4]);
+    let pattern: Vec<u8> = (0..0x2000u32).map(|k| (k * 7 + 3) as u8).collect();
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = machine();
+    let mut icpu = machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(CODE, &c);
+        cpu.mmu.phys.write(big_src, &pattern);
+        cpu.mmu.phys.write(SRC, &[0x10, 0x20]);
+        cpu.s.rip = CODE;
+        cpu.s.gpr[3] = 3;
+    }
+    assert_eq!(jit.run(&mut jcpu, 100_000), StepEvent::Halted);
+    assert_eq!(icpu.run(100_000), StepEvent::Halted);
+    // Hand-derived: the first pass adds the patched 0x10 (the copy precedes the add),
+    // and so do the other two: EAX = 0x30.
+    assert_eq!(jcpu.s.gpr[0] as u32, 0x30);
+    let mut got = vec![0u8; 0x2000];
+    jcpu.mmu.phys.read(big_dst, &mut got);
+    assert!(got == pattern, "bulk copy across pages");
+    compare(&jcpu, &icpu, 0).unwrap();
+    let st = jit.stats();
+    assert!(st.in_block.get(&Mnemonic::Movsb).copied().unwrap_or(0) >= 4, "{st}");
+    assert!(st.invalidated >= 1, "the store into code invalidated the block: {st}");
+}
+
+#[test]
+fn in_block_popfd_setting_if_leaves_the_block() {
+    // An interrupt is pending; IF = 0. push 0x202 ; popfd (in block: IF 0 -> 1, the block
+    // must leave so the interrupt is taken before the next instruction) ; mov eax, 7 ;
+    // hlt. The handler (HANDLER, vector 0x1e) halts.
+    let c = [0x68, 0x02, 0x02, 0, 0, 0x9d, 0xb8, 7, 0, 0, 0, 0xf4];
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = paged_machine();
+    cpu.intr = Some(Box::new(LateIrq { polls: 0, after: 0 }));
+    cpu.mmu.phys.write(CODE, &c);
+    cpu.s.rip = CODE;
+    assert_eq!(jit.run(&mut cpu, 1000), StepEvent::Halted);
+    assert_eq!(cpu.s.gpr[0] as u32, 0, "interrupted before mov eax, 7");
+    assert_eq!(cpu.s.rip as u32, 0x30001, "halted in the handler");
+    let st = jit.stats();
+    assert_eq!(st.in_block.get(&Mnemonic::Popfd), Some(&1), "{st}");
+    assert_eq!(st.in_block_exits, 1);
 }

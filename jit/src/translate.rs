@@ -8,8 +8,8 @@
 //! guest's result and arithmetic flags in its own EFLAGS.
 
 use iced_x86::{
-    Code, ConditionCode, Decoder, DecoderError, DecoderOptions, Encoder, Instruction, Mnemonic,
-    OpKind, Register, RflagsBits,
+    Code, ConditionCode, Decoder, DecoderError, DecoderOptions, Encoder, FlowControl, Instruction,
+    Mnemonic, OpKind, Register, RflagsBits,
 };
 use morph86_cpu::{CpuState, SegReg, Segment};
 
@@ -74,6 +74,10 @@ pub enum Term {
         /// Extra bytes released.
         imm: u16,
     },
+    /// A branch the block's last instruction ([`Kind::Interp`]) made in the
+    /// interpreter (CALL [m32], LOOP, JECXZ, IRETD, far branches...): continue at the EIP
+    /// it left, through the inline indirect lookup.
+    InterpBranch,
 }
 
 /// How a guest instruction is carried out on the host.
@@ -105,6 +109,10 @@ pub enum Kind {
     Div(u8),
     /// A terminating branch (CALL's push and RET's pop are emitted with it).
     Branch,
+    /// Not translated: the block calls the interpreter for this one instruction
+    /// (`emit::jit_interp`, with the instruction decoded here), and leaves if it
+    /// faulted, branched or changed anything the block depends on.
+    Interp,
 }
 
 /// One translated guest instruction.
@@ -522,6 +530,87 @@ pub(crate) fn count_dependent(i: &Instruction) -> bool {
     )
 }
 
+/// Whether an untranslated instruction may run in the interpreter from the middle of a
+/// block ([`Kind::Interp`]). Excluded: branches of every kind, and instructions that
+/// change what a block assumes or that should reach the dispatcher soon: segment, control
+/// and debug register loads, descriptor-table and task loads, TLB and cache control,
+/// STI and HLT (interrupt shadow, halt), port I/O (a device may raise an interrupt or
+/// need polling), MSR writes. Anything else that turns out to change the mode (POPFD
+/// setting TF or IF, say) is caught after the fact by the helper, which then leaves.
+pub fn interp_in_block(i: &Instruction) -> bool {
+    i.flow_control() == FlowControl::Next && interp_ok(i)
+}
+
+/// Whether a branch the emitter does not translate may end a block as
+/// [`Term::InterpBranch`]: any near or far jump, call, return, loop or software
+/// interrupt, except those excluded as in [`interp_in_block`] (SYSENTER, SYSEXIT...).
+/// The helper leaves the block anyway when the branch changed the mode.
+pub fn interp_branch(i: &Instruction) -> bool {
+    matches!(
+        i.flow_control(),
+        FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::Return
+            | FlowControl::Call
+            | FlowControl::IndirectCall
+            | FlowControl::Interrupt
+    ) && interp_ok(i)
+}
+
+fn interp_ok(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    if i.code() == Code::INVALID {
+        return false;
+    }
+    for n in 0..i.op_count() {
+        if i.op_kind(n) == OpKind::Register {
+            let r = i.op_register(n);
+            if r.is_segment_register() || r.is_cr() || r.is_dr() || r.is_tr() {
+                return false;
+            }
+        }
+    }
+    !matches!(
+        i.mnemonic(),
+        Sti | Hlt
+            | In
+            | Out
+            | Insb
+            | Insw
+            | Insd
+            | Outsb
+            | Outsw
+            | Outsd
+            | Lds
+            | Les
+            | Lfs
+            | Lgs
+            | Lss
+            | Lgdt
+            | Lidt
+            | Lldt
+            | Ltr
+            | Lmsw
+            | Clts
+            | Invlpg
+            | Invd
+            | Wbinvd
+            | Wrmsr
+            | Rsm
+            | Sysenter
+            | Sysexit
+            | Syscall
+            | Sysret
+            | Monitor
+            | Mwait
+            | Xsetbv
+            | Xrstor
+            | Fxrstor
+            | Ldmxcsr
+    )
+}
+
 /// Decodes the block starting at guest `eip` from `bytes` (the guest bytes from `eip` to
 /// the end of its page). Returns `None` when the first instruction is not translated
 /// (with its mnemonic, if it decoded).
@@ -677,7 +766,9 @@ pub fn plan_block(
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
                 Code::Leaved => Some((Kind::Leave, Vec::new())),
-                _ => native_mem(&i, fs_gs),
+                _ => native_mem(&i, fs_gs).or_else(|| {
+                    crate::x87::plan(&i, &bytes[pos.wrapping_sub(eip) as usize..], fs_gs)
+                }),
             }
         };
         match native {
@@ -691,6 +782,27 @@ pub fn plan_block(
                     instr: i,
                     kind,
                     host,
+                });
+                pos = next;
+            }
+            None if mem_ok && interp_branch(&i) => {
+                insns.push(GuestInsn {
+                    instr: i,
+                    kind: Kind::Interp,
+                    host: Vec::new(),
+                });
+                pos = next;
+                // Flags and registers are whatever the interpreter left.
+                undefined = 0;
+                term = Term::InterpBranch;
+                break;
+            }
+            None if mem_ok && interp_in_block(&i) => {
+                undefined = (undefined & !flags_def) | flags_und;
+                insns.push(GuestInsn {
+                    instr: i,
+                    kind: Kind::Interp,
+                    host: Vec::new(),
                 });
                 pos = next;
             }
