@@ -289,3 +289,33 @@ fn ctrl_a_x_on_a_terminal_ends_the_run_and_restores_the_terminal() {
     assert_eq!(after.c_cc, before.c_cc);
     std::fs::remove_file(bios).ok();
 }
+
+#[test]
+fn sigterm_ends_the_run_cleanly_and_restores_the_terminal() {
+    let (_master, slave) = openpty();
+    let before = termios(&slave);
+    let shot = temp_path("sigterm.png");
+    let bios = temp_path("sigterm-halt.bin");
+    std::fs::write(&bios, halting_firmware(b"READY\n")).unwrap();
+    let mut c = morph86();
+    c.arg("-bios")
+        .arg(&bios)
+        .arg("-nographic")
+        .arg("--screenshot")
+        .arg(&shot)
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            slave.try_clone().unwrap(),
+        )));
+    let mut vm = Morph86::spawn_keep_stdin(c);
+    vm.expect("READY", ANSWER).unwrap();
+    assert_eq!(termios(&slave).c_lflag & libc::ICANON, 0, "raw mode");
+    // SAFETY: kill only sends a signal to the child we started.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) }, 0);
+    vm.expect_success(Duration::from_secs(10)).unwrap();
+    assert!(vm.stderr_text().contains("terminating on signal 15"));
+    let after = termios(&slave);
+    assert_eq!(after.c_lflag, before.c_lflag, "terminal mode restored");
+    assert!(shot.exists(), "the screenshot is written on the way out");
+    std::fs::remove_file(shot).ok();
+    std::fs::remove_file(bios).ok();
+}
