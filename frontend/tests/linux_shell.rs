@@ -303,9 +303,7 @@ fn sigterm_ends_the_run_cleanly_and_restores_the_terminal() {
         .arg("-nographic")
         .arg("--screenshot")
         .arg(&shot)
-        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-            slave.try_clone().unwrap(),
-        )));
+        .stdin(std::process::Stdio::from(slave.try_clone().unwrap()));
     let mut vm = Morph86::spawn_keep_stdin(c);
     vm.expect("READY", ANSWER).unwrap();
     assert_eq!(termios(&slave).c_lflag & libc::ICANON, 0, "raw mode");
