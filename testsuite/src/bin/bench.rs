@@ -861,7 +861,23 @@ fn run_boot(mut cmd: Command, timeout: Duration, echo: bool) -> Boot {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let status = child.wait();
+    // The serial pipe closed, or the guest is done: the emulator is ending. Wait for it
+    // until the deadline at most (a process that closed its stdout early but runs on is
+    // stopped there).
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                if error.is_none() && done_at.is_none() {
+                    error = Some(format!("timed out after {} s, killed", timeout.as_secs()));
+                }
+                break child.wait();
+            }
+            Err(e) => break Err(e),
+        }
+    };
     let _ = reader.join();
     let stderr = err_reader.join().unwrap_or_default();
     if error.is_none() && done_at.is_none() {
