@@ -157,10 +157,17 @@ impl SerialBackend for NullBackend {
 /// interactive output appears at once.
 pub struct WriterBackend<W: Write + Send>(pub W);
 
+/// Set once a back-end write failed and was reported: a closed pipe (`morph86 | head`)
+/// fails every byte after it, and one message says all there is to say.
+static WRITE_FAILURE_REPORTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 impl<W: Write + Send> SerialBackend for WriterBackend<W> {
     fn transmit(&mut self, byte: u8) {
         if let Err(e) = self.0.write_all(&[byte]).and_then(|_| self.0.flush()) {
-            log::warn!("serial: back end write failed: {e}");
+            if !WRITE_FAILURE_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!("serial: back end write failed: {e} (output dropped from now on)");
+            }
         }
     }
 }
@@ -695,6 +702,24 @@ mod tests {
         assert_eq!(r.inb(REG_SCR), 0xa5);
         r.out(REG_IER, 0xff);
         assert_eq!(r.inb(REG_IER), 0x0f, "IER bits 7-4 read 0");
+    }
+
+    #[test]
+    fn failing_writer_drops_output_and_reports_once() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut b = WriterBackend(Closed);
+        for _ in 0..1000 {
+            b.transmit(b'x');
+        }
+        assert!(WRITE_FAILURE_REPORTED.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     #[test]
