@@ -63,6 +63,7 @@ const OFF_FDP_PENDING: i32 = OFF_FPU + offset_of!(FpuState, fdp_pending) as i32;
 const OFF_CR0: i32 = offset_of!(CpuState, cr0) as i32;
 const OFF_RIP: i32 = offset_of!(CpuState, rip) as i32;
 const OFF_ICOUNT: i32 = offset_of!(JitCtx, icount) as i32;
+const OFF_ARG: i32 = offset_of!(JitCtx, arg) as i32;
 const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
 const _: () = assert!(morph86_cpu::fpu::FSAVE_IMAGE_OFFSET == 0);
 /// CR0.EM | CR0.TS (both in the low byte).
@@ -427,7 +428,8 @@ pub fn emit_spill_for_call(ops: &mut Asm) {
 }
 
 /// Trampoline slow path / in-block interpreter call, after Rust returned "continue"
-/// (with r14d still the count of block instructions not retired, this one included):
+/// (with `JitCtx::arg` still the count of block instructions not retired, this one
+/// included):
 /// loads the state again if it was live before the call. If the call left it outside
 /// [`MODE_X87`] (FLDCW unmasking an exception, say) the block cannot go on natively:
 /// jumps to `leave` (which exits with EIP as the interpreter left it) after taking the
@@ -447,7 +449,7 @@ pub fn emit_reload_after_call(ops: &mut Asm, leave: DynamicLabel) {
         ; mov BYTE [r15 + OFF_LIVE], 1
         ; jmp =>done
         ; =>bad
-        ; mov r11d, r14d
+        ; mov r11d, DWORD [r12 + OFF_ARG]
         ; and r11d, 0x7fff_ffff // without emit.rs's INTERP_BRANCH bit
         ; lea r11d, [r11 - 1]
         ; sub QWORD [r12 + OFF_ICOUNT], r11
@@ -592,6 +594,10 @@ mod tests {
         if unmask_sometimes && r.below(4) == 0 {
             cw &= !(1 << r.below(6));
         }
+        if unmask_sometimes && r.below(4) == 0 {
+            // Reserved bits (6, 7, 12-15) as a guest may write them.
+            cw ^= r.next() as u16 & 0xf0c0;
+        }
         cw
     }
 
@@ -735,7 +741,8 @@ mod tests {
     /// A random initial x87 state (tags, TOP, condition codes, sticky flags).
     fn random_fpu(cpu: &mut Cpu, r: &mut Rng, unmasked: bool) {
         let f = &mut cpu.s.fpu;
-        f.cw = control_word(r, unmasked);
+        // As FLDCW leaves it: reserved bits 7 and 13-15 clear, bit 6 set.
+        f.cw = (control_word(r, unmasked) & 0x1f3f) | 0x40;
         f.set_sw((r.below(8) as u16) << 11 | (r.next() as u16 & (SW_CC_BITS | 0x3f)));
         for k in 0..8 {
             f.set_reg(k, f80_value(r));
