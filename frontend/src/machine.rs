@@ -439,7 +439,7 @@ const POLL_EVERY: u32 = 256;
 const EXEC_SAMPLE: u64 = 1 << 20;
 
 /// Instructions per batch under the JIT (translated code is fast, so batches are longer).
-const JIT_BATCH: u64 = 16384;
+const JIT_BATCH: u64 = 65536;
 
 #[allow(clippy::too_many_arguments)]
 fn vcpu_loop(

@@ -126,9 +126,7 @@ impl CodeRegion {
         // writable view; source and destination cannot overlap (the source is a Rust
         // slice, the destination our own mapping). No host code runs meanwhile (the
         // dispatcher translates between runs, on the one thread that runs code).
-        unsafe {
-            std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(self.used), code.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.rw.add(self.used), code.len()) };
         self.used = end;
         Some(at)
     }
@@ -261,7 +259,8 @@ pub struct BlockTable {
     pub front_misses: u64,
 }
 
-const FRONT_EMPTY: (BlockKey, Entry) = ((u64::MAX, 0, 0), Entry::Interp(iced_x86::Mnemonic::INVALID));
+const FRONT_EMPTY: (BlockKey, Entry) =
+    ((u64::MAX, 0, 0), Entry::Interp(iced_x86::Mnemonic::INVALID));
 
 impl Default for BlockTable {
     fn default() -> Self {
@@ -399,7 +398,10 @@ mod tests {
         let gone = t.take_page(0x1000);
         assert_eq!(gone.len(), 2);
         assert!(t.get((0x1000, 0, 0x1000)).is_none());
-        assert!(t.lookup((0x1000, 0, 0x1000)).is_none(), "front slot cleared");
+        assert!(
+            t.lookup((0x1000, 0, 0x1000)).is_none(),
+            "front slot cleared"
+        );
         assert_eq!(t.get((0x2000, 0, 0x2000)), Some(Entry::Native(2)));
         assert_eq!(t.lookup((0x2000, 0, 0x2000)), Some(Entry::Native(2)));
         assert!(!t.page_has_blocks(0x1000));

@@ -702,9 +702,7 @@ impl Jit {
             | Term::Ret { .. }
             | Term::CallReg { .. }
             | Term::JmpMem
-            | Term::InterpBranch => {
-                Vec::new()
-            }
+            | Term::InterpBranch => Vec::new(),
         };
         let mut ids = Vec::new();
         let mut next_id = self.stubs.len() as u64;

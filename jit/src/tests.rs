@@ -1714,8 +1714,14 @@ fn in_block_rep_movs_across_pages_and_onto_code() {
     assert!(got == pattern, "bulk copy across pages");
     compare(&jcpu, &icpu, 0).unwrap();
     let st = jit.stats();
-    assert!(st.in_block.get(&Mnemonic::Movsb).copied().unwrap_or(0) >= 4, "{st}");
-    assert!(st.invalidated >= 1, "the store into code invalidated the block: {st}");
+    assert!(
+        st.in_block.get(&Mnemonic::Movsb).copied().unwrap_or(0) >= 4,
+        "{st}"
+    );
+    assert!(
+        st.invalidated >= 1,
+        "the store into code invalidated the block: {st}"
+    );
 }
 
 #[test]
