@@ -73,7 +73,8 @@ fn debian_686_sha256_is_correct_under_the_jit() {
 
 /// All four workloads (sha256, gzip -9, bzip2 -9, the x87 awk primes) in the reference
 /// interpreter, on the plain kernel and on the PAE kernel (which must run with NX on).
-/// About an hour per kernel on an idle host: run with `cargo test --release -- --ignored`.
+/// Hours per kernel (tens of G instructions in the interpreter): run with
+/// `cargo test --release -- --ignored`.
 #[test]
 #[ignore = "hours in the interpreter: cargo test --release -- --ignored"]
 fn debian_686_and_686_pae_all_checks_are_correct_in_the_interpreter() {
@@ -85,4 +86,30 @@ fn debian_686_and_686_pae_all_checks_are_correct_in_the_interpreter() {
             "the PAE kernel runs with NX"
         );
     }
+}
+
+/// The PAE kernel boots with NX in use (the 64-bit page-table entries, EFER.NXE).
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux: run with cargo test --release"
+)]
+fn debian_686_pae_boots_with_nx_under_the_jit() {
+    let Some(dir) = guest_files(&["vmlinuz-686-pae", "boot-i386.cpio.gz"]) else {
+        return;
+    };
+    let mut c = linux(&dir, "vmlinuz-686-pae", "boot-i386.cpio.gz", "");
+    c.args(["-accel", "jit"]);
+    let mut vm = Morph86::spawn(c);
+    vm.expect_line("NX active", Duration::from_secs(600), |l| {
+        l.ends_with("NX (Execute Disable) protection: active")
+    })
+    .unwrap();
+    vm.expect_line("machine=i686", Duration::from_secs(600), |l| {
+        l.starts_with("GUEST-READY") && l.contains("-686-pae ")
+    })
+    .unwrap();
+    vm.expect_prefix("GUEST-DONE", Duration::from_secs(600))
+        .unwrap();
+    vm.expect_success(Duration::from_secs(120)).unwrap();
 }
