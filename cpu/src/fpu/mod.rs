@@ -386,3 +386,76 @@ impl FpuState {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_tests;
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn val(k: u64) -> F80 {
+        F80 {
+            mant: 0x8000_0000_0000_0000 | k,
+            se: 0x3fff + k as u16,
+        }
+    }
+
+    #[test]
+    fn top_changes_keep_the_physical_registers() {
+        let mut f = FpuState::default();
+        for r in 0..8 {
+            f.set_reg(r, val(r as u64));
+        }
+        for t in [3, 0, 7, 5, 1] {
+            f.set_top(t);
+            for r in 0..8 {
+                assert_eq!(f.reg(r), val(r as u64), "R{r} after TOP = {t}");
+            }
+            for i in 0..8 {
+                assert_eq!(f.st(i), val(((t + i) & 7) as u64), "ST({i}) with TOP = {t}");
+            }
+        }
+        // push/pop: ST(1) is the old ST(0); FNINIT keeps R0-R7 and sets TOP to 0.
+        let st0 = f.st(0);
+        f.push(val(99));
+        assert_eq!((f.st(0), f.st(1)), (val(99), st0));
+        f.pop();
+        assert_eq!(f.st(0), st0);
+        let regs: Vec<F80> = (0..8).map(|r| f.reg(r)).collect();
+        f.init();
+        assert_eq!(f.top(), 0);
+        assert_eq!((0..8).map(|r| f.reg(r)).collect::<Vec<_>>(), regs);
+        // set_sw moves TOP the same way.
+        f.set_sw(6 << 11 | SW_C3);
+        assert_eq!(f.st(0), regs[6]);
+        assert_eq!(f.sw, 6 << 11 | SW_C3);
+    }
+
+    /// The layout is the host's FNSAVE image: FRSTOR of a state and FNSAVE back give
+    /// the same control, status and tag words and registers (x86-64 hosts).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn host_frstor_fnsave_round_trip() {
+        let mut f = FpuState {
+            cw: 0x0b7f,
+            ..Default::default()
+        };
+        f.set_sw(5 << 11 | SW_C1 | SW_C3);
+        f.push(val(1));
+        f.push(F80::ZERO);
+        f.push(F80::INDEFINITE);
+        f.push(val(7));
+        let mut g = FpuState::default();
+        // SAFETY: FRSTOR reads and FNSAVE writes FSAVE_IMAGE_LEN bytes at the start of
+        // an `FpuState` (repr(C), larger than the image); FNSAVE leaves the host's x87
+        // initialised, as it was. Nothing else is touched.
+        unsafe {
+            std::arch::asm!(
+                "frstor [{a}]",
+                "fnsave [{b}]",
+                a = in(reg) &f as *const FpuState,
+                b = in(reg) &mut g as *mut FpuState,
+            );
+        }
+        assert_eq!((g.cw, g.sw, g.tw), (f.cw, f.sw, f.full_tag()));
+        assert_eq!(g.st_img, f.st_img);
+    }
+}
