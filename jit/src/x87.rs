@@ -928,6 +928,70 @@ mod tests {
         }
     }
 
+    /// Paging on, with the page after the data slots (0x9000) not present, a GDT and an
+    /// IDT whose every vector goes to a HLT at 0x30000.
+    fn page_it(cpu: &mut Cpu) {
+        const HANDLER: u32 = 0x30000;
+        let gdt: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
+        for (k, d) in gdt.iter().enumerate() {
+            cpu.mmu.phys.write(0x500 + 8 * k as u64, &d.to_le_bytes());
+        }
+        for v in 0..32u64 {
+            let lo = (HANDLER & 0xffff) as u64 | (0x08 << 16);
+            let hi = (HANDLER & 0xffff_0000) as u64 | 0x8e00;
+            let gate = lo | hi << 32;
+            cpu.mmu.phys.write(0x600 + 8 * v, &gate.to_le_bytes());
+        }
+        cpu.mmu.phys.write(HANDLER as u64, &[0xf4]);
+        cpu.s.gdtr.base = 0x500;
+        cpu.s.gdtr.limit = 23;
+        cpu.s.idtr.base = 0x600;
+        cpu.s.idtr.limit = 32 * 8 - 1;
+        cpu.mmu.phys.write(0x1000, &(0x2000u32 | 3).to_le_bytes());
+        for p in 0..1024u32 {
+            let pte = if p == 9 { 0 } else { (p << 12) | 3 };
+            cpu.mmu
+                .phys
+                .write(0x2000 + 4 * p as u64, &pte.to_le_bytes());
+        }
+        cpu.s.cr3 = 0x1000;
+        cpu.s.cr0 |= CR0_PG;
+        cpu.sync_paging();
+    }
+
+    /// Page faults in the middle of a block with the x87 state in the host: by an x87
+    /// load, by an integer load (the state stays in the host across the slow path), by
+    /// an x87 store across the page end. Each ends in the handler's HLT with the state
+    /// the interpreter has.
+    #[test]
+    fn page_faults_with_live_x87_state_are_precise() {
+        let mut jit = Jit::new(1 << 20).unwrap();
+        // fld1; fld qword [ebx+0x10]; fmul st0, st1; fst dword [ebx+0x20]; <faulting>
+        let head = [0xd9, 0xe8, 0xdd, 0x43, 0x10, 0xd8, 0xc9, 0xd9, 0x53, 0x20];
+        let faulting: [&[u8]; 3] = [
+            &[0xdd, 0x83, 0x00, 0x10, 0x00, 0x00], // fld qword [ebx+0x1000]
+            &[0x8b, 0x83, 0x08, 0x10, 0x00, 0x00], // mov eax, [ebx+0x1008]
+            &[0xdd, 0x93, 0xfc, 0x0f, 0x00, 0x00], // fst qword [ebx+0xffc]
+        ];
+        for f in faulting {
+            let mut code = head.to_vec();
+            code.extend_from_slice(f);
+            code.extend_from_slice(&[0xd9, 0xe8]); // fld1 (not reached)
+            let setup = |cpu: &mut Cpu| {
+                page_it(cpu);
+                cpu.mmu.phys.write(DATA + 0x10, &3.0f64.to_le_bytes());
+            };
+            let (j, _) = run_case(&code, &setup, &mut jit).unwrap();
+            assert_eq!(j.s.rip, 0x30001, "in the #PF handler");
+            assert_eq!(
+                j.s.fpu.st(0),
+                F80::new(false, 0x4000, 0xc000_0000_0000_0000)
+            );
+            assert_eq!(j.s.fpu.fip, 0x10007, "FIP: the FST before the fault");
+            assert_eq!(j.s.fpu.fdp, DATA as u32 + 0x20, "FDP: the FST's operand");
+        }
+    }
+
     /// FNSTENV after native code stores the guest's FIP, FOP and FDP, not the host's.
     #[test]
     fn fnstenv_after_native_code_sees_guest_pointers() {
