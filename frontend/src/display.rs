@@ -640,6 +640,44 @@ mod tests {
         }
     }
 
+    /// Code run from the framebuffer (odd, but a guest may) and then overwritten there
+    /// runs as overwritten, under both engines.
+    #[test]
+    fn code_in_the_framebuffer_is_not_stale_after_a_store() {
+        for jit in [false, true] {
+            let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+            let mut phys = PhysMem::new(4 << 20).unwrap();
+            let fb = lock(&vga).framebuffer_memory();
+            let lfb = vga::DEFAULT_LFB_ADDR as u64;
+            phys.add_watched(lfb, fb, Box::new(vga::LfbSink(vga.clone())));
+            // jmp 0xE0002000 (absolute, through EAX), and there: mov ebx, 1; hlt.
+            let mut cpu = flat_cpu(phys, &[0xb8, 0x00, 0x20, 0x00, 0xe0, 0xff, 0xe0]);
+            let code = [0xbb, 0x01, 0x00, 0x00, 0x00, 0xf4];
+            cpu.mmu.write(lfb + 0x2000, &code, false).unwrap();
+            let mut j = jit.then(|| morph86_jit::Jit::new(1 << 20).unwrap());
+            let mut run = |cpu: &mut morph86_cpu::Cpu| {
+                cpu.s.rip = 0x10000;
+                cpu.s.halted = false;
+                for _ in 0..1000 {
+                    let ev = match j.as_mut() {
+                        Some(j) => j.run(cpu, 10),
+                        None => cpu.step(),
+                    };
+                    if ev == morph86_cpu::StepEvent::Halted {
+                        return cpu.s.gpr[3];
+                    }
+                }
+                panic!("no HLT");
+            };
+            assert_eq!(run(&mut cpu), 1, "jit {jit}");
+            // The guest overwrites the immediate, as a store (through the TLB).
+            cpu.mmu.write_u8(lfb + 0x2001, 2, false).unwrap();
+            assert_eq!(run(&mut cpu), 2, "jit {jit}");
+            cpu.mmu.write_u8(lfb + 0x2001, 3, false).unwrap();
+            assert_eq!(run(&mut cpu), 3, "jit {jit}");
+        }
+    }
+
     #[test]
     fn png_round_trip() {
         let frame = Frame {

@@ -8,8 +8,10 @@
 //! to it misses the fast path (the interpreter's typed accessors and the JIT's inline
 //! probe alike), and the slow path stores the bytes, marks the page dirty and lifts the
 //! slow bit from that TLB entry: later writes to the page go at RAM speed. Reads are
-//! always fast; instruction fetches always take the slow path (no code is translated from
-//! watched memory).
+//! always fast; instruction fetches always take the slow path (the JIT translates no code
+//! from watched memory). Code the interpreter decodes from a watched page marks it as
+//! RAM pages are marked ([`crate::PhysMem::mark_code`]): its writes then stay slow and
+//! are reported by [`crate::PhysMem::take_dirty_code`].
 //!
 //! # Harvest
 //! The consumer (the display) asks for the dirty pages with [`WatchedMem::request`] from
@@ -137,6 +139,9 @@ pub(crate) struct WatchedRegion {
     dirty: Vec<u64>,
     /// Some bit of `dirty` is set.
     any: bool,
+    /// One bit per page: decoded code was taken from it (as `PhysMem`'s code marks for
+    /// RAM), so a write must be reported with the other code writes.
+    code: Vec<u64>,
     sink: Box<dyn DirtySink>,
 }
 
@@ -148,6 +153,7 @@ impl WatchedRegion {
             mem,
             dirty: vec![0; pages.div_ceil(64)],
             any: false,
+            code: vec![0; pages.div_ceil(64)],
             sink,
         }
     }
@@ -168,6 +174,42 @@ impl WatchedRegion {
     pub(crate) fn is_dirty(&self, off: u64) -> bool {
         let p = (off / PAGE_SIZE) as usize;
         self.dirty[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Marks the page at region offset `off` as holding code; returns whether the mark
+    /// is new.
+    pub(crate) fn mark_code(&mut self, off: u64) -> bool {
+        let p = (off / PAGE_SIZE) as usize;
+        let (w, b) = (p / 64, 1u64 << (p % 64));
+        let new = self.code[w] & b == 0;
+        self.code[w] |= b;
+        new
+    }
+
+    /// Whether the page at region offset `off` holds code.
+    #[inline]
+    pub(crate) fn is_code(&self, off: u64) -> bool {
+        let p = (off / PAGE_SIZE) as usize;
+        self.code[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Clears the code marks of the pages of `len` bytes at region offset `off`;
+    /// returns the region offsets of the pages that had one.
+    pub(crate) fn take_code(&mut self, off: u64, len: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        if len == 0 {
+            return out;
+        }
+        let first = (off / PAGE_SIZE) as usize;
+        let last = ((off + len - 1) / PAGE_SIZE) as usize;
+        for p in first..=last.min(self.code.len() * 64 - 1) {
+            let (w, b) = (p / 64, 1u64 << (p % 64));
+            if self.code[w] & b != 0 {
+                self.code[w] &= !b;
+                out.push(p as u64 * PAGE_SIZE);
+            }
+        }
+        out
     }
 
     /// Marks the pages of `len` bytes at region offset `off` dirty.
@@ -295,6 +337,35 @@ mod tests {
         m.write_u8(BASE + (64 << 10), 1, false).unwrap();
         m.harvest_watched(true);
         assert!(seen.take().is_empty());
+    }
+
+    #[test]
+    fn code_in_watched_memory_is_tracked_like_code_in_ram() {
+        let (mut m, _mem, _seen) = setup();
+        // Dirty the page first so that only the code mark can keep writes slow.
+        m.write_u8(BASE + 0x2000, 0x90, false).unwrap();
+        assert_eq!(m.tlb.entry(BASE + 0x2000, false).write, BASE + 0x2000);
+        assert!(m.mark_code(BASE + 0x2000));
+        assert!(!m.phys.mark_code(BASE + 0x2fff), "one mark per page");
+        assert!(m.phys.is_code(BASE + 0x2001));
+        assert_eq!(
+            m.tlb.entry(BASE + 0x2000, false).write,
+            (BASE + 0x2000) | TAG_SLOW,
+            "a code page's writes go the slow way"
+        );
+        m.write_u8(BASE + 0x2010, 0xc3, false).unwrap();
+        assert_eq!(m.phys.take_dirty_code(), vec![BASE + 0x2000]);
+        assert!(!m.phys.is_code(BASE + 0x2000));
+        // The mark is gone: the next write may go fast again.
+        assert_eq!(m.tlb.entry(BASE + 0x2000, false).write, BASE + 0x2000);
+        // A fill of a code page keeps writes slow even when the page is dirty.
+        assert!(m.mark_code(BASE + 0x2000));
+        m.flush_all();
+        m.read_u8(BASE + 0x2000, false).unwrap();
+        assert_eq!(
+            m.tlb.entry(BASE + 0x2000, false).write,
+            (BASE + 0x2000) | TAG_SLOW
+        );
     }
 
     #[test]

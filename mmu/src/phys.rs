@@ -148,12 +148,15 @@ impl PhysMem {
     }
 
     /// For the TLB: the host address of the watched page holding `addr` (after A20) and
-    /// whether that page is dirty.
+    /// whether writes to it may go fast (the page is dirty and holds no code).
     pub(crate) fn watched_page(&self, addr: u64) -> Option<(u64, bool)> {
         let addr = addr & self.a20_mask & !(PAGE_SIZE - 1);
         let r = self.watched.iter().find(|r| r.contains(addr))?;
         let off = addr - r.base;
-        Some((r.mem.as_ptr() as u64 + off, r.is_dirty(off)))
+        Some((
+            r.mem.as_ptr() as u64 + off,
+            r.is_dirty(off) && !r.is_code(off),
+        ))
     }
 
     /// Runs the harvest of every watched region (see [`crate::Mmu::harvest_watched`]);
@@ -388,6 +391,10 @@ impl PhysMem {
             let mem = unsafe { r.mem.bytes_mut() };
             mem[off..off + n].copy_from_slice(&data[..n]);
             r.mark(off as u64, n as u64);
+            let base = r.base;
+            for p in r.take_code(off as u64, n as u64) {
+                self.dirty_code.push(base + p);
+            }
             return;
         }
         for r in self.mmio.iter_mut() {
@@ -414,6 +421,12 @@ impl PhysMem {
     /// Marks the RAM page holding `addr` as holding code. Returns true if the mark is new
     /// (the caller must then drop any write permission the TLB caches for it).
     pub fn mark_code(&mut self, addr: u64) -> bool {
+        let a = addr & self.a20_mask;
+        if !self.watched.is_empty() {
+            if let Some(r) = self.watched.iter_mut().find(|r| r.contains(a)) {
+                return r.mark_code(a - r.base);
+            }
+        }
         let page = ((addr & self.a20_mask) / PAGE_SIZE) as usize;
         match self.code_pages.get_mut(page) {
             Some(c) if *c == 0 => {
@@ -427,6 +440,12 @@ impl PhysMem {
     /// Whether the RAM page holding `addr` is marked as holding code.
     #[inline]
     pub fn is_code(&self, addr: u64) -> bool {
+        let a = addr & self.a20_mask;
+        if !self.watched.is_empty() {
+            if let Some(r) = self.watched.iter().find(|r| r.contains(a)) {
+                return r.is_code(a - r.base);
+            }
+        }
         let page = ((addr & self.a20_mask) / PAGE_SIZE) as usize;
         self.code_pages.get(page).is_some_and(|c| *c != 0)
     }
