@@ -15,6 +15,9 @@ pub enum Accel {
     Jit,
     /// The reference interpreter.
     Interp,
+    /// Lock-step checking: every translated block runs in both engines and the first
+    /// difference stops the machine with both states printed (slow).
+    Check,
 }
 
 /// Display back end.
@@ -117,6 +120,10 @@ pub struct Args {
     /// Stop after this many guest instructions (for tests and benchmarks).
     #[arg(long, value_name = "N")]
     pub max_instructions: Option<u64>,
+    /// With `-accel check`: run the first N guest instructions under the JIT unchecked
+    /// (to reach a workload quickly), lock-step after that.
+    #[arg(long = "check-from", value_name = "N", default_value_t = 0)]
+    pub check_from: u64,
 }
 
 /// Long options that QEMU spells with a single dash.
@@ -141,6 +148,7 @@ const LONG: &[&str] = &[
     "stats",
     "dump-blocks",
     "max-instructions",
+    "check-from",
     "help",
     "version",
 ];
@@ -165,6 +173,7 @@ const TAKES_VALUE: &[&str] = &[
     "d",
     "D",
     "max-instructions",
+    "check-from",
 ];
 
 /// Rewrites `-kernel` into `--kernel` (`-m`, `-d`, `-D` and `-S` stay short options).

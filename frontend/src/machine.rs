@@ -219,10 +219,11 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     let window =
         crate::display::wants_window(args.display, args.nographic).map_err(MachineError::Usage)?;
     let jit = match args.accel {
-        Accel::Jit => {
+        Accel::Jit | Accel::Check => {
             let mut j = Jit::new(morph86_jit::DEFAULT_CACHE_SIZE)
                 .map_err(|e| MachineError::Host(format!("cannot map the JIT code cache: {e}")))?;
             j.dump_blocks = args.dump_blocks;
+            j.check = (args.accel == Accel::Check).then_some(args.check_from);
             Some(j)
         }
         Accel::Interp => None,
@@ -465,7 +466,18 @@ fn vcpu_loop(
         if let (Some(j), false) = (jit.as_mut(), exec_trace) {
             // The JIT runs translated blocks and falls back to the interpreter itself.
             batch = JIT_BATCH;
-            match j.run(&mut cpu, JIT_BATCH) {
+            let ev = if j.check.is_some_and(|from| executed >= from) {
+                match j.run_lockstep(&mut cpu, JIT_BATCH) {
+                    Ok(ev) => ev,
+                    Err(d) => {
+                        eprintln!("morph86: -accel check: {d}");
+                        break 'outer ExitCode::from(3);
+                    }
+                }
+            } else {
+                j.run(&mut cpu, JIT_BATCH)
+            };
+            match ev {
                 StepEvent::Ok => {}
                 StepEvent::Halted => halted = true,
                 StepEvent::TripleFault => {

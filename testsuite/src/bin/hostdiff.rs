@@ -22,7 +22,9 @@ with `N passed, M failed`; exits non-zero on any mismatch.
   --max-print N      without --verbose, one-line reports for the first N (default 20)
   --fp-ulps U        tolerance for x87 transcendentals in ulps of the 64-bit significand (default 1)
   --replay SEED:IDX  run only sequence IDX of run SEED (same --classes/--seq-len), traced
-  --list             print the instruction forms in the pool and exit";
+  --list             print the instruction forms in the pool and exit
+  --engine E         interp (default) or jit: run the emulated side through the JIT,
+                     each instruction translated as a block of its own";
 
 fn print_mismatch(m: &Mismatch, seed: u64, full: bool) {
     let bytes: Vec<String> = m.bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
     let mut cfg = compare::Config::default();
     let mut replay: Option<(u64, u64)> = None;
     let mut list = false;
+    let mut engine_jit = false;
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> Result<u64, String> {
         v.as_deref()
@@ -84,6 +87,13 @@ fn main() -> ExitCode {
                     ));
                 }
                 "--list" => list = true,
+                "--engine" => {
+                    engine_jit = match args.next().as_deref() {
+                        Some("jit") => true,
+                        Some("interp") => false,
+                        _ => return Err("--engine takes interp or jit".into()),
+                    }
+                }
                 "-h" | "--help" => {
                     let names: Vec<&str> = CLASS_NAMES.iter().map(|c| c.0).collect();
                     println!("{}", USAGE.replace("CLASSES", &names.join(",")));
@@ -110,7 +120,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let mut native = Native::new();
-    let mut interp = match Interp::new() {
+    let made = if engine_jit {
+        Interp::with_jit()
+    } else {
+        Interp::new()
+    };
+    let mut interp = match made {
         Ok(i) => i,
         Err(e) => {
             eprintln!("hostdiff: interpreter: {e}");
@@ -237,6 +252,16 @@ fn main() -> ExitCode {
         secs,
         native.spawned
     );
+    if let Some(st) = interp.jit_stats() {
+        let (native, called, interp_steps) = interp.jit_split();
+        println!(
+            "engine jit: {native} instructions ran as translated code alone ({:.1}%), {called} as translated code that called the interpreter (in-block call or memory slow path), {interp_steps} in the interpreter alone (not translated); {} blocks translated, {} memory slow paths, {} faults raised by translated code",
+            100.0 * native as f64 / (native + called + interp_steps).max(1) as f64,
+            st.translated,
+            st.slow_paths,
+            st.faults
+        );
+    }
     println!("{passed} passed, {failed} failed");
     if failed > 0 || (passed == 0 && skipped > 0) {
         ExitCode::FAILURE

@@ -8,6 +8,10 @@
 //! the host faults; generated code never jumps there). The page
 //! tables live in physical memory no linear address reaches.
 //!
+//! With [`Interp::with_jit`] each instruction runs through the JIT instead, translated
+//! as a block of its own ([`Jit::one_insn_blocks`]); what the JIT does not translate
+//! runs in the interpreter as before. [`Interp::jit_stats`] tells how many ran native.
+//!
 //! If the MMU cannot walk page tables yet (a probe of an unmapped page does not fault),
 //! the interpreter runs with paging off and every physical address outside the two
 //! areas is an MMIO window that records being touched: an instruction that touches it
@@ -20,6 +24,8 @@ use super::{
 use morph86_cpu::fpu::F80;
 use morph86_cpu::state::*;
 use morph86_cpu::{Cpu, SegReg, Segment};
+use morph86_jit::lockstep::BlockStep;
+use morph86_jit::{Jit, JitStats};
 use morph86_mmu::{Access, BusDevice, Mmu, PhysMem};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -60,6 +66,12 @@ pub struct Interp {
     touched: Arc<AtomicBool>,
     /// Whether the guest runs with paging on (else the tripwire scheme, see module doc).
     pub paging: bool,
+    /// The JIT, when instructions run through it (see module doc).
+    jit: Option<Box<Jit>>,
+    /// With the JIT: steps run as translated code alone, steps whose translated code
+    /// called the interpreter (an in-block call or a memory slow path), and steps run
+    /// by the interpreter alone (not translated).
+    split: (u64, u64, u64),
 }
 
 /// The full x87 tag of a register from its contents (as FXRSTOR derives it): 00 valid,
@@ -167,7 +179,31 @@ impl Interp {
             cpu,
             touched,
             paging,
+            jit: None,
+            split: (0, 0, 0),
         })
+    }
+
+    /// Like [`Interp::new`], but every instruction the JIT translates runs as translated
+    /// code (a one-instruction block).
+    pub fn with_jit() -> Result<Interp, String> {
+        let mut e = Interp::new()?;
+        let mut jit = Jit::new(8 << 20).map_err(|err| format!("JIT code cache: {err}"))?;
+        jit.one_insn_blocks = true;
+        e.jit = Some(Box::new(jit));
+        Ok(e)
+    }
+
+    /// The JIT's counters, when it runs the instructions.
+    pub fn jit_stats(&self) -> Option<&JitStats> {
+        self.jit.as_deref().map(|j| &j.stats)
+    }
+
+    /// With the JIT: steps run as translated code alone, steps whose translated code
+    /// called the interpreter (an in-block call or a memory slow path), and steps run
+    /// by the interpreter alone (not translated).
+    pub fn jit_split(&self) -> (u64, u64, u64) {
+        self.split
     }
 
     fn set_fx(&mut self, fx: &Fx) {
@@ -247,15 +283,38 @@ impl Engine for Interp {
         self.touched.store(false, Ordering::Relaxed);
         for _ in 0..MAX_ITERATIONS {
             let cpu = &mut self.cpu;
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cpu.try_step()))
-                .map_err(|p| {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    format!("interpreter panicked: {msg}")
-                })?;
+            let jit = &mut self.jit;
+            let split = &mut self.split;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(j) = jit.as_mut() {
+                    // The interpreter's decode cache is used only by interpreter runs.
+                    let decodes = |c: &Cpu| c.stats.decode_hits + c.stats.decode_misses;
+                    let d0 = decodes(cpu);
+                    let r = match j.step_block(cpu) {
+                        BlockStep::Ran { fault: Some(e), .. } => Some(Err(e)),
+                        BlockStep::Ran { insns, .. } if insns > 0 => Some(Ok(())),
+                        // Nothing ran (not translated, or the block was dropped).
+                        _ => None,
+                    };
+                    match (&r, decodes(cpu) != d0) {
+                        (None, _) => split.2 += 1,
+                        (Some(_), false) => split.0 += 1,
+                        (Some(_), true) => split.1 += 1,
+                    }
+                    if let Some(r) = r {
+                        return r;
+                    }
+                }
+                cpu.try_step()
+            }))
+            .map_err(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                format!("interpreter panicked: {msg}")
+            })?;
             if self.touched.load(Ordering::Relaxed) {
                 return Ok(Outcome::Fault(Fault {
                     vector: 14,
@@ -324,6 +383,32 @@ mod tests {
             2,
             "unnormal"
         );
+    }
+
+    #[test]
+    fn jit_engine_runs_translated_code_and_returns_faults() {
+        let mut e = Interp::with_jit().unwrap();
+        // add eax, ebx ; mov ecx, [0] (#PF: page 0 is not mapped)
+        let code = [0x01, 0xd8, 0x8b, 0x0d, 0, 0, 0, 0];
+        let st = State {
+            gpr: [5, 0, 0, 7, 0, 0, 0, 0],
+            eip: CODE_BASE,
+            eflags: 0x202,
+            ..Default::default()
+        };
+        e.load(&code, &st).unwrap();
+        assert_eq!(e.step().unwrap(), Outcome::Done);
+        assert_eq!(e.state().unwrap().gpr[0], 12);
+        assert_eq!(e.jit_split(), (1, 0, 0), "ran as translated code alone");
+        assert_eq!(
+            e.step().unwrap(),
+            Outcome::Fault(Fault {
+                vector: 14,
+                addr: Some(0)
+            })
+        );
+        assert_eq!(e.state().unwrap().eip, CODE_BASE + 2, "EIP at the fault");
+        assert!(e.jit_stats().unwrap().translated >= 2);
     }
 
     #[test]
