@@ -180,8 +180,12 @@ pub unsafe extern "sysv64" fn jit_slow(ctx: *mut JitCtx, not_retired: u32) -> u3
 /// instruction that is not finished included). `not_retired` is as for [`jit_slow`],
 /// with [`INTERP_BRANCH`] set when the instruction is the block's terminating branch.
 ///
+/// With a null `insn` the interpreter fetches and decodes the instruction itself (one
+/// cut by the end of its page, see [`Kind::Step`]).
+///
 /// # Safety
-/// As [`jit_slow`]; `insn` must point to a live `Instruction` (the block keeps it).
+/// As [`jit_slow`]; `insn` must be null or point to a live `Instruction` (the block
+/// keeps it).
 pub unsafe extern "sysv64" fn jit_interp(
     ctx: *mut JitCtx,
     not_retired: u32,
@@ -191,9 +195,10 @@ pub unsafe extern "sysv64" fn jit_interp(
     let ctx = unsafe { &mut *ctx };
     // SAFETY: per the function contract.
     let cpu = unsafe { &mut *ctx.cpu };
-    // SAFETY: per the function contract.
-    let i = unsafe { &*insn };
-    if let Some(c) = ctx.interp_calls.get_mut(i.mnemonic() as usize) {
+    // SAFETY: per the function contract (null: fetch and decode at EIP).
+    let decoded = unsafe { insn.as_ref() };
+    let mnemonic = decoded.map_or(iced_x86::Mnemonic::INVALID, |i| i.mnemonic());
+    if let Some(c) = ctx.interp_calls.get_mut(mnemonic as usize) {
         *c += 1;
     }
     if cpu.mmu.phys.has_dirty_code() {
@@ -203,17 +208,21 @@ pub unsafe extern "sysv64" fn jit_interp(
     let not_retired = not_retired & !INTERP_BRANCH;
     let counted = cpu.stats.instructions;
     let if_before = cpu.s.eflags_raw & IF;
-    let r = cpu.exec_decoded(i);
+    let r = match decoded {
+        Some(i) => cpu.exec_decoded(i),
+        None => cpu.try_step(),
+    };
     cpu.s.materialize_flags();
     match r {
         Ok(()) => {
             // The block counted this instruction at entry.
             cpu.stats.instructions = counted;
-            let stay = (branch || cpu.s.rip == i.next_ip32() as u64)
+            let stay = (branch || decoded.is_some_and(|i| cpu.s.rip == i.next_ip32() as u64))
                 && !cpu.mmu.phys.has_dirty_code()
                 && cpu.s.eflags_raw & IF <= if_before
                 && cpu.mmu.phys.epoch() == ctx.epoch
-                && crate::mode_bits(&cpu.s) == Some(ctx.mode);
+                && (decoded.is_some_and(crate::translate::keeps_mode)
+                    || crate::mode_bits(&cpu.s) == Some(ctx.mode));
             if stay {
                 return 0;
             }
@@ -804,7 +813,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
                 _ => None,
             },
-            Kind::Reg | Kind::Div(_) | Kind::Interp => None,
+            Kind::Reg | Kind::Div(_) | Kind::Interp | Kind::Step => None,
         };
         let mut resume = None;
         if let Kind::Div(r) = g.kind {
@@ -897,12 +906,16 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 );
             }
             Kind::Div(_) => {}
-            Kind::Interp => {
+            Kind::Interp | Kind::Step => {
                 if !fs.host {
                     restore_flags(&mut ops);
                 }
-                let ptr = t.held + held_k * std::mem::size_of::<Instruction>();
-                held_k += 1;
+                let ptr = if g.kind == Kind::Step {
+                    0
+                } else {
+                    held_k += 1;
+                    t.held + (held_k - 1) * std::mem::size_of::<Instruction>()
+                };
                 let branch = k + 1 == plan.insns.len() && plan.term == Term::InterpBranch;
                 let arg = not_retired | if branch { INTERP_BRANCH } else { 0 };
                 dynasm!(ops

@@ -1742,3 +1742,60 @@ fn in_block_popfd_setting_if_leaves_the_block() {
     assert_eq!(st.in_block.get(&Mnemonic::Popfd), Some(&1), "{st}");
     assert_eq!(st.in_block_exits, 1);
 }
+
+#[test]
+fn instruction_across_a_page_end_runs_in_block_and_follows_a_remap() {
+    // start (0x10ff8): add ebx, 1 ; nop x3 ; mov eax, imm32 (at 0x10ffe, 2 bytes here,
+    // 3 in the next page) ; add ebx, eax ; dec ecx ; jnz start ; hlt
+    let start = 0x10ff8u64;
+    let mut c = vec![
+        0x83, 0xc3, 0x01, 0x90, 0x90, 0x90, 0xb8, 0x44, 0x33, 0x22, 0x11,
+    ];
+    c.extend_from_slice(&[0x01, 0xc3, 0x49]);
+    let jnz_at = start + c.len() as u64;
+    let rel = start as i64 - (jnz_at as i64 + 2);
+    c.extend_from_slice(&[0x75, rel as i8 as u8, 0xf4]);
+    let page2 = 0x11000usize;
+    let split = page2 - start as usize;
+    // The same second page elsewhere with another immediate tail: 0x55 0x66 0x77.
+    let alt = 0x50000u64;
+    let mut tail2 = c[split..].to_vec();
+    tail2[..3].copy_from_slice(&[0x55, 0x66, 0x77]);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut jcpu = paged_machine();
+    let mut icpu = paged_machine();
+    for cpu in [&mut jcpu, &mut icpu] {
+        cpu.mmu.phys.write(start, &c);
+        cpu.mmu.phys.write(alt, &tail2);
+        cpu.s.rip = start;
+        cpu.s.gpr[1] = 3;
+    }
+    assert_eq!(jit.run(&mut jcpu, 10_000), StepEvent::Halted);
+    assert_eq!(icpu.run(10_000), StepEvent::Halted);
+    // Hand-derived: EBX = 3 * (1 + 0x11223344).
+    assert_eq!(jcpu.s.gpr[3] as u32, 3u32.wrapping_mul(0x1122_3345));
+    compare(&jcpu, &icpu, 0).unwrap();
+    let st = jit.stats();
+    assert!(
+        !st.fallbacks.contains_key(&Mnemonic::INVALID),
+        "no dispatcher round trip for the cut instruction: {st}"
+    );
+    assert!(
+        st.in_block.get(&Mnemonic::INVALID).copied().unwrap_or(0) >= 3,
+        "{st}"
+    );
+    // Remap the second page: the cut instruction reads its new bytes.
+    for cpu in [&mut jcpu, &mut icpu] {
+        let pte = (alt as u32) | 3;
+        cpu.mmu.phys.write(0x2000 + 4 * 0x11, &pte.to_le_bytes());
+        cpu.mmu.flush_all();
+        cpu.s.halted = false;
+        cpu.s.rip = start;
+        cpu.s.gpr[1] = 2;
+        cpu.s.gpr[3] = 0;
+    }
+    assert_eq!(jit.run(&mut jcpu, 10_000), StepEvent::Halted);
+    assert_eq!(icpu.run(10_000), StepEvent::Halted);
+    assert_eq!(jcpu.s.gpr[3] as u32, 2u32.wrapping_mul(0x7766_5545));
+    compare(&jcpu, &icpu, 0).unwrap();
+}

@@ -113,6 +113,10 @@ pub enum Kind {
     /// (`emit::jit_interp`, with the instruction decoded here), and leaves if it
     /// faulted, branched or changed anything the block depends on.
     Interp,
+    /// An instruction cut by the page end: the block's last, run by the interpreter
+    /// from its own fetch (`emit::jit_interp` without a decoded instruction); the block
+    /// then ends as [`Term::InterpBranch`].
+    Step,
 }
 
 /// One translated guest instruction.
@@ -558,6 +562,65 @@ pub fn interp_branch(i: &Instruction) -> bool {
     ) && interp_ok(i)
 }
 
+/// Whether an instruction allowed in a block ([`interp_in_block`]) certainly leaves the
+/// block's mode bits alone (no EFLAGS.TF/RF/AC/VM, CPL, segment, CR0 or x87 control
+/// change), so the in-block interpreter call need not recompute them: integer, string
+/// and stack instructions (segment register forms are not allowed in blocks at all).
+pub fn keeps_mode(i: &Instruction) -> bool {
+    use Mnemonic::*;
+    i.is_string_instruction()
+        || matches!(
+            i.mnemonic(),
+            Mov | Movzx
+                | Movsx
+                | Push
+                | Pushf
+                | Pushfd
+                | Pusha
+                | Pushad
+                | Pop
+                | Popa
+                | Popad
+                | Enter
+                | Leave
+                | Rdtsc
+                | Pause
+                | Nop
+                | Cpuid
+                | Cmpxchg8b
+                | Cmpxchg
+                | Xadd
+                | Xchg
+                | Bt
+                | Bts
+                | Btr
+                | Btc
+                | Bsf
+                | Bsr
+                | Tzcnt
+                | Lzcnt
+                | Popcnt
+                | Mul
+                | Imul
+                | Div
+                | Idiv
+                | Cld
+                | Std
+                | Cli
+                | Verr
+                | Verw
+                | Lar
+                | Lsl
+                | Xlatb
+                | Sgdt
+                | Sidt
+                | Sldt
+                | Str
+                | Smsw
+                | Bound
+        )
+}
+
 fn interp_ok(i: &Instruction) -> bool {
     use Mnemonic::*;
     if i.code() == Code::INVALID {
@@ -645,8 +708,24 @@ pub fn plan_block(
             break;
         }
         let i = d.decode();
+        if d.last_error() == DecoderError::NoMoreBytes && mem_ok {
+            // Runs into the next page: the interpreter fetches it there (through the
+            // MMU, so a remapped or rewritten next page is seen) and the block goes on
+            // wherever it left EIP.
+            let mut cut = Instruction::default();
+            cut.set_ip32(pos);
+            insns.push(GuestInsn {
+                instr: cut,
+                kind: Kind::Step,
+                host: Vec::new(),
+            });
+            undefined = 0;
+            pos = eip.wrapping_add(bytes.len() as u32);
+            term = Term::InterpBranch;
+            break;
+        }
         if d.last_error() != DecoderError::None {
-            // Invalid, or runs into the next page: the interpreter decides.
+            // Invalid: the interpreter decides.
             term = Term::Fall {
                 next: pos,
                 chainable: false,
