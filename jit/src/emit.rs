@@ -178,7 +178,7 @@ pub unsafe extern "sysv64" fn jit_slow(ctx: *mut JitCtx, not_retired: u32) -> u3
 /// code pages), 1 to leave it: an exception (stored in `ctx.exception`, EIP at the
 /// instruction) or any of those changes (EIP wherever the instruction left it, a REP
 /// instruction that is not finished included). `not_retired` is as for [`jit_slow`],
-/// with [`INTERP_BRANCH`] set when the instruction is the block's terminating branch.
+/// with `INTERP_BRANCH` set when the instruction is the block's terminating branch.
 ///
 /// With a null `insn` the interpreter fetches and decodes the instruction itself (one
 /// cut by the end of its page, see [`Kind::Step`]).

@@ -17,8 +17,15 @@
 //!    in a small table keyed by the target's *physical* address (found through the
 //!    TLB's fetch tag), so a remapped page never reaches a stale block.
 //!
-//! Anything not translated runs in the interpreter, one instruction at a time
-//! (`Cpu::step`), so every guest runs. A memory access that misses the TLB (first touch,
+//! Anything not translated runs in the interpreter, so every guest runs. Inside a
+//! translatable mode an untranslated instruction does not end its block: the block
+//! calls the interpreter for that one instruction (`emit::jit_interp`, with the
+//! instruction decoded at translation time; `Cpu::exec_decoded`) and goes on unless it
+//! faulted, branched, or changed the mode, the interrupt flag or code; an untranslated
+//! branch (CALL through memory, LOOP, IRETD...) ends the block through the inline indirect
+//! lookup. Only a few system instructions (STI, HLT, port I/O, segment and control
+//! register loads...) and other modes go through the dispatcher one instruction at a
+//! time (`Cpu::step`). A memory access that misses the TLB (first touch,
 //! MMIO, ROM, a write to a page holding code, a page fault) runs that one instruction in
 //! the interpreter from the middle of the block (`emit::jit_slow`), with the guest state
 //! spilled first: a fault leaves the block with the state exactly at the faulting

@@ -66,7 +66,7 @@ pub enum Term {
         /// Return address pushed.
         ret: u32,
     },
-    /// JMP [m32]: continue at the doubleword loaded by the block's last instruction
+    /// JMP m32 (through memory): continue at the doubleword loaded by the block's last instruction
     /// (a [`Kind::Mem`] whose host code loads it into r11d).
     JmpMem,
     /// RET / RET imm16: pop EIP, then release `imm` more bytes of stack.
@@ -75,7 +75,7 @@ pub enum Term {
         imm: u16,
     },
     /// A branch the block's last instruction ([`Kind::Interp`]) made in the
-    /// interpreter (CALL [m32], LOOP, JECXZ, IRETD, far branches...): continue at the EIP
+    /// interpreter (CALL through memory, LOOP, JECXZ, IRETD, far branches...): continue at the EIP
     /// it left, through the inline indirect lookup.
     InterpBranch,
 }
@@ -102,7 +102,7 @@ pub enum Kind {
     PushImm(u32),
     /// POP r32 (guest register number).
     Pop(u8),
-    /// LEAVE (32-bit): ESP = EBP + 4, EBP = [EBP].
+    /// LEAVE (32-bit): ESP = EBP + 4, EBP = the doubleword at EBP.
     Leave,
     /// DIV r32 (guest register number): run natively unless it would raise #DE
     /// (divisor 0 or quotient overflow), which the slow path leaves to the interpreter.
