@@ -5,7 +5,9 @@
 //! - `vga=0x312`: `boot_params.screen_info` describes the VBE linear framebuffer
 //!   (640x480x32 at BAR0), the kernel's vesafb driver takes it and fbcon draws 80x30
 //!   cells of 8x16 on it;
-//! - no `vga=`: screen_info describes 80x25 VGA text and vgacon draws in text mode.
+//! - no `vga=`: screen_info describes 80x25 VGA text and vgacon draws in text mode;
+//! - no `vga=` and `modules=bochs`: the bochs DRM driver takes the card over from vgacon
+//!   before the shell starts, and fbcon shows the console on its 1024x768 framebuffer.
 //!
 //! Either way the screenshot must show, from top to bottom: kernel log lines (printk
 //! timestamps), the init script's `GUEST-READY` line (user space writing to the
@@ -84,13 +86,13 @@ impl Screen {
     }
 }
 
-/// Boots the kernel with `append` (plus the shell arguments), stops it with Ctrl-A x a
+/// Boots the kernel and `initrd` with `append` (plus the shell arguments), stops it with Ctrl-A x a
 /// few seconds after /init started, and returns the serial output and the screenshot.
 /// `None` when the guest files are missing.
-fn boot_to_shell(append: &str) -> Option<(String, Screen)> {
+fn boot_to_shell(initrd: &str, append: &str) -> Option<(String, Screen)> {
     let dir = guests();
     let kernel = dir.join("vmlinuz-686");
-    let initrd = dir.join("boot-i386.cpio.gz");
+    let initrd = dir.join(initrd);
     if !(kernel.exists() && initrd.exists()) {
         eprintln!(
             "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
@@ -143,9 +145,22 @@ fn boot_to_shell(append: &str) -> Option<(String, Screen)> {
         std::thread::sleep(Duration::from_millis(200));
     };
     if started {
-        // The init script and the shell need a fraction of a guest second; leave them
-        // plenty of host time even on a loaded machine.
-        std::thread::sleep(Duration::from_secs(8));
+        // The init script (and the drivers it loads) and the shell need a moment: wait
+        // at least 8 s, and until the kernel has been quiet on the serial port for 3 s
+        // (at most two minutes), so a loaded machine gets more time.
+        let t = Instant::now();
+        let (mut len, mut since) = (0, Instant::now());
+        while t.elapsed() < Duration::from_secs(120) {
+            let n = serial.lock().unwrap().len();
+            if n != len {
+                (len, since) = (n, Instant::now());
+            } else if t.elapsed() >= Duration::from_secs(8)
+                && since.elapsed() >= Duration::from_secs(3)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let mut stdin = child.stdin.take().unwrap();
     let _ = stdin.write_all(b"\x01x");
@@ -291,7 +306,7 @@ fn check_console(serial: &str, s: &Screen, golden: Option<&Golden>) {
     ignore = "boots Linux: run with cargo test --release"
 )]
 fn debian_686_vesafb_console_shows_the_boot_log_and_a_shell_prompt() {
-    let Some((serial, s)) = boot_to_shell("vga=0x312") else {
+    let Some((serial, s)) = boot_to_shell("boot-i386.cpio.gz", "vga=0x312") else {
         return;
     };
     for line in [
@@ -312,7 +327,7 @@ fn debian_686_vesafb_console_shows_the_boot_log_and_a_shell_prompt() {
     ignore = "boots Linux: run with cargo test --release"
 )]
 fn debian_686_vgacon_console_shows_the_boot_log_and_a_shell_prompt() {
-    let Some((serial, s)) = boot_to_shell("") else {
+    let Some((serial, s)) = boot_to_shell("boot-i386.cpio.gz", "") else {
         return;
     };
     assert!(
@@ -321,4 +336,25 @@ fn debian_686_vgacon_console_shows_the_boot_log_and_a_shell_prompt() {
     );
     assert_eq!((s.w, s.h), (720, 400), "80x25 text with 9x16 cells");
     check_console(&serial, &s, None);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux: run with cargo test --release"
+)]
+fn debian_686_bochs_drm_console_shows_the_boot_log_and_a_shell_prompt() {
+    // vgacon first; the init script loads the bochs DRM driver before the shell, and
+    // fbcon takes the console over onto its 1024x768 framebuffer with what it showed.
+    let Some((serial, s)) = boot_to_shell("mods-i386.cpio.gz", "modules=bochs") else {
+        return;
+    };
+    for line in [
+        "[drm] Found bochs VGA, ID 0xb0c5",
+        "Console: switching to colour frame buffer device 128x48",
+    ] {
+        assert!(serial.contains(line), "'{line}' missing:\n{serial}");
+    }
+    assert_eq!((s.w, s.h), (1024, 768), "the bochs DRM mode");
+    check_console(&serial, &s, Some(&fbcon_golden()));
 }
