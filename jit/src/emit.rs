@@ -105,6 +105,9 @@ pub struct JitCtx {
     pub interp_calls: Vec<u64>,
     /// In-block interpreter calls that left the block (fault, branch, mode change).
     pub interp_exits: u64,
+    /// Scratch word of block code (PUSH m32 keeps the loaded value here across the
+    /// push's probe).
+    pub scratch: u64,
 }
 
 impl Default for JitCtx {
@@ -125,6 +128,7 @@ impl Default for JitCtx {
             epoch: 0,
             interp_calls: vec![0; iced_x86::Mnemonic::values().count()],
             interp_exits: 0,
+            scratch: 0,
         }
     }
 }
@@ -248,6 +252,7 @@ const INTERP_BRANCH: u32 = 1 << 31;
 
 const OFF_BUDGET: i32 = offset_of!(JitCtx, budget) as i32;
 const OFF_ARG: i32 = offset_of!(JitCtx, arg) as i32;
+const OFF_SCRATCH: i32 = offset_of!(JitCtx, scratch) as i32;
 const OFF_ICOUNT: i32 = offset_of!(JitCtx, icount) as i32;
 const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
 const OFF_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
@@ -806,6 +811,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         let mem = match &g.kind {
             Kind::Mem { ea, size, write } => Some((ea.clone(), *size, *write)),
             Kind::Push(_) | Kind::PushImm(_) => Some((lea_esp(-4), 4, true)),
+            Kind::PushMem { ea } => Some((ea.clone(), 4, false)),
             Kind::Pop(_) => Some((lea_esp(0), 4, false)),
             Kind::Leave => Some((lea_ebp(), 4, false)),
             Kind::Branch => match plan.term {
@@ -888,6 +894,32 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                     ; mov DWORD [r13], Rd(h)
                     ; lea r8d, [r8 - 4]
                 );
+            }
+            Kind::PushMem { .. } => {
+                // Loaded; now the push (its slow path, like the load's, runs the whole
+                // instruction in the interpreter and resumes after it).
+                if let Some(r) = resume {
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11d, DWORD [r13]
+                        ; mov DWORD [r12 + OFF_SCRATCH], r11d
+                        ; lea r13d, [r8 - 4]
+                    );
+                    let label = ops.new_dynamic_label();
+                    probe(&mut ops, 4, true, t.tlb_set, label);
+                    slows.push(Slow {
+                        label,
+                        resume: r,
+                        eip,
+                        not_retired,
+                    });
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11d, DWORD [r12 + OFF_SCRATCH]
+                        ; mov DWORD [r13], r11d
+                        ; lea r8d, [r8 - 4]
+                    );
+                }
             }
             Kind::PushImm(v) => {
                 dynasm!(ops

@@ -1799,3 +1799,84 @@ fn instruction_across_a_page_end_runs_in_block_and_follows_a_remap() {
     assert_eq!(jcpu.s.gpr[3] as u32, 2u32.wrapping_mul(0x7766_5545));
     compare(&jcpu, &icpu, 0).unwrap();
 }
+
+#[test]
+fn push_memory_and_moffs_moves_are_native_and_fault_precisely() {
+    // mov [DATA], eax (A3) ; push dword [esp+4] ; push dword [DATA] ; pop ebx ; pop ecx ;
+    // mov al, [DATA+1] (A0) ; push dword [esi] ; mov edx, 9 ; hlt
+    let mut c = vec![0xa3];
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&[0xff, 0x74, 0x24, 0x04, 0xff, 0x35]);
+    c.extend_from_slice(&(DATA as u32).to_le_bytes());
+    c.extend_from_slice(&[0x5b, 0x59, 0xa0]);
+    c.extend_from_slice(&(DATA as u32 + 1).to_le_bytes());
+    c.extend_from_slice(&[0xff, 0x36, 0xba, 9, 0, 0, 0, 0xf4]);
+    // ESI: readable data, a hole (fault on the load), or fine with ESP just above the
+    // hole (fault on the push).
+    for (esi, esp, fault) in [
+        (DATA as u32 + 8, STACK_TOP as u32, None),
+        (HOLE as u32 + 8, STACK_TOP as u32, Some(HOLE as u32 + 8)),
+        // ESP at the hole's end: the first push faults (on its store).
+        (
+            DATA as u32 + 8,
+            HOLE as u32 + 0x1000,
+            Some(HOLE as u32 + 0xffc),
+        ),
+    ] {
+        let mut jit = Jit::new(1 << 20).unwrap();
+        let mut jcpu = paged_machine();
+        let mut icpu = paged_machine();
+        for cpu in [&mut jcpu, &mut icpu] {
+            cpu.mmu.phys.write(CODE, &c);
+            cpu.mmu.phys.write(DATA + 8, &0x5566_7788u32.to_le_bytes());
+            cpu.mmu
+                .phys
+                .write(esp as u64 + 4, &0xaabb_ccddu32.to_le_bytes());
+            cpu.s.rip = CODE;
+            cpu.s.gpr[0] = 0x1122_3344;
+            cpu.s.gpr[4] = esp as u64;
+            cpu.s.gpr[6] = esi as u64;
+        }
+        // With ESP at the hole, the #PF cannot push its frame either: triple fault.
+        let want = if esp == STACK_TOP as u32 {
+            StepEvent::Halted
+        } else {
+            StepEvent::TripleFault
+        };
+        assert_eq!(jit.run(&mut jcpu, 1000), want);
+        assert_eq!(icpu.run(1000), want);
+        let st = jit.stats();
+        assert!(st.in_block.is_empty(), "all native: {st}");
+        // Hand-derived: EBX = [DATA] = EAX, ECX = the doubleword above the stack top,
+        // AL = byte 1 of EAX.
+        let s = &jcpu.s;
+        if esp == STACK_TOP as u32 {
+            assert_eq!(s.gpr[3] as u32, 0x1122_3344);
+            assert_eq!(s.gpr[1] as u32, 0xaabb_ccdd);
+            assert_eq!(s.gpr[0] as u32, 0x1122_3333);
+        }
+        match fault {
+            None => {
+                assert_eq!(s.gpr[2] as u32, 9);
+                let mut top = [0u8; 4];
+                jcpu.mmu.phys.read(esp as u64 - 4, &mut top);
+                assert_eq!(u32::from_le_bytes(top), 0x5566_7788);
+            }
+            Some(cr2) => {
+                assert_ne!(s.gpr[2] as u32, 9, "not reached");
+                assert_eq!(s.cr2 as u32, cr2);
+                assert_eq!(st.faults, 1);
+                if want == StepEvent::Halted {
+                    assert_eq!(s.rip as u32, 0x30001, "in the #PF handler");
+                } else {
+                    // The push left ESP alone.
+                    assert_eq!(s.gpr[4] as u32, esp);
+                }
+            }
+        }
+        assert_eq!(jcpu.stats.instructions, icpu.stats.instructions);
+        compare(&jcpu, &icpu, 0).unwrap();
+        assert_eq!(jcpu.s.gpr[4], icpu.s.gpr[4]);
+        assert_eq!(jcpu.s.cr2, icpu.s.cr2);
+    }
+}

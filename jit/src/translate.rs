@@ -100,6 +100,12 @@ pub enum Kind {
     Push(u8),
     /// PUSH imm32 (value pushed).
     PushImm(u32),
+    /// PUSH m32: `ea` computes the source's linear address into r13d (as for
+    /// [`Kind::Mem`]); the doubleword is loaded, then pushed (two probes).
+    PushMem {
+        /// Host code computing the source address into r13d.
+        ea: Vec<u8>,
+    },
     /// POP r32 (guest register number).
     Pop(u8),
     /// LEAVE (32-bit): ESP = EBP + 4, EBP = the doubleword at EBP.
@@ -437,6 +443,17 @@ pub fn native_mem(i: &Instruction, fs_gs: u8) -> Option<(Kind, Vec<u8>)> {
         iced_x86::OpAccess::NoMemAccess => return None,
         _ => true,
     };
+    // The moffs forms (A0-A3) have no ModRM byte, so no base register: use the ModRM
+    // forms of the same move.
+    match i.code() {
+        Code::Mov_AL_moffs8 => h.set_code(Code::Mov_r8_rm8),
+        Code::Mov_AX_moffs16 => h.set_code(Code::Mov_r16_rm16),
+        Code::Mov_EAX_moffs32 => h.set_code(Code::Mov_r32_rm32),
+        Code::Mov_moffs8_AL => h.set_code(Code::Mov_rm8_r8),
+        Code::Mov_moffs16_AX => h.set_code(Code::Mov_rm16_r16),
+        Code::Mov_moffs32_EAX => h.set_code(Code::Mov_rm32_r32),
+        _ => {}
+    }
     h.set_memory_base(Register::R13);
     h.set_memory_index(Register::None);
     h.set_memory_index_scale(1);
@@ -841,6 +858,10 @@ pub fn plan_block(
                     gpr32_index(i.op0_register()).map(|g| (Kind::Push(g), Vec::new()))
                 }
                 Code::Pop_r32 => gpr32_index(i.op0_register()).map(|g| (Kind::Pop(g), Vec::new())),
+                Code::Push_rm32 if i.op0_kind() == OpKind::Register => {
+                    gpr32_index(i.op0_register()).map(|g| (Kind::Push(g), Vec::new()))
+                }
+                Code::Push_rm32 => mem_ea(&i, fs_gs).map(|ea| (Kind::PushMem { ea }, Vec::new())),
                 Code::Pushd_imm32 | Code::Pushd_imm8 => {
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
@@ -961,6 +982,28 @@ mod tests {
         assert!(native_mem(&dec(&[0xf0, 0x01, 0x08]), 0).is_some());
         // lock mov [eax], ecx is #UD: left to the interpreter.
         assert!(native_mem(&dec(&[0xf0, 0x89, 0x08]), 0).is_none());
+        // mov eax, [0x12345678] (A1 moffs32) becomes mov eax, [r13] (41 8b 45 00);
+        // mov [0x12345678], al (A2 moffs8) becomes mov [r13], al (41 88 45 00).
+        let (k, h) = native_mem(&dec(&[0xa1, 0x78, 0x56, 0x34, 0x12]), 0).unwrap();
+        assert_eq!(h, vec![0x41, 0x8b, 0x45, 0x00]);
+        assert!(matches!(
+            k,
+            Kind::Mem {
+                size: 4,
+                write: false,
+                ..
+            }
+        ));
+        let (k, h) = native_mem(&dec(&[0xa2, 0x78, 0x56, 0x34, 0x12]), 0).unwrap();
+        assert_eq!(h, vec![0x41, 0x88, 0x45, 0x00]);
+        assert!(matches!(
+            k,
+            Kind::Mem {
+                size: 1,
+                write: true,
+                ..
+            }
+        ));
         // mov eax, fs:[ebx] only when FS is allowed.
         assert!(native_mem(&dec(&[0x64, 0x8b, 0x03]), 0).is_none());
         assert!(native_mem(&dec(&[0x64, 0x8b, 0x03]), SEG_FS_OK).is_some());
