@@ -19,23 +19,15 @@
 //!
 //! The machine is stopped the way a user stops it, with Ctrl-A x on the serial console,
 //! a few seconds after the kernel has started /init. The guests live in
-//! `$MORPH86_GUESTS`, else `~/.cache/morph86/guests`; when absent the test says so and
-//! passes. A debug build skips the boots.
+//! `$MORPH86_GUESTS`, else `~/.cache/morph86/guests` (helpers in `common`); when absent
+//! the test says so and passes. A debug build skips the boots.
 
+mod common;
+
+use common::{guest_files, linux, temp_path, Morph86};
 use morph86_devices::vga::font::FONT_8X16;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn guests() -> PathBuf {
-    if let Some(d) = std::env::var_os("MORPH86_GUESTS") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/morph86/guests")
-}
 
 /// (width, height, 0xRRGGBB pixels)
 fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
@@ -86,103 +78,44 @@ impl Screen {
     }
 }
 
-/// Boots the kernel and `initrd` with `append` (plus the shell arguments), stops it with Ctrl-A x a
-/// few seconds after /init started, and returns the serial output and the screenshot.
-/// `None` when the guest files are missing.
+/// Boots the kernel and `initrd` with `append` (plus the shell arguments), stops it with
+/// Ctrl-A x once the serial console has been quiet a while after /init started, and
+/// returns the serial output and the screenshot. `None` when the guest files are missing.
 fn boot_to_shell(initrd: &str, append: &str) -> Option<(String, Screen)> {
-    let dir = guests();
-    let kernel = dir.join("vmlinuz-686");
-    let initrd = dir.join(initrd);
-    if !(kernel.exists() && initrd.exists()) {
-        eprintln!(
-            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
-            dir.display()
-        );
-        return None;
+    let dir = guest_files(&["vmlinuz-686", initrd])?;
+    let shot = temp_path(&format!("shell-{}-{}.png", initrd.len(), append.len()));
+    // console=tty0 last: /dev/console, where the shell runs, is the screen.
+    let mut c = linux(
+        &dir,
+        "vmlinuz-686",
+        initrd,
+        &format!("{append} console=tty0 shell=1"),
+    );
+    c.args(["-accel", "jit", "--screenshot"]).arg(&shot);
+    let mut m = Morph86::spawn(c);
+    if let Err(e) = m.expect("Run /init as init process", Duration::from_secs(600)) {
+        panic!("the kernel never started /init: {e}");
     }
-    let shot = std::env::temp_dir().join(format!(
-        "morph86-shell-{}-{}.png",
-        std::process::id(),
-        append.len()
-    ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_morph86"))
-        .args(["-m", "256", "-display", "none", "-serial", "stdio"])
-        .args(["-no-reboot", "-accel", "jit"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(format!(
-            "{append} console=ttyS0 console=tty0 shell=1 cryptomgr.notests"
-        ))
-        .arg("--screenshot")
-        .arg(&shot)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run morph86");
-    let serial = Arc::new(Mutex::new(String::new()));
-    let out = child.stdout.take().unwrap();
-    let s2 = serial.clone();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(l) = line else { break };
-            let mut s = s2.lock().unwrap();
-            s.push_str(&l);
-            s.push('\n');
-        }
-    });
-    let t0 = Instant::now();
-    let started = loop {
-        if serial.lock().unwrap().contains("Run /init as init process") {
-            break true;
-        }
-        if t0.elapsed() > Duration::from_secs(600) || child.try_wait().unwrap().is_some() {
-            break false;
+    // The init script (and the drivers it loads) and the shell need a moment: wait at
+    // least 8 s, and until the kernel has been quiet on the serial port for 3 s (at most
+    // two minutes), so a loaded machine gets more time.
+    let t = Instant::now();
+    let (mut len, mut since) = (0, Instant::now());
+    while t.elapsed() < Duration::from_secs(120) {
+        let n = m.text().len();
+        if n != len {
+            (len, since) = (n, Instant::now());
+        } else if t.elapsed() >= Duration::from_secs(8) && since.elapsed() >= Duration::from_secs(3)
+        {
+            break;
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
-    if started {
-        // The init script (and the drivers it loads) and the shell need a moment: wait
-        // at least 8 s, and until the kernel has been quiet on the serial port for 3 s
-        // (at most two minutes), so a loaded machine gets more time.
-        let t = Instant::now();
-        let (mut len, mut since) = (0, Instant::now());
-        while t.elapsed() < Duration::from_secs(120) {
-            let n = serial.lock().unwrap().len();
-            if n != len {
-                (len, since) = (n, Instant::now());
-            } else if t.elapsed() >= Duration::from_secs(8)
-                && since.elapsed() >= Duration::from_secs(3)
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
-    let mut stdin = child.stdin.take().unwrap();
-    let _ = stdin.write_all(b"\x01x");
-    let _ = stdin.flush();
-    let t1 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t1.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    drop(stdin);
-    reader.join().unwrap();
-    let serial = serial.lock().unwrap().clone();
-    assert!(started, "the kernel never started /init:\n{serial}");
-    let status = status.unwrap_or_else(|| panic!("Ctrl-A x did not stop morph86:\n{serial}"));
-    assert!(status.success(), "morph86 failed ({status}):\n{serial}");
+    m.send(b"\x01x");
+    if let Err(e) = m.expect_success(Duration::from_secs(60)) {
+        panic!("Ctrl-A x did not end the run cleanly: {e}");
+    }
+    let serial = m.text();
     let (w, h, px) = read_png(&shot);
     // Kept for a look when a check fails; removed when they pass.
     eprintln!("screenshot: {}", shot.display());
