@@ -250,9 +250,10 @@ pub fn undefined_after(insns: &[Instruction]) -> u32 {
     und
 }
 
-/// Instructions whose effects cannot be replayed (port I/O) or differ between two runs
-/// (time stamp, hardware random numbers): a block holding one runs in the interpreter
-/// only.
+/// Instructions whose effects cannot be replayed (port I/O, MSR writes such as the
+/// time-stamp counter's, which live outside `CpuState`) or differ between two runs
+/// (time stamp, MSR reads, hardware random numbers): a block holding one runs in the
+/// interpreter only.
 fn not_replayable(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
@@ -269,10 +270,11 @@ fn not_replayable(m: Mnemonic) -> bool {
             | Rdpmc
             | Rdrand
             | Rdseed
+            | Rdmsr
+            | Wrmsr
     )
 }
 
-/// The names of the state parts (besides undefined flags) in which `a` and `b` differ.
 /// The undefined EFLAGS bits that instructions among `insns` copy into registers or
 /// memory as data (PUSHF/PUSHFD, LAHF), as a mask over a 32-bit value: the bits
 /// themselves, and the low byte again in bits 8-15 (LAHF's AH).
@@ -299,6 +301,8 @@ fn leak_byte_mask(leak: u32) -> u8 {
     (leak | leak >> 8 | leak >> 16 | leak >> 24) as u8
 }
 
+/// The names of the state parts in which `a` and `b` differ, except the flags in `und`
+/// and the bits of `leak` (see [`leaked_undefined`]).
 fn state_diffs(a: &CpuState, b: &CpuState, und: u32, leak: u32) -> Vec<&'static str> {
     let mut v = Vec::new();
     let und = und | leak;
