@@ -13,20 +13,53 @@
 //! test says so and passes. The boot takes minutes in the interpreter, so a debug build
 //! skips it.
 
-use morph86_devices::vga::font::FONT_8X16;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod common;
 
-fn guests() -> PathBuf {
-    if let Some(d) = std::env::var_os("MORPH86_GUESTS") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".cache/morph86/guests")
+use common::{guest_files, morph86, temp_path, Morph86};
+use morph86_devices::vga::font::FONT_8X16;
+use std::path::Path;
+use std::time::Duration;
+
+/// A boot with a screenshot at the end: minutes in the interpreter on a loaded host.
+const BOOT: Duration = Duration::from_secs(3600);
+
+/// Boots `kernel` + `initrd` with `append` and `extra` options (e.g. `-accel jit`), no
+/// window, the serial console on stdout and a screenshot to `shot` when the machine
+/// stops; returns the serial output.
+fn boot_with_screenshot(
+    dir: &Path,
+    kernel: &str,
+    initrd: &str,
+    append: &str,
+    shot: &Path,
+    extra: &[&str],
+) -> String {
+    let mut c = morph86();
+    c.args([
+        "-m",
+        "256",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(dir.join(kernel))
+    .arg("-initrd")
+    .arg(dir.join(initrd))
+    .arg("-append")
+    .arg(append)
+    .arg("--screenshot")
+    .arg(shot)
+    .args(extra);
+    let mut vm = Morph86::spawn(c);
+    vm.expect_success(BOOT).unwrap();
+    vm.text()
 }
 
 /// (width, height, 0xRRGGBB pixels)
-fn read_png(path: &std::path::Path) -> (usize, usize, Vec<u32>) {
+fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
     let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
     let mut r = dec.read_info().expect("png header");
     let mut buf = vec![0; r.output_buffer_size()];
@@ -62,39 +95,18 @@ fn row_shows(px: &[u32], w: usize, row: usize, text: &[u8]) -> bool {
     ignore = "boots Linux in the interpreter: run with cargo test --release"
 )]
 fn debian_686_vgacon_draws_the_kernel_log_on_the_vga() {
-    let dir = guests();
-    let kernel = dir.join("vmlinuz-686");
-    let initrd = dir.join("boot-i386.cpio.gz");
-    if !(kernel.exists() && initrd.exists()) {
-        eprintln!(
-            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
-            dir.display()
-        );
+    let Some(dir) = guest_files(&["vmlinuz-686", "boot-i386.cpio.gz"]) else {
         return;
-    }
-    let shot = std::env::temp_dir().join(format!("morph86-vgacon-{}.png", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_morph86"))
-        .args([
-            "-m",
-            "256",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=tty0 console=ttyS0 cryptomgr.notests"])
-        .arg("--screenshot")
-        .arg(&shot)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run morph86");
-    let serial = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "morph86 failed:\n{serial}");
+    };
+    let shot = temp_path("vgacon.png");
+    let serial = boot_with_screenshot(
+        &dir,
+        "vmlinuz-686",
+        "boot-i386.cpio.gz",
+        "console=tty0 console=ttyS0 cryptomgr.notests",
+        &shot,
+        &[],
+    );
     assert!(
         serial.contains("Console: colour VGA+ 80x25"),
         "vgacon did not take the screen:\n{serial}"
@@ -123,42 +135,18 @@ fn debian_686_vgacon_draws_the_kernel_log_on_the_vga() {
     ignore = "boots Linux in the interpreter: run with cargo test --release"
 )]
 fn debian_686_bochs_drm_puts_fbcon_on_the_vbe_framebuffer() {
-    let dir = guests();
-    let kernel = dir.join("vmlinuz-686");
-    let initrd = dir.join("mods-i386.cpio.gz");
-    if !(kernel.exists() && initrd.exists()) {
-        eprintln!(
-            "SKIPPED: guest files not found in {} (build them with ../shared/guests/make-guests.sh)",
-            dir.display()
-        );
+    let Some(dir) = guest_files(&["vmlinuz-686", "mods-i386.cpio.gz"]) else {
         return;
-    }
-    let shot = std::env::temp_dir().join(format!("morph86-bochs-{}.png", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_morph86"))
-        .args([
-            "-m",
-            "256",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            "console=tty0 console=ttyS0 cryptomgr.notests modules=bochs",
-        ])
-        .arg("--screenshot")
-        .arg(&shot)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run morph86");
-    let serial = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "morph86 failed:\n{serial}");
+    };
+    let shot = temp_path("bochs.png");
+    let serial = boot_with_screenshot(
+        &dir,
+        "vmlinuz-686",
+        "mods-i386.cpio.gz",
+        "console=tty0 console=ttyS0 cryptomgr.notests modules=bochs",
+        &shot,
+        &[],
+    );
     for line in [
         "[drm] Found bochs VGA, ID 0xb0c5",
         "Console: switching to colour frame buffer device 128x48",
