@@ -277,9 +277,13 @@ fn parse_guest_log(lines: &[(f64, String)]) -> GuestLog {
             continue;
         }
         if let Some((_, _, _, real)) = open.as_mut() {
-            let l = line.trim_start();
-            if let Some(rest) = l.strip_prefix("real") {
-                if rest.starts_with(char::is_whitespace) && real.is_none() {
+            // "real\t0m 1.23s", possibly behind a kernel message on the same line.
+            if real.is_none() {
+                if let Some(rest) = line
+                    .trim_start()
+                    .strip_prefix("real ")
+                    .or_else(|| after(line, "real\t"))
+                {
                     *real = parse_duration(rest);
                 }
             }
@@ -1592,6 +1596,7 @@ mod tests {
             (18.0, "sys\t0m 0.70s\r\n"),
             (18.5, "BENCH-END sha256 1 uptime_delta=6.95\r\n"),
             (19.0, "BENCH-BEGIN gzip9 1\n"),
+            (28.0, "[   20.0] e1000: link up real\t0m 9.40s\n"),
             // a kernel message ahead of the marker on the same line
             (
                 29.0,
@@ -1609,7 +1614,7 @@ mod tests {
         assert_eq!(g.runs[0].guest_real, Some(6.8));
         assert_eq!(g.runs[0].guest_uptime, Some(6.95));
         assert!((g.runs[1].host_secs - 10.0).abs() < 1e-9);
-        assert_eq!(g.runs[1].guest_real, None);
+        assert_eq!(g.runs[1].guest_real, Some(9.4));
         assert_eq!(g.runs[1].guest_uptime, Some(9.5));
         assert_eq!(
             g.checks.get("sha256").map(String::as_str),
