@@ -403,6 +403,26 @@ impl CpuState {
         self.nmi_blocked = false;
     }
 
+    /// Enters flat 32-bit protected mode at CPL 0: sets CR0.PE, loads CS with a present,
+    /// accessed, readable 32-bit code segment (base 0, 4 GiB limit, G=1, D=1) selected by
+    /// `code_sel`, and ES/SS/DS/FS/GS with the matching writable data segment selected by
+    /// `data_sel`. Descriptor tables, other CR0 bits, registers and EFLAGS are left as
+    /// they are; call `Cpu::sync_paging` afterwards.
+    pub fn load_flat32(&mut self, code_sel: u16, data_sel: u16) {
+        self.cr0 |= CR0_PE;
+        let flat = |attrs: u32, selector: u16| Segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
+            selector,
+        };
+        for s in self.seg.iter_mut() {
+            *s = flat(0, data_sel);
+        }
+        self.seg[SegReg::Cs as usize] = flat(ATTR_CODE, code_sel);
+        self.cpl = 0;
+    }
+
     /// Protected mode (CR0.PE).
     #[inline]
     pub fn protected(&self) -> bool {

@@ -541,22 +541,9 @@ mod tests {
 
     /// A flat 32-bit CPU over `phys` running `code` at 0x10000 (CPL 0, paging off).
     fn flat_cpu(mut phys: PhysMem, code: &[u8]) -> morph86_cpu::Cpu {
-        use morph86_cpu::state::*;
-        use morph86_cpu::{SegReg, Segment};
         phys.write(0x10000, code);
         let mut cpu = morph86_cpu::Cpu::new(morph86_mmu::Mmu::new(phys));
-        cpu.s.cr0 |= CR0_PE;
-        let flat = |attrs: u32, selector: u16| Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-            selector,
-        };
-        for s in SegReg::ALL {
-            cpu.s.seg[s as usize] = flat(0, 0x10);
-        }
-        cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
-        cpu.s.cpl = 0;
+        cpu.s.load_flat32(0x08, 0x10);
         cpu.s.rip = 0x10000;
         cpu.sync_paging();
         cpu

@@ -503,19 +503,9 @@ mod tests {
     /// unmasked x87 exception raises FERR# and the program goes on).
     fn machine() -> Cpu {
         let mut cpu = Cpu::new(Mmu::new(PhysMem::new(4 << 20).unwrap()));
-        cpu.s.cr0 = (cpu.s.cr0 | CR0_PE) & !CR0_NE;
-        let flat = |attrs: u32, selector: u16| Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-            selector,
-        };
-        for s in SegReg::ALL {
-            cpu.s.seg[s as usize] = flat(0, 0x10);
-        }
+        cpu.s.load_flat32(0x08, 0x10);
+        cpu.s.cr0 &= !CR0_NE;
         cpu.s.seg[SegReg::Ss as usize].selector = 0x18;
-        cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
-        cpu.s.cpl = 0;
         cpu.s.gpr[3] = DATA;
         cpu.s.gpr[4] = 0x7000;
         cpu.sync_paging();

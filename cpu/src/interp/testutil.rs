@@ -42,23 +42,12 @@ pub(crate) fn real(code: &[u8]) -> Cpu {
 /// A protected-mode machine with flat 32-bit segments running `code`.
 pub(crate) fn flat32(code: &[u8]) -> Cpu {
     let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-    c.s.cr0 |= CR0_PE;
+    c.s.load_flat32(0x08, 0x10);
     c.sync_paging();
-    let data = Segment {
-        base: 0,
-        limit: 0xf_ffff,
-        attrs: ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-        selector: 0x10,
-    };
-    for s in SegReg::ALL {
-        c.s.seg[s as usize] = data;
+    // Limits end with the 1 MiB of RAM, so tests can reach a limit fault cheaply.
+    for s in c.s.seg.iter_mut() {
+        s.limit = 0xf_ffff;
     }
-    c.s.seg[SegReg::Cs as usize] = Segment {
-        attrs: ATTR_P | ATTR_S | ATTR_CODE | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-        selector: 0x08,
-        ..data
-    };
-    c.s.cpl = 0;
     c.s.gpr[reg::RSP] = 0x8000;
     c.s.rip = FLAT_CODE;
     c.s.set_eflags(FLAG_1);
@@ -101,4 +90,30 @@ pub(crate) fn poke(c: &mut Cpu, addr: u64, n: usize, v: u64) {
 /// The six arithmetic flags.
 pub(crate) fn aflags(c: &Cpu) -> u32 {
     c.s.eflags() & ARITH_FLAGS
+}
+
+/// `CpuState::load_flat32` gives 32-bit code and 4 GiB data limits at CPL 0.
+#[test]
+fn load_flat32_runs_32_bit_code_over_4_gib_segments() {
+    let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
+    c.s.load_flat32(0x08, 0x10);
+    c.sync_paging();
+    assert!(c.s.protected() && c.s.code32() && c.s.stack32());
+    assert_eq!(c.s.cpl, 0);
+    assert_eq!(c.s.seg[SegReg::Cs as usize].selector, 0x08);
+    for s in [SegReg::Es, SegReg::Ss, SegReg::Ds, SegReg::Fs, SegReg::Gs] {
+        assert_eq!(c.s.seg[s as usize].selector, 0x10);
+    }
+    // mov eax, 0x11223344 (5 bytes with a 32-bit default operand size), then
+    // mov ecx, [0xFFFFFFF0] (inside a 4 GiB limit: no #GP).
+    c.mmu.phys.write(
+        0x1000,
+        &[
+            0xb8, 0x44, 0x33, 0x22, 0x11, 0x8b, 0x0d, 0xf0, 0xff, 0xff, 0xff,
+        ],
+    );
+    c.s.rip = 0x1000;
+    run(&mut c, 2);
+    assert_eq!(c.s.gpr[reg::RAX], 0x1122_3344);
+    assert_eq!(c.s.rip, 0x100b);
 }

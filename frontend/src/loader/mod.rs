@@ -90,23 +90,7 @@ impl Entry32 {
             limit: 4 * 8 - 1,
         };
         s.idtr = TableReg { base: 0, limit: 0 };
-        let flat = |sel: u16, code: bool| Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            attrs: ATTR_P
-                | ATTR_S
-                | ATTR_DB
-                | ATTR_G
-                | ATTR_ACCESSED
-                | ATTR_RW
-                | if code { ATTR_CODE } else { 0 },
-            selector: sel,
-        };
-        for r in SegReg::ALL {
-            s.seg[r as usize] = flat(self.ds, false);
-        }
-        s.seg[SegReg::Cs as usize] = flat(self.cs, true);
-        s.cpl = 0;
+        s.load_flat32(self.cs, self.ds);
         s.set_eflags(FLAG_1);
         s.gpr = [0; 16];
         s.gpr[reg::RAX] = self.eax as u64;
