@@ -1246,11 +1246,18 @@ mod tests {
     const CODE: u64 = 0x1000;
     const DATA: u64 = 0x2000;
 
-    fn cpu() -> Cpu {
+    /// A real-mode CPU whose segments all have base 0, so the tests' disp16 operands
+    /// address physical memory (also the interpreter side of the host comparisons).
+    pub(super) fn machine() -> Cpu {
         let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
         for s in 0..6 {
             c.s.seg[s] = crate::state::Segment::real(0);
         }
+        c
+    }
+
+    fn cpu() -> Cpu {
+        let mut c = machine();
         c.s.cr0 |= CR0_NE;
         c
     }
@@ -1605,10 +1612,10 @@ mod tests {
 /// interpreter (16-bit real mode), memory operands included.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff {
+    pub(super) use super::tests::machine;
     use super::*;
-    use morph86_mmu::{Mmu, PhysMem};
 
-    const DATA: u64 = 0x2000;
+    pub(super) const DATA: u64 = 0x2000;
 
     pub(super) struct Rng(pub(super) u64);
     impl Rng {
@@ -1620,6 +1627,31 @@ mod host_diff {
             self.0 = x;
             x
         }
+    }
+
+    /// Puts `a` at DATA, `b` at DATA+0x10 and `cw` at DATA+0x30, fills `fill` bytes
+    /// from DATA+0x40 with 0x5A, then runs `fninit; fldcw [cw]; (fld tword [b];)
+    /// fld tword [a]; op; tail` in the interpreter (`fld [b]` only if `push_b`).
+    pub(super) fn run_seq(
+        c: &mut Cpu,
+        (a, b, cw): (&[u8; 10], &[u8; 10], u16),
+        push_b: bool,
+        fill: usize,
+        op: &[u8],
+        tail: &[u8],
+    ) {
+        c.mmu.phys.write(DATA, a);
+        c.mmu.phys.write(DATA + 0x10, b);
+        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
+        c.mmu.phys.write(DATA + 0x40, &vec![0x5a; fill]);
+        let mut code = vec![0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20];
+        if push_b {
+            code.extend_from_slice(&[0xdb, 0x2e, 0x10, 0x20]);
+        }
+        code.extend_from_slice(&[0xdb, 0x2e, 0x00, 0x20]);
+        code.extend_from_slice(op);
+        code.extend_from_slice(tail);
+        super::tests::run(c, &code).unwrap();
     }
 
     pub(super) fn f80_operand(r: &mut Rng) -> [u8; 10] {
@@ -1730,13 +1762,9 @@ mod host_diff {
     /// Runs `fninit; fldcw; fld tword [a]; <op> [b]; fnstsw ax; fnclex; fstp tword [r]`
     /// in the interpreter.
     fn emu(c: &mut Cpu, op: &[u8], a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 10], u16) {
-        c.mmu.phys.write(DATA, a);
-        c.mmu.phys.write(DATA + 0x10, b);
-        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
-        let mut code = vec![0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x00, 0x20];
-        code.extend_from_slice(op);
-        code.extend_from_slice(&[0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x20, 0x20]);
-        super::tests::run(c, &code).unwrap();
+        // fnstsw ax; fnclex; fstp tword [DATA+0x20]
+        let tail = [0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x20, 0x20];
+        run_seq(c, (a, b, cw), false, 0, op, &tail);
         let mut r = [0u8; 10];
         c.mmu.phys.read(DATA + 0x20, &mut r);
         (r, c.s.gpr[0] as u16)
@@ -1809,10 +1837,7 @@ mod host_diff {
                 false,
             ),
         ];
-        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-        for s in 0..6 {
-            c.s.seg[s] = crate::state::Segment::real(0);
-        }
+        let mut c = machine();
         let mut r = Rng(0x1234_5678);
         let mut bad = 0;
         for (name, host, op, size, float) in cases {
@@ -1847,11 +1872,8 @@ mod host_diff {
 /// host and in the interpreter) with ST(0) = a, ST(1) = b.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff_reg {
-    use super::host_diff::{f80_operand, Rng};
+    use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
     use super::*;
-    use morph86_mmu::{Mmu, PhysMem};
-
-    const DATA: u64 = 0x2000;
 
     macro_rules! seq {
         ($cases:ident; $($name:ident: [$($b:literal),+];)+) => {
@@ -1955,18 +1977,11 @@ mod host_diff_reg {
     }
 
     fn emu(c: &mut Cpu, op: &[u8], a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 32], u16) {
-        c.mmu.phys.write(DATA, a);
-        c.mmu.phys.write(DATA + 0x10, b);
-        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
-        c.mmu.phys.write(DATA + 0x40, &[0x5a; 32]);
-        let mut code = vec![
-            0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00, 0x20,
-        ];
-        code.extend_from_slice(op);
-        code.extend_from_slice(&[
+        // fnstsw ax; fnclex; fstp tword [..]; fnclex; fstp tword [..+0x10]
+        let tail = [
             0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x40, 0x20, 0xdb, 0xe2, 0xdb, 0x3e, 0x50, 0x20,
-        ]);
-        super::tests::run(c, &code).unwrap();
+        ];
+        run_seq(c, (a, b, cw), true, 32, op, &tail);
         let mut r = [0u8; 32];
         c.mmu.phys.read(DATA + 0x40, &mut r);
         (r, c.s.gpr[0] as u16)
@@ -1989,10 +2004,7 @@ mod host_diff_reg {
     /// (the documented bound); bit-exact matches are counted.
     #[test]
     fn transcendentals_match_host() {
-        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-        for s in 0..6 {
-            c.s.seg[s] = crate::state::Segment::real(0);
-        }
+        let mut c = machine();
         let mut r = Rng(0x7777);
         let mut bad = 0;
         for &(name, host, op) in TRANS {
@@ -2053,10 +2065,7 @@ mod host_diff_reg {
 
     #[test]
     fn register_ops_match_host() {
-        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-        for s in 0..6 {
-            c.s.seg[s] = crate::state::Segment::real(0);
-        }
+        let mut c = machine();
         let mut r = Rng(0xfeed_beef);
         let mut bad = 0;
         let mut total = 0;
@@ -2095,11 +2104,8 @@ mod host_diff_reg {
 /// End-to-end differential tests of stores to memory (ST(0) = a, ST(1) = b).
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff_store {
-    use super::host_diff::{f80_operand, Rng};
+    use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
     use super::*;
-    use morph86_mmu::{Mmu, PhysMem};
-
-    const DATA: u64 = 0x2000;
 
     macro_rules! store {
         ($($name:ident: $insn:literal, [$($b:literal),+];)+) => {
@@ -2162,18 +2168,11 @@ mod host_diff_store {
     }
 
     fn emu(c: &mut Cpu, op: &[u8], a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 48], u16) {
-        c.mmu.phys.write(DATA, a);
-        c.mmu.phys.write(DATA + 0x10, b);
-        c.mmu.phys.write(DATA + 0x30, &cw.to_le_bytes());
-        c.mmu.phys.write(DATA + 0x40, &[0x5a; 48]);
-        let mut code = vec![
-            0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00, 0x20,
-        ];
-        code.extend_from_slice(op);
-        code.extend_from_slice(&[
+        // fnstsw ax; fnclex; fstp tword [..]; fnclex; fstp tword [..+0x10]
+        let tail = [
             0xdf, 0xe0, 0xdb, 0xe2, 0xdb, 0x3e, 0x50, 0x20, 0xdb, 0xe2, 0xdb, 0x3e, 0x60, 0x20,
-        ]);
-        super::tests::run(c, &code).unwrap();
+        ];
+        run_seq(c, (a, b, cw), true, 48, op, &tail);
         let mut r = [0u8; 48];
         c.mmu.phys.read(DATA + 0x40, &mut r);
         (r, c.s.gpr[0] as u16)
@@ -2181,10 +2180,7 @@ mod host_diff_store {
 
     #[test]
     fn stores_match_host() {
-        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-        for s in 0..6 {
-            c.s.seg[s] = crate::state::Segment::real(0);
-        }
+        let mut c = machine();
         let mut r = Rng(0xabcd_0123);
         let mut bad = 0;
         for &(name, host, op) in CASES {
@@ -2219,10 +2215,9 @@ mod host_diff_store {
 /// FCOMI family against the host: EFLAGS (through LAHF) and the status word.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff_fcomi {
-    use super::host_diff::{f80_operand, Rng};
+    use super::host_diff::{f80_operand, machine, run_seq, Rng};
     use super::*;
     use crate::state::{CF, PF, ZF};
-    use morph86_mmu::{Mmu, PhysMem};
 
     macro_rules! fcomi {
         ($($name:ident: [$($b:literal),+];)+) => {
@@ -2271,10 +2266,7 @@ mod host_diff_fcomi {
 
     #[test]
     fn fcomi_matches_host() {
-        let mut c = Cpu::new(Mmu::new(PhysMem::new(1 << 20).unwrap()));
-        for s in 0..6 {
-            c.s.seg[s] = crate::state::Segment::real(0);
-        }
+        let mut c = machine();
         let mut r = Rng(0x5151);
         let mut bad = 0;
         for &(name, host, op) in CASES {
@@ -2283,17 +2275,9 @@ mod host_diff_fcomi {
                 let a = f80_operand(&mut r);
                 let b = f80_operand(&mut r);
                 let (ah, hsw) = host(&a, &b, cw);
-                c.mmu.phys.write(0x2000, &a);
-                c.mmu.phys.write(0x2010, &b);
-                c.mmu.phys.write(0x2030, &cw.to_le_bytes());
-                let mut code = vec![
-                    0xdb, 0xe3, 0xd9, 0x2e, 0x30, 0x20, 0xdb, 0x2e, 0x10, 0x20, 0xdb, 0x2e, 0x00,
-                    0x20,
-                ];
-                code.extend_from_slice(op);
-                code.extend_from_slice(&[0xdf, 0xe0]);
                 c.s.set_eflags(0x2 | CF | PF | ZF);
-                super::tests::run(&mut c, &code).unwrap();
+                // fnstsw ax
+                run_seq(&mut c, (&a, &b, cw), true, 0, op, &[0xdf, 0xe0]);
                 let ef = (c.s.eflags() & (CF | PF | ZF)) as u8;
                 let esw = c.s.gpr[0] as u16;
                 let hf = ah & (CF | PF | ZF) as u8;
