@@ -1880,3 +1880,52 @@ fn push_memory_and_moffs_moves_are_native_and_fault_precisely() {
         assert_eq!(jcpu.s.cr2, icpu.s.cr2);
     }
 }
+
+#[test]
+fn stos_without_rep_is_native_and_respects_df_and_faults() {
+    // stosb ; stosw ; stosd ; std ; stosd ; stosb ; cld ; stosd ; hlt
+    let c = [0xaa, 0x66, 0xab, 0xab, 0xfd, 0xab, 0xaa, 0xfc, 0xab, 0xf4];
+    for (edi, faults) in [(DATA as u32 + 16, false), (HOLE as u32 + 0xffe, true)] {
+        let mut jit = Jit::new(1 << 20).unwrap();
+        let mut jcpu = paged_machine();
+        let mut icpu = paged_machine();
+        for cpu in [&mut jcpu, &mut icpu] {
+            cpu.mmu.phys.write(CODE, &c);
+            cpu.s.rip = CODE;
+            cpu.s.gpr[0] = 0x8877_6655;
+            cpu.s.gpr[7] = edi as u64;
+        }
+        assert_eq!(jit.run(&mut jcpu, 1000), StepEvent::Halted);
+        assert_eq!(icpu.run(1000), StepEvent::Halted);
+        let st = jit.stats();
+        assert!(
+            !st.in_block.contains_key(&Mnemonic::Stosb)
+                && !st.fallbacks.contains_key(&Mnemonic::Stosb),
+            "{st}"
+        );
+        if faults {
+            // Hand-derived: EDI is in the unmapped page, so the first STOSB faults:
+            // EDI unchanged, CR2 = EDI.
+            assert_eq!(jcpu.s.cr2 as u32, edi);
+            assert_eq!(st.faults, 1);
+        } else {
+            // Up: 55 at +16, 55 66 at +17, 55 66 77 88 at +19..+22, EDI = +23; down:
+            // stosd at +23..+26, EDI = +19, stosb at +19, EDI = +18; up: stosd at
+            // +18..+21, EDI = +22 (+22 keeps the first stosd's 88).
+            let mut m = [0u8; 16];
+            jcpu.mmu.phys.read(DATA + 16, &mut m);
+            assert_eq!(
+                &m[..11],
+                &[0x55, 0x55, 0x55, 0x66, 0x77, 0x88, 0x88, 0x55, 0x66, 0x77, 0x88]
+            );
+            assert_eq!(jcpu.s.gpr[7] as u32, DATA as u32 + 22);
+        }
+        compare(&jcpu, &icpu, 0).unwrap();
+        assert_eq!(jcpu.s.gpr[7], icpu.s.gpr[7]);
+        assert_eq!(jcpu.s.cr2, icpu.s.cr2);
+        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+        jcpu.mmu.phys.read(DATA, &mut a);
+        icpu.mmu.phys.read(DATA, &mut b);
+        assert_eq!(a, b);
+    }
+}
