@@ -872,24 +872,7 @@ mod tests {
     impl Rig {
         fn new() -> Self {
             let ic = InterruptController::new();
-            {
-                let p = ic.ports();
-                let mut p = p.lock().unwrap();
-                for (port, v) in [
-                    (0x20, 0x11),
-                    (0x21, 0x08),
-                    (0x21, 4),
-                    (0x21, 1),
-                    (0xa0, 0x11),
-                    (0xa1, 0x70),
-                    (0xa1, 2),
-                    (0xa1, 1),
-                    (0x21, 0),
-                    (0xa1, 0),
-                ] {
-                    p.write(port, &[v]);
-                }
-            }
+            ic.init_pc_pics();
             let ctl = PlatformControl::new();
             let k = I8042::new(Some(ic.line(1)), Some(ic.line(12)), ctl.clone());
             Rig { k, ic, ctl }

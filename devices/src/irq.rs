@@ -240,32 +240,38 @@ impl IrqLine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn init(c: &InterruptController) {
-        let p = c.ports();
+impl InterruptController {
+    /// Test helper: programs both PICs as a PC BIOS does (edge triggered, cascaded on
+    /// IR2, vectors 0x08-0x0F and 0x70-0x77, 8086 mode) and unmasks every line.
+    pub(crate) fn init_pc_pics(&self) {
+        use crate::pic::{ICW1_IC4, ICW1_INIT, ICW4_UPM};
+        let p = self.ports();
         let mut d = p.lock().unwrap();
         for (port, v) in [
-            (0x20, 0x11),
+            (0x20, ICW1_INIT | ICW1_IC4),
             (0x21, 0x08),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0xa0, 0x11),
+            (0x21, 1 << 2), // ICW3: the slave sits on IR2
+            (0x21, ICW4_UPM),
+            (0xa0, ICW1_INIT | ICW1_IC4),
             (0xa1, 0x70),
-            (0xa1, 0x02),
-            (0xa1, 0x01),
-            (0x21, 0x00),
+            (0xa1, 2), // ICW3: slave identity 2
+            (0xa1, ICW4_UPM),
+            (0x21, 0x00), // OCW1: nothing masked
             (0xa1, 0x00),
         ] {
             d.write(port, &[v]);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn line_pulse_reaches_intr_and_vector() {
         let c = InterruptController::new();
-        init(&c);
+        c.init_pc_pics();
         let l = c.line(1);
         assert!(!c.pending());
         l.pulse();
@@ -282,7 +288,7 @@ mod tests {
     #[test]
     fn shared_level_line_is_wired_or() {
         let c = InterruptController::new();
-        init(&c);
+        c.init_pc_pics();
         c.ports().lock().unwrap().write(0x4d0, &[0b0010_0000]); // IRQ5 level
         let a = c.line(5);
         let b = c.line(5);
@@ -297,7 +303,7 @@ mod tests {
     #[test]
     fn rising_intr_notifies_the_wakeup() {
         let c = InterruptController::new();
-        init(&c);
+        c.init_pc_pics();
         let w = Wakeup::new();
         c.set_wakeup(w.clone());
         let l = c.line(4);
@@ -310,7 +316,7 @@ mod tests {
     #[test]
     fn save_restore_round_trip() {
         let c = InterruptController::new();
-        init(&c);
+        c.init_pc_pics();
         c.line(3).raise();
         let s = c.save();
         let json = serde_json::to_string(&s).unwrap();

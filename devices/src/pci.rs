@@ -940,25 +940,9 @@ mod tests {
         let ctl = PlatformControl::new();
         let host = Arc::new(Mutex::new(PciHost::new(ctl)));
         let ic = InterruptController::new();
-        {
-            let p = ic.ports();
-            let mut p = p.lock().unwrap();
-            for (port, v) in [
-                (0x20, 0x11),
-                (0x21, 0x08),
-                (0x21, 4),
-                (0x21, 1),
-                (0xa0, 0x11),
-                (0xa1, 0x70),
-                (0xa1, 2),
-                (0xa1, 1),
-                (0x21, 0),
-                (0xa1, 0),
-                (0x4d1, 0b0000_1000), // IRQ11 level, as PCI interrupts are
-            ] {
-                p.write(port, &[v]);
-            }
-        }
+        ic.init_pc_pics();
+        // IRQ11 level, as PCI interrupts are
+        ic.ports().lock().unwrap().write(0x4d1, &[0b0000_1000]);
         let mut cfg = PciConfig::new(0x1234, 0x5678, 0xff_00_00, 0, 0);
         cfg.set_bar(0, BarKind::Io, 16);
         cfg.set_bar(
