@@ -42,6 +42,16 @@ fn set_ac(v: &mut Vga, regs: &[u8]) {
     out(v, PORT_AC_WRITE, 0x20); // PAS: hand the palette to the display
 }
 
+/// Loads a BIOS mode's register table: Misc Output, then sequencer, CRTC, graphics
+/// controller and attribute controller registers from index 0.
+fn set_mode(v: &mut Vga, misc: u8, seq: &[u8], crtc: &[u8], gc: &[u8], ac: &[u8]) {
+    out(v, PORT_MISC_WRITE, misc);
+    set_seq(v, seq);
+    set_crtc(v, crtc);
+    set_gc(v, gc);
+    set_ac(v, ac);
+}
+
 fn set_dac(v: &mut Vga, index: u8, rgb: [u8; 3]) {
     out(v, PORT_DAC_WRITE_INDEX, index);
     for c in rgb {
@@ -51,18 +61,15 @@ fn set_dac(v: &mut Vga, index: u8, rgb: [u8; 3]) {
 
 /// Mode 03h: 80x25 text, 9x16 cells (IBM VGA BIOS parameter table).
 fn mode3(v: &mut Vga) {
-    out(v, PORT_MISC_WRITE, 0x67);
-    set_seq(v, &[0x03, 0x00, 0x03, 0x00, 0x02]);
-    set_crtc(
+    set_mode(
         v,
+        0x67,
+        &[0x03, 0x00, 0x03, 0x00, 0x02],
         &[
             0x5f, 0x4f, 0x50, 0x82, 0x55, 0x81, 0xbf, 0x1f, 0x00, 0x4f, 0x0d, 0x0e, 0x00, 0x00,
             0x00, 0x00, 0x9c, 0x8e, 0x8f, 0x28, 0x1f, 0x96, 0xb9, 0xa3, 0xff,
         ],
-    );
-    set_gc(v, &[0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x0e, 0x00, 0xff]);
-    set_ac(
-        v,
+        &[0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x0e, 0x00, 0xff],
         &[
             0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x14, 0x07, 0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d,
             0x3e, 0x3f, 0x0c, 0x00, 0x0f, 0x08, 0x00,
@@ -216,19 +223,19 @@ fn one_cell_change_redraws_one_cell() {
 
 /// Mode 13h registers (IBM VGA BIOS parameter table).
 fn mode13(v: &mut Vga) {
-    out(v, PORT_MISC_WRITE, 0x63);
-    set_seq(v, &[0x03, 0x01, 0x0f, 0x00, 0x0e]);
-    set_crtc(
+    let mut ac: Vec<u8> = (0..16).collect();
+    ac.extend([0x41, 0x00, 0x0f, 0x00, 0x00]);
+    set_mode(
         v,
+        0x63,
+        &[0x03, 0x01, 0x0f, 0x00, 0x0e],
         &[
             0x5f, 0x4f, 0x50, 0x82, 0x54, 0x80, 0xbf, 0x1f, 0x00, 0x41, 0x00, 0x00, 0x00, 0x00,
             0x00, 0x00, 0x9c, 0x0e, 0x8f, 0x28, 0x40, 0x96, 0xb9, 0xa3, 0xff,
         ],
+        &[0x00, 0x00, 0x00, 0x00, 0x00, 0x40, 0x05, 0x0f, 0xff],
+        &ac,
     );
-    set_gc(v, &[0x00, 0x00, 0x00, 0x00, 0x00, 0x40, 0x05, 0x0f, 0xff]);
-    let mut ac: Vec<u8> = (0..16).collect();
-    ac.extend([0x41, 0x00, 0x0f, 0x00, 0x00]);
-    set_ac(v, &ac);
 }
 
 #[test]
@@ -254,18 +261,15 @@ fn mode_13h_pixels_go_through_the_dac() {
 
 /// Mode 12h registers (IBM VGA BIOS parameter table).
 fn mode12(v: &mut Vga) {
-    out(v, PORT_MISC_WRITE, 0xe3);
-    set_seq(v, &[0x03, 0x01, 0x0f, 0x00, 0x06]);
-    set_crtc(
+    set_mode(
         v,
+        0xe3,
+        &[0x03, 0x01, 0x0f, 0x00, 0x06],
         &[
             0x5f, 0x4f, 0x50, 0x82, 0x54, 0x80, 0x0b, 0x3e, 0x00, 0x40, 0x00, 0x00, 0x00, 0x00,
             0x00, 0x00, 0xea, 0x8c, 0xdf, 0x28, 0x00, 0xe7, 0x04, 0xe3, 0xff,
         ],
-    );
-    set_gc(v, &[0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x0f, 0xff]);
-    set_ac(
-        v,
+        &[0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x0f, 0xff],
         &[
             0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x14, 0x07, 0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d,
             0x3e, 0x3f, 0x01, 0x00, 0x0f, 0x00, 0x00,
@@ -334,6 +338,29 @@ fn vbe_out(p: &mut VgaPorts, index: u16, val: u16) {
     p.write(PORT_VBE_DATA as u64, &val.to_le_bytes());
 }
 
+/// A fresh VGA switched by the guest to a VBE mode with the LFB on (`bpp` None: the
+/// default depth).
+fn vbe_vga(w: u16, h: u16, bpp: Option<u16>) -> (SharedVga, VgaPorts) {
+    let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+    let mut p = VgaPorts(vga.clone());
+    vbe_out(&mut p, VBE_INDEX_XRES, w);
+    vbe_out(&mut p, VBE_INDEX_YRES, h);
+    if let Some(bpp) = bpp {
+        vbe_out(&mut p, VBE_INDEX_BPP, bpp);
+    }
+    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    (vga, p)
+}
+
+/// Restores a saved state (JSON) into `vga` and draws it.
+fn restore_and_draw(vga: &SharedVga, json: &str) -> Frame {
+    let mut v = vga.lock().unwrap();
+    v.restore(&serde_json::from_str(json).unwrap());
+    let mut f = Frame::default();
+    v.update(&mut f, 0);
+    f
+}
+
 fn vbe_in(p: &mut VgaPorts, index: u16) -> u16 {
     p.write(PORT_VBE_INDEX as u64, &index.to_le_bytes());
     let mut b = [0u8; 2];
@@ -392,12 +419,7 @@ fn vbe_dispi_and_lfb() {
 /// A 640x480x32 VGA whose framebuffer is mapped, as the machine maps it, as watched
 /// memory at BAR0's address in front of an MMU.
 fn vbe_behind_mmu() -> (SharedVga, morph86_mmu::Mmu) {
-    let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
-    let mut p = VgaPorts(vga.clone());
-    vbe_out(&mut p, VBE_INDEX_XRES, 640);
-    vbe_out(&mut p, VBE_INDEX_YRES, 480);
-    vbe_out(&mut p, VBE_INDEX_BPP, 32);
-    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    let (vga, _) = vbe_vga(640, 480, Some(32));
     let mut phys = morph86_mmu::PhysMem::new(2 << 20).unwrap();
     let fb = vga.lock().unwrap().framebuffer_memory();
     phys.add_watched(DEFAULT_LFB_ADDR as u64, fb, Box::new(LfbSink(vga.clone())));
@@ -456,18 +478,9 @@ fn snapshot_round_trip_keeps_text_and_framebuffer() {
     vga.lock().unwrap().update(&mut text, 0);
     let json = serde_json::to_string(&vga.lock().unwrap().save()).unwrap();
     // Restored into a VGA in another state: the same picture.
-    let other: SharedVga = Arc::new(Mutex::new(Vga::new()));
-    let mut p = VgaPorts(other.clone());
-    vbe_out(&mut p, VBE_INDEX_XRES, 320);
-    vbe_out(&mut p, VBE_INDEX_YRES, 200);
-    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    let (other, _) = vbe_vga(320, 200, None);
     let fb_before = other.lock().unwrap().framebuffer_memory();
-    other
-        .lock()
-        .unwrap()
-        .restore(&serde_json::from_str(&json).unwrap());
-    let mut f = Frame::default();
-    other.lock().unwrap().update(&mut f, 0);
+    let f = restore_and_draw(&other, &json);
     assert_eq!((f.width, f.height), (720, 400));
     assert_eq!(f.pixels, text.pixels);
     // The framebuffer memory the machine mapped is still the one in use.
@@ -476,12 +489,7 @@ fn snapshot_round_trip_keeps_text_and_framebuffer() {
         &other.lock().unwrap().framebuffer_memory()
     ));
     // VBE: pixels survive, in the display's copy and in the memory the guest reads.
-    let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
-    let mut p = VgaPorts(vga.clone());
-    vbe_out(&mut p, VBE_INDEX_XRES, 640);
-    vbe_out(&mut p, VBE_INDEX_YRES, 480);
-    vbe_out(&mut p, VBE_INDEX_BPP, 32);
-    vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+    let (vga, _) = vbe_vga(640, 480, Some(32));
     vga.lock()
         .unwrap()
         .lfb_write((479 * 640 + 639) * 4, &0x00c0_ffeeu32.to_le_bytes());
@@ -492,12 +500,7 @@ fn snapshot_round_trip_keeps_text_and_framebuffer() {
         "only the used framebuffer is saved"
     );
     let restored: SharedVga = Arc::new(Mutex::new(Vga::new()));
-    restored
-        .lock()
-        .unwrap()
-        .restore(&serde_json::from_str(&json).unwrap());
-    let mut f = Frame::default();
-    restored.lock().unwrap().update(&mut f, 0);
+    let f = restore_and_draw(&restored, &json);
     assert_eq!((f.width, f.height), (640, 480));
     assert_eq!(f.pixel(639, 479), 0xc0ffee);
     let mut b = [0u8; 4];
@@ -631,12 +634,7 @@ fn redraw_costs() {
     });
     println!("text 80x25 (720x400): full redraw {full:.1} us, one changed text line {line:.1} us");
     for (w, h) in [(640u16, 480u16), (1920, 1200)] {
-        let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
-        let mut p = VgaPorts(vga.clone());
-        vbe_out(&mut p, VBE_INDEX_XRES, w);
-        vbe_out(&mut p, VBE_INDEX_YRES, h);
-        vbe_out(&mut p, VBE_INDEX_BPP, 32);
-        vbe_out(&mut p, VBE_INDEX_ENABLE, VBE_ENABLED | VBE_LFB_ENABLED);
+        let (vga, _) = vbe_vga(w, h, Some(32));
         let mut v = vga.lock().unwrap();
         let mut f = Frame::default();
         v.update(&mut f, 0);
