@@ -604,6 +604,12 @@ mod tests {
         let mem = |out: &mut Vec<u8>, op: u8, n: u8, disp: u8| {
             out.extend_from_slice(&[op, 0x43 | n << 3, disp]);
         };
+        // One of `forms` (opcode, reg field, operand length) on a random slot.
+        let pick_mem = |r: &mut Rng, out: &mut Vec<u8>, forms: &[(u8, u8, u64)]| {
+            let (op, n, len) = forms[r.below(forms.len() as u64) as usize];
+            let d = slot(r, len);
+            mem(out, op, n, d);
+        };
         match r.below(40) {
             // Register arithmetic: D8 (st0, sti), DC (sti, st0), DE (popping).
             0..=5 => {
@@ -620,20 +626,19 @@ mod tests {
             }
             // Loads.
             11..=14 => {
-                let (op, n, len) = [
+                let forms = [
                     (0xd9, 0, 4),
                     (0xdd, 0, 8),
                     (0xdb, 5, 10),
                     (0xdf, 0, 2),
                     (0xdb, 0, 4),
                     (0xdf, 5, 8),
-                ][r.below(6) as usize];
-                let d = slot(r, len);
-                mem(out, op, n, d);
+                ];
+                pick_mem(r, out, &forms);
             }
             // Stores (popping or not).
             15..=18 => {
-                let (op, n, len) = [
+                let forms = [
                     (0xd9, 2, 4),
                     (0xd9, 3, 4),
                     (0xdd, 2, 8),
@@ -644,9 +649,8 @@ mod tests {
                     (0xdb, 2, 4),
                     (0xdb, 3, 4),
                     (0xdf, 7, 8),
-                ][r.below(10) as usize];
-                let d = slot(r, len);
-                mem(out, op, n, d);
+                ];
+                pick_mem(r, out, &forms);
             }
             // FLD st(i), FXCH, FST/FSTP st(i), FFREE, FFREEP.
             19..=21 => {
