@@ -355,6 +355,23 @@ const GPR8: [Register; 8] = [
     Register::BH,
 ];
 
+/// Shifts and rotates: their count operand is masked to 5 bits and gets its own
+/// distribution.
+fn is_shift(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shl
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
+    )
+}
+
 fn gpr_index(r: Register) -> Option<usize> {
     let f = r.full_register32();
     GPR32.iter().position(|x| *x == f)
@@ -593,6 +610,13 @@ struct Gen<'a> {
 }
 
 impl Gen<'_> {
+    /// Emits `i` (no branch target) if iced could build it.
+    fn emit_built(&mut self, i: Result<Instruction, iced_x86::IcedError>) {
+        if let Ok(i) = i {
+            self.emit(i, None);
+        }
+    }
+
     fn emit(&mut self, ins: Instruction, target: Option<Target>) {
         let info = self.info.info(&ins);
         for u in info.used_registers() {
@@ -617,9 +641,7 @@ impl Gen<'_> {
     }
 
     fn mov_imm(&mut self, r: Register, v: u32) {
-        if let Ok(i) = Instruction::with2(Code::Mov_r32_imm32, r, v) {
-            self.emit(i, None);
-        }
+        self.emit_built(Instruction::with2(Code::Mov_r32_imm32, r, v));
     }
 
     /// Makes `r` hold `v` (a MOV unless it already does).
@@ -738,18 +760,7 @@ impl Gen<'_> {
     }
 
     fn imm(&mut self, k: K, m: Mnemonic) -> i64 {
-        let shift = matches!(
-            m,
-            Mnemonic::Rol
-                | Mnemonic::Ror
-                | Mnemonic::Rcl
-                | Mnemonic::Rcr
-                | Mnemonic::Shl
-                | Mnemonic::Shr
-                | Mnemonic::Sar
-                | Mnemonic::Shld
-                | Mnemonic::Shrd
-        );
+        let shift = is_shift(m);
         match k {
             K::imm8_const_1 => 1,
             K::imm8 if shift => self.shift_count() as i64,
@@ -951,9 +962,7 @@ impl Gen<'_> {
                 } else {
                     v as i32
                 };
-                if let Ok(i) = Instruction::with1(push, v) {
-                    self.emit(i, None);
-                }
+                self.emit_built(Instruction::with1(push, v));
                 self.emit(Instruction::with(code), None);
                 return;
             }
@@ -979,9 +988,7 @@ impl Gen<'_> {
                     let v = STACK_INIT - 0x100 + self.rng.below(0x200) as u32 * 4;
                     self.set_reg(Register::EBP, v);
                 }
-                if let Ok(i) = Instruction::with2(code, size as i32, level as i32) {
-                    self.emit(i, None);
-                }
+                self.emit_built(Instruction::with2(code, size as i32, level as i32));
                 return;
             }
             Mnemonic::Div | Mnemonic::Idiv => {
@@ -1003,31 +1010,21 @@ impl Gen<'_> {
                         Code::Frstor_m108byte => Code::Fnsave_m108byte,
                         _ => Code::Fxsave_m512byte,
                     };
-                    if let Ok(i) = Instruction::with1(save, mo) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with1(save, mo));
                     if self.rng.chance(1, 3) {
                         let cw = random_cw(self.rng) as i32;
-                        if let Ok(i) = Instruction::with2(Code::Mov_rm16_imm16, mo, cw) {
-                            self.emit(i, None);
-                        }
+                        self.emit_built(Instruction::with2(Code::Mov_rm16_imm16, mo, cw));
                     }
                 }
-                if let Ok(i) = Instruction::with1(code, mo) {
-                    self.emit(i, None);
-                }
+                self.emit_built(Instruction::with1(code, mo));
                 return;
             }
             Mnemonic::Fldcw if self.rng.chance(2, 3) => {
                 let a = self.data_addr(2);
                 let mo = self.mem_at(a, &[]);
                 let cw = random_cw(self.rng) as i32;
-                if let Ok(i) = Instruction::with2(Code::Mov_rm16_imm16, mo, cw) {
-                    self.emit(i, None);
-                }
-                if let Ok(i) = Instruction::with1(code, mo) {
-                    self.emit(i, None);
-                }
+                self.emit_built(Instruction::with2(Code::Mov_rm16_imm16, mo, cw));
+                self.emit_built(Instruction::with1(code, mo));
                 return;
             }
             _ => {}
@@ -1057,18 +1054,14 @@ impl Gen<'_> {
                     if let Ok(i) = Instruction::with2(Code::Mov_r32_imm32, r, 0u32) {
                         self.emit(i, Some(Target::Imm(t)));
                     }
-                    if let Ok(i) = Instruction::with1(code, r) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with1(code, r));
                 } else {
                     let a = self.data_addr(4);
                     let mo = self.mem_at(a, &[]);
                     if let Ok(i) = Instruction::with2(Code::Mov_rm32_imm32, mo, 0u32) {
                         self.emit(i, Some(Target::Imm(t)));
                     }
-                    if let Ok(i) = Instruction::with1(code, mo) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with1(code, mo));
                 }
             }
             return;
@@ -1144,18 +1137,7 @@ impl Gen<'_> {
             ops.push(op);
         }
         // Class-specific set-up.
-        let shift = matches!(
-            m,
-            Mnemonic::Rol
-                | Mnemonic::Ror
-                | Mnemonic::Rcl
-                | Mnemonic::Rcr
-                | Mnemonic::Shl
-                | Mnemonic::Shr
-                | Mnemonic::Sar
-                | Mnemonic::Shld
-                | Mnemonic::Shrd
-        );
+        let shift = is_shift(m);
         if shift && kinds.contains(&K::cl) && self.rng.chance(3, 4) {
             let c = self.shift_count();
             if !regs_used.contains(&Register::ECX) {
@@ -1166,14 +1148,10 @@ impl Gen<'_> {
             match ops.get(1) {
                 Some(Op::R(r)) => {
                     let r32 = r.full_register32();
-                    if let Ok(i) = Instruction::with2(Code::Mov_r32_imm32, r32, 0u32) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with2(Code::Mov_r32_imm32, r32, 0u32));
                 }
                 Some(Op::M(mo)) => {
-                    if let Ok(i) = Instruction::with2(Code::Mov_rm32_imm32, *mo, 0u32) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with2(Code::Mov_rm32_imm32, *mo, 0u32));
                 }
                 _ => {}
             }
@@ -1183,14 +1161,10 @@ impl Gen<'_> {
             match (ops.first(), m) {
                 (Some(Op::R(r)), Mnemonic::Cmpxchg) if r.full_register32() != Register::EAX => {
                     let r32 = r.full_register32();
-                    if let Ok(i) = Instruction::with2(Code::Mov_r32_rm32, Register::EAX, r32) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with2(Code::Mov_r32_rm32, Register::EAX, r32));
                 }
                 (Some(Op::M(mo)), Mnemonic::Cmpxchg) => {
-                    if let Ok(i) = Instruction::with2(Code::Mov_r32_rm32, Register::EAX, *mo) {
-                        self.emit(i, None);
-                    }
+                    self.emit_built(Instruction::with2(Code::Mov_r32_rm32, Register::EAX, *mo));
                 }
                 (Some(Op::M(mo)), _) => {
                     let mut hi = *mo;
@@ -1324,12 +1298,8 @@ impl Gen<'_> {
                 16 => Code::Mov_rm16_imm16,
                 _ => Code::Mov_rm32_imm32,
             };
-            if let Ok(i) = Instruction::with2(st, mo, divisor as u32) {
-                self.emit(i, None);
-            }
-            if let Ok(i) = Instruction::with1(code, mo) {
-                self.emit(i, None);
-            }
+            self.emit_built(Instruction::with2(st, mo, divisor as u32));
+            self.emit_built(Instruction::with1(code, mo));
         } else {
             // A register other than the dividend's.
             let r = match w {
@@ -1365,9 +1335,7 @@ impl Gen<'_> {
                 (rng_u32(self.rng) & !(mask as u32)) | divisor as u32
             };
             self.mov_imm(full, v);
-            if let Ok(i) = Instruction::with1(code, r) {
-                self.emit(i, None);
-            }
+            self.emit_built(Instruction::with1(code, r));
         }
     }
 }
