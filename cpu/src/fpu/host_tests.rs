@@ -5,6 +5,40 @@
 use super::softfloat::*;
 use super::F80;
 
+/// Runs `insns` on the host x87 between `fninit; fldcw ({cw})` and a closing `fninit`
+/// (the x87 is left empty). The instructions may name `{a}` and `{b}` (inputs), `{r}`
+/// (the output buffer) and `{sw}` (a status-word slot): pointers the caller passes
+/// (null when unused). RAX and the x87 stack are clobbered. The shared harness of the
+/// host-x87 comparison tests here and in `interp/fpu.rs`.
+macro_rules! host_x87 {
+    (cw: $cw:expr, a: $a:expr, b: $b:expr, r: $r:expr, sw: $sw:expr; $($insn:expr),+ $(,)?) => {
+        // SAFETY: each caller passes pointers to live buffers at least as large as
+        // what its instructions read ({a}, {b}) or write ({r}, {sw}); no exception is
+        // pending at a waiting instruction (the sequences run FNCLEX first wherever an
+        // earlier one may have flagged one), so nothing traps; the clobbers declare
+        // every register touched.
+        unsafe {
+            core::arch::asm!(
+                "fninit",
+                "fldcw ({cw})",
+                $($insn,)+
+                "fninit",
+                "# operands: {a} {b} {r} {sw}",
+                cw = in(reg) $cw,
+                a = in(reg) $a,
+                b = in(reg) $b,
+                r = in(reg) $r,
+                sw = in(reg) $sw,
+                out("rax") _,
+                out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+                out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+                options(att_syntax, nostack),
+            );
+        }
+    };
+}
+pub(crate) use host_x87;
+
 /// Small xorshift generator (deterministic).
 struct Rng(u64);
 impl Rng {
@@ -87,30 +121,15 @@ macro_rules! host_binop {
             let bb = f80b(b);
             let mut rb = [0u8; 10];
             let mut sw: u16 = 0;
-            // SAFETY: the asm reads/writes only the buffers passed in (10-byte operands
-            // and a 2-byte status word), leaves the x87 stack empty (fninit) and clears
-            // pending exceptions before any waiting instruction, so no trap happens.
-            unsafe {
-                core::arch::asm!(
-                    "fninit",
-                    "fldcw ({cw})",
-                    "fldt ({b})",
-                    "fldt ({a})",
-                    $insn,
-                    "fnstsw ({sw})",
-                    "fnclex",
-                    "fstpt ({r})",
-                    "fninit",
-                    cw = in(reg) &cw,
-                    a = in(reg) ab.as_ptr(),
-                    b = in(reg) bb.as_ptr(),
-                    r = in(reg) rb.as_mut_ptr(),
-                    sw = in(reg) &mut sw,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(att_syntax, nostack),
-                );
-            }
+            host_x87!(
+                cw: &cw, a: ab.as_ptr(), b: bb.as_ptr(), r: rb.as_mut_ptr(), sw: &mut sw;
+                "fldt ({b})",
+                "fldt ({a})",
+                $insn,
+                "fnstsw ({sw})",
+                "fnclex",
+                "fstpt ({r})",
+            );
             (bf80(&rb), sw)
         }
     };
@@ -270,23 +289,10 @@ macro_rules! host_unop {
         fn $name(a: [u8; 32], r0: [u8; 32], cw: u16) -> ([u8; 32], u16) {
             let mut rb = r0;
             let mut sw: u16 = 0;
-            // SAFETY: the asm only touches the given buffers, leaves the x87 stack empty
-            // and clears pending exceptions (fnclex) before any waiting instruction.
-            unsafe {
-                core::arch::asm!(
-                    "fninit",
-                    "fldcw ({cw})",
-                    $($insn,)+
-                    "fninit",
-                    cw = in(reg) &cw,
-                    a = in(reg) a.as_ptr(),
-                    r = in(reg) rb.as_mut_ptr(),
-                    sw = in(reg) &mut sw,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(att_syntax, nostack),
-                );
-            }
+            host_x87!(
+                cw: &cw, a: a.as_ptr(), b: core::ptr::null::<u8>(), r: rb.as_mut_ptr(), sw: &mut sw;
+                $($insn,)+
+            );
             (rb, sw)
         }
     };
@@ -551,23 +557,12 @@ macro_rules! host_const {
         fn $name(cw: u16) -> (F80, u16) {
             let mut rb = [0u8; 10];
             let mut sw: u16 = 0;
-            // SAFETY: writes only `rb` and `sw`; the x87 stack is left empty.
-            unsafe {
-                core::arch::asm!(
-                    "fninit",
-                    "fldcw ({cw})",
-                    $insn,
-                    "fnstsw ({sw})",
-                    "fstpt ({r})",
-                    "fninit",
-                    cw = in(reg) &cw,
-                    r = in(reg) rb.as_mut_ptr(),
-                    sw = in(reg) &mut sw,
-                    out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                    out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                    options(att_syntax, nostack),
-                );
-            }
+            host_x87!(
+                cw: &cw, a: core::ptr::null::<u8>(), b: core::ptr::null::<u8>(), r: rb.as_mut_ptr(), sw: &mut sw;
+                $insn,
+                "fnstsw ({sw})",
+                "fstpt ({r})",
+            );
             (bf80(&rb), sw)
         }
     };

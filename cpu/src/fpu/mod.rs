@@ -385,7 +385,7 @@ impl FpuState {
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
-mod host_tests;
+pub(crate) mod host_tests;
 
 #[cfg(test)]
 mod layout_tests {

@@ -1614,6 +1614,7 @@ mod tests {
 mod host_diff {
     pub(super) use super::tests::machine;
     use super::*;
+    use crate::fpu::host_tests::host_x87;
 
     pub(super) const DATA: u64 = 0x2000;
 
@@ -1712,28 +1713,14 @@ mod host_diff {
             fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 10], u16) {
                 let mut r = [0u8; 10];
                 let mut sw = 0u16;
-                // SAFETY: reads the two 10-byte operands and writes `r` and `sw`; the
-                // x87 is left empty and exceptions are cleared before waiting ops.
-                unsafe {
-                    core::arch::asm!(
-                        "fninit",
-                        "fldcw ({cw})",
-                        "fldt ({a})",
-                        $insn,
-                        "fnstsw ({sw})",
-                        "fnclex",
-                        "fstpt ({r})",
-                        "fninit",
-                        cw = in(reg) &cw,
-                        a = in(reg) a.as_ptr(),
-                        b = in(reg) b.as_ptr(),
-                        r = in(reg) r.as_mut_ptr(),
-                        sw = in(reg) &mut sw,
-                        out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                        out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                        options(att_syntax, nostack),
-                    );
-                }
+                host_x87!(
+                    cw: &cw, a: a.as_ptr(), b: b.as_ptr(), r: r.as_mut_ptr(), sw: &mut sw;
+                    "fldt ({a})",
+                    $insn,
+                    "fnstsw ({sw})",
+                    "fnclex",
+                    "fstpt ({r})",
+                );
                 (r, sw)
             }
         };
@@ -1874,6 +1861,7 @@ mod host_diff {
 mod host_diff_reg {
     use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
     use super::*;
+    use crate::fpu::host_tests::host_x87;
 
     macro_rules! seq {
         ($cases:ident; $($name:ident: [$($b:literal),+];)+) => {
@@ -1882,32 +1870,17 @@ mod host_diff_reg {
                 fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 32], u16) {
                     let mut r = [0x5au8; 32];
                     let mut sw = 0u16;
-                    // SAFETY: reads the operands, writes `r` (two 10-byte stores at 0 and
-                    // 16) and `sw`; every waiting instruction runs after FNCLEX, and FNINIT
-                    // leaves the x87 empty.
-                    unsafe {
-                        core::arch::asm!(
-                            "fninit",
-                            "fldcw ({cw})",
-                            "fldt ({b})",
-                            "fldt ({a})",
-                            $(concat!(".byte ", stringify!($b)),)+
-                            "fnstsw ({sw})",
-                            "fnclex",
-                            "fstpt ({r})",
-                            "fnclex",
-                            "fstpt 16({r})",
-                            "fninit",
-                            cw = in(reg) &cw,
-                            a = in(reg) a.as_ptr(),
-                            b = in(reg) b.as_ptr(),
-                            r = in(reg) r.as_mut_ptr(),
-                            sw = in(reg) &mut sw,
-                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                            options(att_syntax, nostack),
-                        );
-                    }
+                    host_x87!(
+                        cw: &cw, a: a.as_ptr(), b: b.as_ptr(), r: r.as_mut_ptr(), sw: &mut sw;
+                        "fldt ({b})",
+                        "fldt ({a})",
+                        $(concat!(".byte ", stringify!($b)),)+
+                        "fnstsw ({sw})",
+                        "fnclex",
+                        "fstpt ({r})",
+                        "fnclex",
+                        "fstpt 16({r})",
+                    );
                     (r, sw)
                 }
             )+
@@ -2106,6 +2079,7 @@ mod host_diff_reg {
 mod host_diff_store {
     use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
     use super::*;
+    use crate::fpu::host_tests::host_x87;
 
     macro_rules! store {
         ($($name:ident: $insn:literal, [$($b:literal),+];)+) => {
@@ -2113,32 +2087,17 @@ mod host_diff_store {
                 fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> ([u8; 48], u16) {
                     let mut r = [0x5au8; 48];
                     let mut sw = 0u16;
-                    // SAFETY: reads the operands, writes `r` (the store at 0, then two
-                    // 10-byte register dumps at 16 and 32) and `sw`; waiting instructions
-                    // run after FNCLEX; FNINIT leaves the x87 empty.
-                    unsafe {
-                        core::arch::asm!(
-                            "fninit",
-                            "fldcw ({cw})",
-                            "fldt ({b})",
-                            "fldt ({a})",
-                            $insn,
-                            "fnstsw ({sw})",
-                            "fnclex",
-                            "fstpt 16({r})",
-                            "fnclex",
-                            "fstpt 32({r})",
-                            "fninit",
-                            cw = in(reg) &cw,
-                            a = in(reg) a.as_ptr(),
-                            b = in(reg) b.as_ptr(),
-                            r = in(reg) r.as_mut_ptr(),
-                            sw = in(reg) &mut sw,
-                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                            options(att_syntax, nostack),
-                        );
-                    }
+                    host_x87!(
+                        cw: &cw, a: a.as_ptr(), b: b.as_ptr(), r: r.as_mut_ptr(), sw: &mut sw;
+                        "fldt ({b})",
+                        "fldt ({a})",
+                        $insn,
+                        "fnstsw ({sw})",
+                        "fnclex",
+                        "fstpt 16({r})",
+                        "fnclex",
+                        "fstpt 32({r})",
+                    );
                     (r, sw)
                 }
             )+
@@ -2217,6 +2176,7 @@ mod host_diff_store {
 mod host_diff_fcomi {
     use super::host_diff::{f80_operand, machine, run_seq, Rng};
     use super::*;
+    use crate::fpu::host_tests::host_x87;
     use crate::state::{CF, PF, ZF};
 
     macro_rules! fcomi {
@@ -2225,30 +2185,15 @@ mod host_diff_fcomi {
                 fn $name(a: &[u8; 10], b: &[u8; 10], cw: u16) -> (u8, u16) {
                     let mut sw = 0u16;
                     let mut ah = 0u8;
-                    // SAFETY: reads the operands and writes `sw` and `ah`; RAX is declared
-                    // clobbered for LAHF; FNINIT leaves the x87 empty.
-                    unsafe {
-                        core::arch::asm!(
-                            "fninit",
-                            "fldcw ({cw})",
-                            "fldt ({b})",
-                            "fldt ({a})",
-                            $(concat!(".byte ", stringify!($b)),)+
-                            "lahf",
-                            "movb %ah, ({ah})",
-                            "fnstsw ({sw})",
-                            "fninit",
-                            cw = in(reg) &cw,
-                            a = in(reg) a.as_ptr(),
-                            b = in(reg) b.as_ptr(),
-                            ah = in(reg) &mut ah,
-                            sw = in(reg) &mut sw,
-                            out("rax") _,
-                            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
-                            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
-                            options(att_syntax, nostack),
-                        );
-                    }
+                    host_x87!(
+                        cw: &cw, a: a.as_ptr(), b: b.as_ptr(), r: &mut ah, sw: &mut sw;
+                        "fldt ({b})",
+                        "fldt ({a})",
+                        $(concat!(".byte ", stringify!($b)),)+
+                        "lahf",
+                        "movb %ah, ({r})",
+                        "fnstsw ({sw})",
+                    );
                     (ah, sw)
                 }
             )+
