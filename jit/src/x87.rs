@@ -290,6 +290,19 @@ fn restore_flags(ops: &mut Asm) {
     );
 }
 
+/// Loads the guest state into the host (FRSTOR, then marks it live) and jumps to
+/// `done` if [`emit_mode_check`] allows it; else goes on at `bad`, bound right after.
+fn emit_checked_load(ops: &mut Asm, bad: DynamicLabel, done: DynamicLabel) {
+    emit_mode_check(ops, bad);
+    dynasm!(ops
+        ; .arch x64
+        ; frstor [r15 + OFF_FPU]
+        ; mov BYTE [r15 + OFF_LIVE], 1
+        ; jmp =>done
+        ; =>bad
+    );
+}
+
 /// Jumps to `bad` unless the guest state may be loaded into the host ([`native_ok`],
 /// evaluated on `CpuState` at run time). Clobbers r11 and flags.
 fn emit_mode_check(ops: &mut Asm, bad: DynamicLabel) {
@@ -323,13 +336,9 @@ pub fn emit_ensure(ops: &mut Asm, base: usize, exit_addr: usize, eip: u32, not_r
         ; cmp BYTE [r15 + OFF_LIVE], 0
         ; jne =>done
     );
-    emit_mode_check(ops, bad);
+    emit_checked_load(ops, bad, done);
     dynasm!(ops
         ; .arch x64
-        ; frstor [r15 + OFF_FPU]
-        ; mov BYTE [r15 + OFF_LIVE], 1
-        ; jmp =>done
-        ; =>bad
         ; sub QWORD [r12 + OFF_ICOUNT], not_retired as i32
     );
     restore_flags(ops);
@@ -446,13 +455,9 @@ pub fn emit_reload_after_call(ops: &mut Asm, leave: DynamicLabel) {
         ; cmp BYTE [r15 + OFF_WAS_LIVE], 0
         ; je =>done
     );
-    emit_mode_check(ops, bad);
+    emit_checked_load(ops, bad, done);
     dynasm!(ops
         ; .arch x64
-        ; frstor [r15 + OFF_FPU]
-        ; mov BYTE [r15 + OFF_LIVE], 1
-        ; jmp =>done
-        ; =>bad
         ; mov r11d, DWORD [r12 + OFF_ARG]
         ; and r11d, 0x7fff_ffff // without emit.rs's INTERP_BRANCH bit
         ; lea r11d, [r11 - 1]
