@@ -44,7 +44,7 @@ use crate::translate::{count_dependent, rflags_to_eflags, BlockPlan, Kind, Term}
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use iced_x86::{Instruction, OpKind};
-use morph86_cpu::state::{ARITH_FLAGS, DF, IF};
+use morph86_cpu::state::{ARITH_FLAGS, IF};
 use morph86_cpu::{Cpu, CpuState, Exception};
 use morph86_mmu::tlb::TLB_SIZE;
 use morph86_mmu::TlbEntry;
@@ -814,7 +814,6 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             Kind::PushMem { ea } => Some((ea.clone(), 4, false)),
             Kind::Pop(_) => Some((lea_esp(0), 4, false)),
             Kind::Leave => Some((lea_ebp(), 4, false)),
-            Kind::Stos(size) => Some((mov_edi(), *size, true)),
             Kind::Branch => match plan.term {
                 Term::Call { .. } | Term::CallReg { .. } => Some((lea_esp(-4), 4, true)),
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
@@ -857,18 +856,9 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 save_flags(&mut ops);
                 fs.saved = true;
             }
+            ops.extend(ea.iter());
             let label = ops.new_dynamic_label();
             let r = ops.new_dynamic_label();
-            if matches!(g.kind, Kind::Stos(_)) {
-                // The string direction lives in the guest's EFLAGS in memory (host DF
-                // stays 0): DF set goes to the interpreter.
-                dynasm!(ops
-                    ; .arch x64
-                    ; test DWORD [r15 + OFF_EFLAGS], DF as i32
-                    ; jnz =>label
-                );
-            }
-            ops.extend(ea.iter());
             probe(&mut ops, size, write, t.tlb_set, label);
             fs.host = false;
             slows.push(Slow {
@@ -948,11 +938,6 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 );
             }
             Kind::Div(_) => {}
-            Kind::Stos(size) => match size {
-                1 => dynasm!(ops ; .arch x64 ; mov BYTE [r13], al ; lea edi, [rdi + 1]),
-                2 => dynasm!(ops ; .arch x64 ; mov WORD [r13], ax ; lea edi, [rdi + 2]),
-                _ => dynasm!(ops ; .arch x64 ; mov DWORD [r13], eax ; lea edi, [rdi + 4]),
-            },
             Kind::Interp | Kind::Step => {
                 if !fs.host {
                     restore_flags(&mut ops);
@@ -1113,13 +1098,6 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         stubs,
         ranges,
     })
-}
-
-/// `mov r13d, edi` (guest EDI: the STOS destination, ES being flat).
-fn mov_edi() -> Vec<u8> {
-    let mut ops: Asm = VecAssembler::new(0);
-    dynasm!(ops ; .arch x64 ; mov r13d, edi);
-    ops.finalize().unwrap_or_default()
 }
 
 /// `mov r13d, ebp` (guest EBP: LEAVE's stack address).

@@ -108,10 +108,6 @@ pub enum Kind {
     },
     /// POP r32 (guest register number).
     Pop(u8),
-    /// STOSB/STOSW/STOSD without REP, 32-bit addressing (`size` bytes of EAX to ES:EDI,
-    /// EDI advanced). Runs natively when EFLAGS.DF is 0 (checked at run time); with DF
-    /// set the slow path lets the interpreter run it.
-    Stos(u32),
     /// LEAVE (32-bit): ESP = EBP + 4, EBP = the doubleword at EBP.
     Leave,
     /// DIV r32 (guest register number): run natively unless it would raise #DE
@@ -870,13 +866,6 @@ pub fn plan_block(
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
                 Code::Leaved => Some((Kind::Leave, Vec::new())),
-                Code::Stosb_m8_AL | Code::Stosw_m16_AX | Code::Stosd_m32_EAX
-                    if !i.has_rep_prefix()
-                        && !i.has_repne_prefix()
-                        && i.op0_kind() == OpKind::MemoryESEDI =>
-                {
-                    Some((Kind::Stos(i.memory_size().size() as u32), Vec::new()))
-                }
                 _ => native_mem(&i, fs_gs).or_else(|| {
                     crate::x87::plan(&i, &bytes[pos.wrapping_sub(eip) as usize..], fs_gs)
                 }),
