@@ -445,36 +445,35 @@ pub fn f80_value(rng: &mut Rng) -> [u8; 10] {
     b
 }
 
-fn f64_value(rng: &mut Rng) -> u64 {
-    let sign = (rng.below(2)) << 63;
-    let m = rng.next_u64() & ((1 << 52) - 1);
+/// A random IEEE binary value (`fbits` fraction and `ebits` exponent bits): zeros,
+/// infinities, quiet NaNs (payload within `payload`), signalling NaNs, denormals, one,
+/// the largest exponent, the smallest normal exponent, or a value within 2^±`spread`.
+fn ieee_value(rng: &mut Rng, fbits: u32, ebits: u32, payload: u64, spread: u64) -> u64 {
+    let sign = rng.below(2) << (fbits + ebits);
+    let m = rng.next_u64() & ((1 << fbits) - 1);
+    let emax = (1u64 << ebits) - 1;
+    let bias = emax >> 1;
+    let inf = emax << fbits;
+    let quiet = 1u64 << (fbits - 1);
     sign | match rng.below(12) {
         0 => 0,
-        1 => 0x7ff0_0000_0000_0000,
-        2 => 0x7ff8_0000_0000_0000 | (m & 0xffff),
-        3 => 0x7ff0_0000_0000_0001 | (m & 0x7_ffff_ffff_ffff),
+        1 => inf,
+        2 => inf | quiet | (m & payload),
+        3 => inf | 1 | (m & (quiet - 1)),
         4 => m | 1,
-        5 => 0x3ff0_0000_0000_0000,
-        6 => (0x7fe << 52) | m,
-        7 => (1 << 52) | m,
-        _ => ((0x3ff + rng.below(80) - 40) << 52) | m,
+        5 => bias << fbits,
+        6 => ((emax - 1) << fbits) | m,
+        7 => (1 << fbits) | m,
+        _ => ((bias + rng.below(2 * spread) - spread) << fbits) | m,
     }
 }
 
+fn f64_value(rng: &mut Rng) -> u64 {
+    ieee_value(rng, 52, 11, 0xffff, 40)
+}
+
 fn f32_value(rng: &mut Rng) -> u32 {
-    let sign = (rng.below(2) as u32) << 31;
-    let m = rng.next_u64() as u32 & 0x7f_ffff;
-    sign | match rng.below(12) {
-        0 => 0,
-        1 => 0x7f80_0000,
-        2 => 0x7fc0_0000 | (m & 0xff),
-        3 => 0x7f80_0001 | (m & 0x3f_ffff),
-        4 => m | 1,
-        5 => 0x3f80_0000,
-        6 => (0xfe << 23) | m,
-        7 => (1 << 23) | m,
-        _ => ((0x7f + rng.below(60) as u32 - 30) << 23) | m,
-    }
+    ieee_value(rng, 23, 8, 0xff, 30) as u32
 }
 
 /// A random starting state.
