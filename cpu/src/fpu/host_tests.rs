@@ -397,35 +397,28 @@ fn loads_match_host() {
         for _ in 0..20000 {
             let v32 = ieee_operand(&mut r, 32) as u32;
             let v64 = ieee_operand(&mut r, 64);
-            let mut a = [0u8; 32];
-            a[..4].copy_from_slice(&v32.to_le_bytes());
-            let (h, hsw) = h_flds(a, [0; 32], cw);
-            let mut c = Ctx::new(cw);
-            let s = c.from_f32(v32);
             // With an unmasked exception the load does not happen: FSTP stores the
             // empty register's stale content, which we do not model; skip the value.
-            let hv = bf80(h[..10].try_into().unwrap());
-            total += 1;
-            if (hsw & CMP_MASK) != soft_sw(&c) || (!c.pre_fault() && hv != s) {
-                bad += 1;
-                eprintln!(
-                    "flds {v32:08x} cw={cw:04x} host {hv:?} {hsw:04x} soft {s:?} {:04x}",
-                    c.flags
-                );
-            }
-            a[..8].copy_from_slice(&v64.to_le_bytes());
-            let (h, hsw) = h_fldl(a, [0; 32], cw);
+            let mut check = |name: &str, bits: &[u8], host: HostUnop, c: &mut Ctx, s: F80| {
+                let mut a = [0u8; 32];
+                a[..bits.len()].copy_from_slice(bits);
+                let (h, hsw) = host(a, [0; 32], cw);
+                let hv = bf80(h[..10].try_into().unwrap());
+                total += 1;
+                if (hsw & CMP_MASK) != soft_sw(c) || (!c.pre_fault() && hv != s) {
+                    bad += 1;
+                    eprintln!(
+                        "{name} {bits:02x?} cw={cw:04x} host {hv:?} {hsw:04x} soft {s:?} {:04x}",
+                        c.flags
+                    );
+                }
+            };
+            let mut c = Ctx::new(cw);
+            let s = c.from_f32(v32);
+            check("flds", &v32.to_le_bytes(), h_flds, &mut c, s);
             let mut c = Ctx::new(cw);
             let s = c.from_f64(v64);
-            let hv = bf80(h[..10].try_into().unwrap());
-            total += 1;
-            if (hsw & CMP_MASK) != soft_sw(&c) || (!c.pre_fault() && hv != s) {
-                bad += 1;
-                eprintln!(
-                    "fldl {v64:016x} host {hv:?} {hsw:04x} soft {s:?} {:04x}",
-                    c.flags
-                );
-            }
+            check("fldl", &v64.to_le_bytes(), h_fldl, &mut c, s);
         }
     }
     eprintln!("loads: {} / {total} bit-exact", total - bad);
