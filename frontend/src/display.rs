@@ -549,6 +549,45 @@ mod tests {
         cpu
     }
 
+    /// A flat 32-bit CPU running `code`, with `vga`'s framebuffer mapped at its BAR0
+    /// address as watched memory, as the machine maps it.
+    fn fb_machine(vga: &SharedVga, code: &[u8]) -> morph86_cpu::Cpu {
+        let mut phys = PhysMem::new(4 << 20).unwrap();
+        let fb = lock(vga).framebuffer_memory();
+        phys.add_watched(
+            vga::DEFAULT_LFB_ADDR as u64,
+            fb,
+            Box::new(vga::LfbSink(vga.clone())),
+        );
+        flat_cpu(phys, code)
+    }
+
+    /// Runs from 0x10000 until HLT under the JIT (`chunk` instructions a call) or the
+    /// interpreter; panics after about `limit` instructions.
+    fn run_to_hlt(
+        cpu: &mut morph86_cpu::Cpu,
+        jit: &mut Option<morph86_jit::Jit>,
+        chunk: u64,
+        limit: u64,
+    ) {
+        cpu.s.rip = 0x10000;
+        cpu.s.halted = false;
+        let calls = match jit {
+            Some(_) => limit / chunk,
+            None => limit,
+        };
+        for _ in 0..calls {
+            let ev = match jit.as_mut() {
+                Some(j) => j.run(cpu, chunk),
+                None => cpu.step(),
+            };
+            if ev == morph86_cpu::StepEvent::Halted {
+                return;
+            }
+        }
+        panic!("no HLT within {limit} instructions");
+    }
+
     /// Guest code filling framebuffer page 1 (0xE0001000, 1024 dwords) with EAX, then HLT.
     const FILL_PAGE_1: [u8; 24] = [
         0xbf, 0x00, 0x10, 0x00, 0xe0, // mov edi, 0xE0001000
@@ -569,36 +608,9 @@ mod tests {
         for jit in [false, true] {
             let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
             linux_video_setup(&vga, "vga=0x312");
-            let mut phys = PhysMem::new(4 << 20).unwrap();
-            let fb = lock(&vga).framebuffer_memory();
-            phys.add_watched(
-                vga::DEFAULT_LFB_ADDR as u64,
-                fb,
-                Box::new(vga::LfbSink(vga.clone())),
-            );
-            let mut cpu = flat_cpu(phys, &FILL_PAGE_1);
+            let mut cpu = fb_machine(&vga, &FILL_PAGE_1);
             let mut j = jit.then(|| morph86_jit::Jit::new(1 << 20).unwrap());
-            let mut run = |cpu: &mut morph86_cpu::Cpu| {
-                cpu.s.rip = 0x10000;
-                cpu.s.halted = false;
-                for _ in 0..100 {
-                    let ev = match j.as_mut() {
-                        Some(j) => j.run(cpu, 100_000),
-                        None => cpu.step(),
-                    };
-                    if ev == morph86_cpu::StepEvent::Halted {
-                        return;
-                    }
-                    if j.is_none() {
-                        for _ in 0..100_000 {
-                            if cpu.step() == morph86_cpu::StepEvent::Halted {
-                                return;
-                            }
-                        }
-                    }
-                }
-                panic!("the fill loop did not end");
-            };
+            let mut run = |cpu: &mut morph86_cpu::Cpu| run_to_hlt(cpu, &mut j, 100_000, 10_000_000);
             let mut f = Frame::default();
             lock(&vga).update(&mut f, 0);
             run(&mut cpu);
@@ -633,28 +645,15 @@ mod tests {
     fn code_in_the_framebuffer_is_not_stale_after_a_store() {
         for jit in [false, true] {
             let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
-            let mut phys = PhysMem::new(4 << 20).unwrap();
-            let fb = lock(&vga).framebuffer_memory();
             let lfb = vga::DEFAULT_LFB_ADDR as u64;
-            phys.add_watched(lfb, fb, Box::new(vga::LfbSink(vga.clone())));
             // jmp 0xE0002000 (absolute, through EAX), and there: mov ebx, 1; hlt.
-            let mut cpu = flat_cpu(phys, &[0xb8, 0x00, 0x20, 0x00, 0xe0, 0xff, 0xe0]);
+            let mut cpu = fb_machine(&vga, &[0xb8, 0x00, 0x20, 0x00, 0xe0, 0xff, 0xe0]);
             let code = [0xbb, 0x01, 0x00, 0x00, 0x00, 0xf4];
             cpu.mmu.write(lfb + 0x2000, &code, false).unwrap();
             let mut j = jit.then(|| morph86_jit::Jit::new(1 << 20).unwrap());
             let mut run = |cpu: &mut morph86_cpu::Cpu| {
-                cpu.s.rip = 0x10000;
-                cpu.s.halted = false;
-                for _ in 0..1000 {
-                    let ev = match j.as_mut() {
-                        Some(j) => j.run(cpu, 10),
-                        None => cpu.step(),
-                    };
-                    if ev == morph86_cpu::StepEvent::Halted {
-                        return cpu.s.gpr[3];
-                    }
-                }
-                panic!("no HLT");
+                run_to_hlt(cpu, &mut j, 10, 10_000);
+                cpu.s.gpr[3]
             };
             assert_eq!(run(&mut cpu), 1, "jit {jit}");
             // The guest overwrites the immediate, as a store (through the TLB).
