@@ -650,7 +650,7 @@ fn save_flags(ops: &mut Asm) {
 
 /// Loads host flags from r9 (keeps r9): CMP AL, -127 sets OF exactly when AL = 1,
 /// then SAHF sets SF ZF AF PF CF from AH.
-fn restore_flags(ops: &mut Asm) {
+pub(crate) fn restore_flags(ops: &mut Asm) {
     dynasm!(ops
         ; .arch x64
         ; xchg rax, r9

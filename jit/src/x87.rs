@@ -34,7 +34,7 @@
 //!   stores are rare: those stay in the interpreter, as does FISTTP (an SSE3 instruction
 //!   the emulated P6 does not have, #UD).
 
-use crate::emit::{jmp_rel32, JitCtx, NO_CHAIN};
+use crate::emit::{jmp_rel32, restore_flags, JitCtx, NO_CHAIN};
 use crate::translate::{mem_ea, BlockPlan, Kind};
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -277,17 +277,6 @@ pub fn plan(i: &Instruction, bytes: &[u8], fs_gs: u8) -> Option<(Kind, Vec<u8>)>
         );
     }
     Some((kind, ops.finalize().ok()?))
-}
-
-/// Loads host flags from r9 (as `emit.rs` keeps them around probes).
-fn restore_flags(ops: &mut Asm) {
-    dynasm!(ops
-        ; .arch x64
-        ; xchg rax, r9
-        ; cmp al, -127
-        ; sahf
-        ; xchg rax, r9
-    );
 }
 
 /// Loads the guest state into the host (FRSTOR, then marks it live) and jumps to
