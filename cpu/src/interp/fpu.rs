@@ -1676,6 +1676,55 @@ mod host_diff {
         })
     }
 
+    /// A host x87 sequence over (a, b, control word): its result buffer and status word.
+    pub(super) type HostSeq<const N: usize> = fn(&[u8; 10], &[u8; 10], u16) -> ([u8; N], u16);
+    /// The interpreter's run of an encoded sequence over (a, b, control word).
+    pub(super) type EmuSeq<const N: usize> =
+        fn(&mut Cpu, &[u8], &[u8; 10], &[u8; 10], u16) -> ([u8; N], u16);
+
+    /// The comparison loop of the register and store tests: per case, `n` random
+    /// (a, b) pairs, control words cycling through the rounding modes with exceptions
+    /// masked and unmasked; result buffers and status words must match bit for bit.
+    /// Prints the first 25 mismatches (`shown` bytes of each result) and returns the
+    /// mismatch count (25 at most).
+    pub(super) fn diff_cases<const N: usize>(
+        cases: &[(&str, HostSeq<N>, &[u8])],
+        emu: EmuSeq<N>,
+        seed: u64,
+        n: usize,
+        shown: usize,
+    ) -> usize {
+        let mut c = machine();
+        let mut r = Rng(seed);
+        let mut bad = 0;
+        for &(name, host, op) in cases {
+            let mut ok = 0;
+            for k in 0..n {
+                let cw = [0x037f, 0x0f7f, 0x047f, 0x0b7f, 0x0340, 0x0040][k % 6];
+                let a = f80_operand(&mut r);
+                let b = f80_operand(&mut r);
+                let (hr, hsw) = host(&a, &b, cw);
+                let (er, esw) = emu(&mut c, op, &a, &b, cw);
+                if hr == er && hsw == esw {
+                    ok += 1;
+                } else if bad < 25 {
+                    bad += 1;
+                    eprintln!(
+                        "{name} cw={cw:04x} a={:x?} b={:x?} host={:02x?} {hsw:04x} emu={:02x?} {esw:04x}",
+                        f80_from_bytes(&a),
+                        f80_from_bytes(&b),
+                        &hr[..shown],
+                        &er[..shown]
+                    );
+                }
+            }
+            if ok != n {
+                eprintln!("{name}: {ok} / {n} bit-exact");
+            }
+        }
+        bad
+    }
+
     fn mem_operand(r: &mut Rng, size: usize, float: bool) -> [u8; 10] {
         let mut b = [0u8; 10];
         let v = r.next();
@@ -1859,7 +1908,7 @@ mod host_diff {
 /// host and in the interpreter) with ST(0) = a, ST(1) = b.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff_reg {
-    use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
+    use super::host_diff::{diff_cases, f80_operand, machine, run_seq, HostSeq, Rng, DATA};
     use super::*;
     use crate::fpu::host_tests::host_x87;
 
@@ -1888,7 +1937,7 @@ mod host_diff_reg {
         };
     }
 
-    type Host = fn(&[u8; 10], &[u8; 10], u16) -> ([u8; 32], u16);
+    type Host = HostSeq<32>;
 
     seq! {
         CASES;
@@ -2038,37 +2087,11 @@ mod host_diff_reg {
 
     #[test]
     fn register_ops_match_host() {
-        let mut c = machine();
-        let mut r = Rng(0xfeed_beef);
-        let mut bad = 0;
-        let mut total = 0;
-        for &(name, host, op) in CASES {
-            let mut ok = 0;
-            let n = 600;
-            for k in 0..n {
-                let cw = [0x037f, 0x0f7f, 0x047f, 0x0b7f, 0x0340, 0x0040][k % 6];
-                let a = f80_operand(&mut r);
-                let b = f80_operand(&mut r);
-                let (hr, hsw) = host(&a, &b, cw);
-                let (er, esw) = emu(&mut c, op, &a, &b, cw);
-                if hr == er && hsw == esw {
-                    ok += 1;
-                } else if bad < 25 {
-                    bad += 1;
-                    eprintln!(
-                        "{name} cw={cw:04x} a={:x?} b={:x?} host={:02x?} {hsw:04x} emu={:02x?} {esw:04x}",
-                        f80_from_bytes(&a), f80_from_bytes(&b), &hr[..26], &er[..26]
-                    );
-                }
-            }
-            total += n;
-            if ok != n {
-                eprintln!("{name}: {ok} / {n} bit-exact");
-            }
-        }
+        let bad = diff_cases(CASES, emu, 0xfeed_beef, 600, 26);
         eprintln!(
-            "register forms: {} sequences x 600 operands, {total} runs",
-            CASES.len()
+            "register forms: {} sequences x 600 operands, {} runs",
+            CASES.len(),
+            CASES.len() * 600
         );
         assert_eq!(bad, 0);
     }
@@ -2077,7 +2100,7 @@ mod host_diff_reg {
 /// End-to-end differential tests of stores to memory (ST(0) = a, ST(1) = b).
 #[cfg(all(test, target_arch = "x86_64"))]
 mod host_diff_store {
-    use super::host_diff::{f80_operand, machine, run_seq, Rng, DATA};
+    use super::host_diff::{diff_cases, run_seq, HostSeq, DATA};
     use super::*;
     use crate::fpu::host_tests::host_x87;
 
@@ -2105,7 +2128,7 @@ mod host_diff_store {
         };
     }
 
-    type Host = fn(&[u8; 10], &[u8; 10], u16) -> ([u8; 48], u16);
+    type Host = HostSeq<48>;
 
     // Emulator encodings address [0x2040].
     store! {
@@ -2139,35 +2162,7 @@ mod host_diff_store {
 
     #[test]
     fn stores_match_host() {
-        let mut c = machine();
-        let mut r = Rng(0xabcd_0123);
-        let mut bad = 0;
-        for &(name, host, op) in CASES {
-            let mut ok = 0;
-            let n = 1000;
-            for k in 0..n {
-                let cw = [0x037f, 0x0f7f, 0x047f, 0x0b7f, 0x0340, 0x0040][k % 6];
-                let a = f80_operand(&mut r);
-                let b = f80_operand(&mut r);
-                let (hr, hsw) = host(&a, &b, cw);
-                let (er, esw) = emu(&mut c, op, &a, &b, cw);
-                if hr == er && hsw == esw {
-                    ok += 1;
-                } else if bad < 25 {
-                    bad += 1;
-                    eprintln!(
-                        "{name} cw={cw:04x} a={:x?} host={:02x?} {hsw:04x} emu={:02x?} {esw:04x}",
-                        f80_from_bytes(&a),
-                        &hr[..42],
-                        &er[..42]
-                    );
-                }
-            }
-            if ok != n {
-                eprintln!("{name}: {ok} / {n} bit-exact");
-            }
-        }
-        assert_eq!(bad, 0);
+        assert_eq!(diff_cases(CASES, emu, 0xabcd_0123, 1000, 42), 0);
     }
 }
 
