@@ -81,7 +81,8 @@ pub fn eflags_of_rflags(r: u32) -> u32 {
     f
 }
 
-fn is_shift(m: Mnemonic) -> bool {
+/// Shifts and rotates (their count is masked to 5 bits).
+pub(super) fn is_shift(m: Mnemonic) -> bool {
     matches!(
         m,
         Mnemonic::Rol

@@ -14,6 +14,7 @@
 //! code page and run into the writable second one, which memory operands sometimes
 //! target: instruction fetch across pages and self-modifying code.
 
+use super::compare::is_shift;
 use super::{Fx, Rng, State, CODE_BASE, CODE_RW, DATA_BASE, DATA_SIZE, MEM_BASE, STACK_INIT};
 use iced_x86::{
     Code, Encoder, EncodingKind, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic,
@@ -354,23 +355,6 @@ const GPR8: [Register; 8] = [
     Register::DH,
     Register::BH,
 ];
-
-/// Shifts and rotates: their count operand is masked to 5 bits and gets its own
-/// distribution.
-fn is_shift(m: Mnemonic) -> bool {
-    matches!(
-        m,
-        Mnemonic::Rol
-            | Mnemonic::Ror
-            | Mnemonic::Rcl
-            | Mnemonic::Rcr
-            | Mnemonic::Shl
-            | Mnemonic::Shr
-            | Mnemonic::Sar
-            | Mnemonic::Shld
-            | Mnemonic::Shrd
-    )
-}
 
 fn gpr_index(r: Register) -> Option<usize> {
     let f = r.full_register32();
