@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// Execution engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Accel {
-    /// The block translator (default once it exists).
+    /// The block translator (the default).
     Jit,
     /// The reference interpreter.
     Interp,
@@ -102,8 +102,9 @@ pub struct Args {
     /// Exit instead of rebooting when the guest resets.
     #[arg(long = "no-reboot")]
     pub no_reboot: bool,
-    /// Execution engine.
-    #[arg(long, value_enum, default_value = "interp")]
+    /// Execution engine: jit (default), interp (the reference interpreter) or check
+    /// (lock-step of the two).
+    #[arg(long, value_enum, default_value = "jit")]
     pub accel: Accel,
     /// Log items, comma separated: post (POST codes at port 0x80), int (interrupts), cpu_reset, unimp, guest_errors.
     #[arg(short = 'd', value_name = "ITEMS")]
@@ -268,6 +269,7 @@ mod tests {
         assert_eq!(a.debug.as_deref(), Some("post"));
         let b = parse(&["morph86", "--kernel", "k", "--display", "none"]).unwrap();
         assert_eq!(b.display, Some(Display::None));
+        assert_eq!(b.accel, Accel::Jit, "the JIT is the default engine");
     }
 
     #[test]
