@@ -30,3 +30,7 @@ echo "== SingleStepTests 80286 real mode"
 
 echo "== host-CPU differential fuzzer"
 ./target/release/hostdiff --count "${HOSTDIFF_COUNT:-100000}" --seed "${HOSTDIFF_SEED:-20261121}"
+
+echo "== host-CPU differential fuzzer through the JIT (one-instruction blocks)"
+./target/release/hostdiff --engine jit --count "${HOSTDIFF_JIT_COUNT:-100000}" \
+  --seed "${HOSTDIFF_SEED:-20261121}"
