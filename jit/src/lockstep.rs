@@ -730,10 +730,8 @@ mod tests {
     //! ability to fail is shown by corrupting translated host code on purpose.
     use super::*;
     use iced_x86::{Encoder, Register};
-    use morph86_cpu::state::{
-        SegReg, ATTR_ACCESSED, ATTR_CODE, ATTR_DB, ATTR_G, ATTR_P, ATTR_RW, ATTR_S, CR0_PE, CR0_PG,
-    };
-    use morph86_cpu::{Segment, StepEvent};
+    use morph86_cpu::state::CR0_PG;
+    use morph86_cpu::StepEvent;
     use morph86_mmu::{BusDevice, Mmu, PhysMem};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
@@ -753,17 +751,7 @@ mod tests {
     /// exception vector goes to a HLT at `HANDLER`.
     fn machine(paged: bool) -> Cpu {
         let mut cpu = Cpu::new(Mmu::new(PhysMem::new(4 << 20).unwrap()));
-        cpu.s.cr0 |= CR0_PE;
-        let flat = |attrs: u32, selector: u16| Segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-            selector,
-        };
-        for s in SegReg::ALL {
-            cpu.s.seg[s as usize] = flat(0, 0x10);
-        }
-        cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
+        cpu.s.load_flat32(0x08, 0x10);
         let gdt: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
         for (k, d) in gdt.iter().enumerate() {
             cpu.mmu.phys.write(0x500 + 8 * k as u64, &d.to_le_bytes());

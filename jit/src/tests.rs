@@ -18,18 +18,7 @@ const DATA: u64 = 0x8000;
 /// A flat 32-bit protected-mode machine at CPL 0, paging off, interrupts off.
 fn machine() -> Cpu {
     let mut cpu = Cpu::new(Mmu::new(PhysMem::new(4 << 20).unwrap()));
-    cpu.s.cr0 |= CR0_PE;
-    let flat = |attrs: u32, selector: u16| Segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        attrs: attrs | ATTR_P | ATTR_S | ATTR_RW | ATTR_ACCESSED | ATTR_DB | ATTR_G,
-        selector,
-    };
-    for s in SegReg::ALL {
-        cpu.s.seg[s as usize] = flat(0, 0x10);
-    }
-    cpu.s.seg[SegReg::Cs as usize] = flat(ATTR_CODE, 0x08);
-    cpu.s.cpl = 0;
+    cpu.s.load_flat32(0x08, 0x10);
     cpu.sync_paging();
     cpu
 }
