@@ -255,9 +255,12 @@ pub struct Vga {
 fn new_lfb() -> Vec<u8> {
     vec![0; LFB_SIZE]
 }
-fn new_fb() -> Arc<WatchedMem> {
+fn try_new_fb() -> std::io::Result<Arc<WatchedMem>> {
     // 16 MiB of address space, committed only as the guest draws.
-    WatchedMem::new(LFB_SIZE).expect("cannot reserve host memory for the VGA framebuffer")
+    WatchedMem::new(LFB_SIZE)
+}
+fn new_fb() -> Arc<WatchedMem> {
+    try_new_fb().expect("cannot reserve host memory for the VGA framebuffer")
 }
 fn new_vram_dirty() -> Vec<bool> {
     vec![true; VRAM_SIZE / DIRTY_PAGE]
@@ -294,9 +297,15 @@ impl Default for Vga {
 }
 
 impl Vga {
-    /// A VGA at power-on: all registers zero, memory clear, VBE off.
+    /// A VGA at power-on: all registers zero, memory clear, VBE off. Panics if the host
+    /// cannot map the framebuffer; the machine uses [`Vga::try_new`].
     pub fn new() -> Self {
         Self::with_framebuffer(new_fb())
+    }
+
+    /// As [`Vga::new`], with a failure to map the framebuffer's host memory returned.
+    pub fn try_new() -> std::io::Result<Self> {
+        Ok(Self::with_framebuffer(try_new_fb()?))
     }
 
     /// A VGA at power-on using `fb` (at least [`LFB_SIZE`] bytes, cleared by the caller)

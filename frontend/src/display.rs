@@ -65,7 +65,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// framebuffer BAR, and the PCI memory hole through which BARs are reached. The card
 /// starts in 80x25 text mode with a font, as a VGA BIOS would leave it.
 pub fn install(pc: &mut PcPlatform, phys: &mut PhysMem) -> Result<SharedVga, String> {
-    let vga: SharedVga = Arc::new(Mutex::new(Vga::new()));
+    let vga = Vga::try_new().map_err(|e| format!("cannot map the VGA framebuffer: {e}"))?;
+    let vga: SharedVga = Arc::new(Mutex::new(vga));
     lock(&vga).bios_text_mode();
     let mut installed = lock(&INSTALLED);
     installed.retain(|w| w.strong_count() > 0);
