@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{guest_files, morph86, temp_path, Morph86};
+use common::{guest_files, morph86, read_png, temp_path, Morph86};
 use morph86_devices::vga::font::FONT_8X16;
 use std::path::Path;
 use std::time::Duration;
@@ -56,19 +56,6 @@ fn boot_with_screenshot(
     let mut vm = Morph86::spawn(c);
     vm.expect_success(BOOT).unwrap();
     vm.text()
-}
-
-/// (width, height, 0xRRGGBB pixels)
-fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
-    let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
-    let mut r = dec.read_info().expect("png header");
-    let mut buf = vec![0; r.output_buffer_size()];
-    let info = r.next_frame(&mut buf).expect("png data");
-    let px = buf[..info.buffer_size()]
-        .chunks(3)
-        .map(|c| (c[0] as u32) << 16 | (c[1] as u32) << 8 | c[2] as u32)
-        .collect();
-    (info.width as usize, info.height as usize, px)
 }
 
 /// Whether `text` appears on text row `row` of a 9x16-cell screen, drawn in light grey

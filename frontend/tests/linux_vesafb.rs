@@ -24,23 +24,10 @@
 
 mod common;
 
-use common::{guest_files, linux, temp_path, Morph86};
+use common::{guest_files, linux, read_png, temp_path, Morph86};
 use morph86_devices::vga::font::FONT_8X16;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// (width, height, 0xRRGGBB pixels)
-fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
-    let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
-    let mut r = dec.read_info().expect("png header");
-    let mut buf = vec![0; r.output_buffer_size()];
-    let info = r.next_frame(&mut buf).expect("png data");
-    let px = buf[..info.buffer_size()]
-        .chunks(3)
-        .map(|c| (c[0] as u32) << 16 | (c[1] as u32) << 8 | c[2] as u32)
-        .collect();
-    (info.width as usize, info.height as usize, px)
-}
 
 /// A text screen in a screenshot: cells of `cw` x 16 pixels, glyphs 8 wide.
 struct Screen {

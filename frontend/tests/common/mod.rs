@@ -402,3 +402,16 @@ pub fn halting_firmware(text: &[u8]) -> Vec<u8> {
 pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("morph86-{}-{name}", std::process::id()))
 }
+
+/// A screenshot as (width, height, 0xRRGGBB pixels).
+pub fn read_png(path: &Path) -> (usize, usize, Vec<u32>) {
+    let dec = png::Decoder::new(std::fs::File::open(path).expect("open png"));
+    let mut r = dec.read_info().expect("png header");
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).expect("png data");
+    let px = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|c| (c[0] as u32) << 16 | (c[1] as u32) << 8 | c[2] as u32)
+        .collect();
+    (info.width as usize, info.height as usize, px)
+}
