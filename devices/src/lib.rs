@@ -75,6 +75,7 @@ pub mod bus;
 pub mod clock;
 pub mod control;
 pub mod debug;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod irq;
 pub mod pci;

@@ -7,6 +7,13 @@
 //! 82441FX/82437FX (i440FX) datasheet and the 82371SB (PIIX3) datasheet (4.1.10 PIRQRC,
 //! 4.7.1 "Reset Control Register").
 //!
+//! The i440FX's PAM registers (0x59-0x5f, shadow RAM of 0xC0000-0xFFFFF) and SMRAM
+//! register (0x72) act on the physical memory map once the machine connects the bridge
+//! to it ([`PciHost::connect_memory`]): each change is queued as a
+//! [`morph86_mmu::phys::PhysJob`] that the CPU runs right after the OUT that wrote it.
+//! Expansion ROMs (config 0x30) are served from images the machine attaches with
+//! [`PciHost::set_option_rom`].
+//!
 //! Adding a device: implement [`PciFunction`] (usually by embedding a [`PciConfig`] and
 //! declaring BARs with [`PciConfig::set_bar`]), then [`PciHost::add`] it at a device /
 //! function number. To follow BAR moves and command-register changes, override
@@ -17,7 +24,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use morph86_mmu::BusDevice;
+use morph86_mmu::phys::{PhysJobs, SHADOW_GRANULES, SHADOW_READ_RAM, SHADOW_WRITE_RAM};
+use morph86_mmu::{BusDevice, PhysMem};
 
 use crate::bus::lock;
 use crate::control::{PlatformControl, ResetSource};
@@ -64,6 +72,8 @@ pub const CFG_LATENCY: u8 = 0x0d;
 pub const CFG_HEADER_TYPE: u8 = 0x0e;
 /// First base address register.
 pub const CFG_BAR0: u8 = 0x10;
+/// Expansion ROM base address register (type 0 header).
+pub const CFG_ROM_ADDRESS: u8 = 0x30;
 /// Subsystem vendor ID.
 pub const CFG_SUBSYS_VENDOR: u8 = 0x2c;
 /// Interrupt line.
@@ -91,6 +101,61 @@ pub const HEADER_MULTIFUNCTION: u8 = 0b1000_0000;
 pub const BAR_IO: u32 = 0b0001;
 /// Memory BAR bit 3: prefetchable.
 pub const BAR_PREFETCH: u32 = 0b1000;
+/// Expansion ROM BAR bit 0: address decode enable (PCI 3.0 6.2.5.2).
+pub const ROM_ENABLE: u32 = 0b1;
+/// Expansion ROM BAR bits 31-11: the base address.
+pub const ROM_ADDRESS_MASK: u32 = 0xffff_f800;
+
+/// i440FX PAM0, the first Programmable Attribute Map register (datasheet 3.2.18).
+pub const I440FX_PAM0: u8 = 0x59;
+/// Number of PAM registers (PAM0-PAM6).
+pub const I440FX_PAM_COUNT: usize = 7;
+/// PAM nibble bit 0: RE, reads of the range go to DRAM.
+pub const PAM_RE: u8 = 0b0001;
+/// PAM nibble bit 1: WE, writes of the range go to DRAM.
+pub const PAM_WE: u8 = 0b0010;
+/// i440FX SMRAM control register (datasheet 3.2.23).
+pub const I440FX_SMRAM: u8 = 0x72;
+/// SMRAM bit 6: D_OPEN, SMRAM visible outside SMM.
+pub const SMRAM_D_OPEN: u8 = 0b0100_0000;
+/// SMRAM bit 5: D_CLS, SMM data accesses go to the PCI side.
+pub const SMRAM_D_CLS: u8 = 0b0010_0000;
+/// SMRAM bit 4: D_LCK, locks D_OPEN clear and G_SMRAME / D_LCK until reset.
+pub const SMRAM_D_LCK: u8 = 0b0001_0000;
+/// SMRAM bit 3: G_SMRAME, SMRAM enable.
+pub const SMRAM_G_SMRAME: u8 = 0b0000_1000;
+/// SMRAM bits 2-0: C_BASE_SEG, hard-wired to 010 (SMRAM at 0xA0000).
+pub const SMRAM_C_BASE_SEG: u8 = 0b0000_0010;
+/// Subsystem vendor QEMU gives its devices (Red Hat, Inc.); SeaBIOS recognises QEMU's
+/// i440FX by it.
+pub const QEMU_SUBSYS_VENDOR: u16 = 0x1af4;
+/// Subsystem ID QEMU gives its devices ("QEMU virtual machine").
+pub const QEMU_SUBSYS_ID: u16 = 0x1100;
+
+/// The shadow attributes of 0xC0000-0xFFFFF (16 KiB granules, see
+/// [`morph86_mmu::phys::SHADOW_GRANULE`]) that PAM0-PAM6 select: PAM1-PAM6 hold two
+/// granules each (low nibble first) from 0xC0000 to 0xEFFFF; the high nibble of PAM0
+/// covers all of 0xF0000-0xFFFFF.
+pub fn pam_to_shadow(pam: [u8; I440FX_PAM_COUNT]) -> [u8; SHADOW_GRANULES] {
+    let attr = |nibble: u8| {
+        let mut a = 0;
+        if nibble & PAM_RE != 0 {
+            a |= SHADOW_READ_RAM;
+        }
+        if nibble & PAM_WE != 0 {
+            a |= SHADOW_WRITE_RAM;
+        }
+        a
+    };
+    std::array::from_fn(|g| {
+        if g >= 12 {
+            attr(pam[0] >> 4)
+        } else {
+            let r = pam[1 + g / 2];
+            attr(if g % 2 == 0 { r } else { r >> 4 })
+        }
+    })
+}
 
 /// PIIX3 PIRQ route control registers PIRQRCA-PIRQRCD (0x60-0x63).
 pub const PIIX3_PIRQRC: u8 = 0x60;
@@ -117,6 +182,34 @@ struct Bar {
     size: u32,
 }
 
+impl PciConfig {
+    /// Declares an expansion ROM of `size` bytes (a power of two, at least 2 KiB): the
+    /// guest sizes it through [`CFG_ROM_ADDRESS`] and enables it with bit 0.
+    pub fn set_rom_bar(&mut self, size: u32) {
+        let size = size
+            .max(0x800)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 31);
+        let mask = !(size - 1) & ROM_ADDRESS_MASK | ROM_ENABLE;
+        for k in 0..4 {
+            self.wmask[CFG_ROM_ADDRESS as usize + k] = (mask >> (8 * k)) as u8;
+        }
+        self.set32(CFG_ROM_ADDRESS, 0);
+        self.rom_size = size;
+    }
+
+    /// Where the expansion ROM decodes, if declared, enabled (bit 0) and memory space
+    /// is on: (base, size).
+    pub fn rom_window(&self) -> Option<(u32, u32)> {
+        if self.rom_size == 0 || self.get16(CFG_COMMAND) & CMD_MEM == 0 {
+            return None;
+        }
+        let raw = self.get32(CFG_ROM_ADDRESS);
+        let base = raw & ROM_ADDRESS_MASK;
+        (raw & ROM_ENABLE != 0 && base != 0).then_some((base, self.rom_size))
+    }
+}
+
 /// A type 0 configuration space with write masks.
 #[derive(Clone)]
 pub struct PciConfig {
@@ -124,6 +217,8 @@ pub struct PciConfig {
     wmask: [u8; 256],
     w1c: [u8; 256],
     bars: [Option<Bar>; 6],
+    /// Expansion ROM size (0: none).
+    rom_size: u32,
 }
 
 impl std::fmt::Debug for PciConfig {
@@ -142,6 +237,7 @@ impl PciConfig {
             wmask: [0; 256],
             w1c: [0; 256],
             bars: [None; 6],
+            rom_size: 0,
         };
         c.set16(CFG_VENDOR, vendor);
         c.set16(CFG_DEVICE, device);
@@ -311,9 +407,83 @@ pub fn i440fx() -> PlainFunction {
     let mut cfg = PciConfig::new(0x8086, 0x1237, 0x06_00_00, 0x02, 0x00);
     cfg.set16(CFG_COMMAND, CMD_MEM | CMD_MASTER);
     cfg.set16(CFG_STATUS, 0x0280); // fast back-to-back capable, medium DEVSEL
-                                   // PMCCFG, DRAM control, PAM0-6 (0x59-0x5f), DRB (0x60-0x67), SMRAM (0x72) and friends.
+    cfg.set16(CFG_SUBSYS_VENDOR, QEMU_SUBSYS_VENDOR);
+    cfg.set16(CFG_SUBSYS_VENDOR + 2, QEMU_SUBSYS_ID);
+    // PMCCFG, DRAM control, PAM0-6 (0x59-0x5f), DRB (0x60-0x67) and friends.
     cfg.set_writable(0x50, 0x30, 0xff);
+    // SMRAM: C_BASE_SEG is hard-wired; the other bits go through I440fx::config_write.
+    cfg.set_writable(I440FX_SMRAM, 1, 0);
+    cfg.set8(I440FX_SMRAM, SMRAM_C_BASE_SEG);
     PlainFunction { cfg }
+}
+
+/// The i440FX host bridge as a PCI function: its configuration space, and the memory
+/// map it routes once connected ([`PciHost::connect_memory`]).
+pub struct I440fx {
+    /// The configuration space.
+    pub cfg: PciConfig,
+    jobs: Option<PhysJobs>,
+}
+
+impl I440fx {
+    fn new() -> Self {
+        I440fx {
+            cfg: i440fx().cfg,
+            jobs: None,
+        }
+    }
+
+    /// Queues the memory routing the PAM and SMRAM registers select.
+    fn push_routing(&self) {
+        let Some(jobs) = &self.jobs else { return };
+        let pam: [u8; I440FX_PAM_COUNT] =
+            std::array::from_fn(|k| self.cfg.get8(I440FX_PAM0 + k as u8));
+        let smram = self.cfg.get8(I440FX_SMRAM);
+        let open = smram & (SMRAM_D_OPEN | SMRAM_G_SMRAME) == SMRAM_D_OPEN | SMRAM_G_SMRAME;
+        let shadow = pam_to_shadow(pam);
+        jobs.push(Box::new(move |m: &mut PhysMem| {
+            m.set_shadow(shadow);
+            m.set_smram_open(open);
+        }));
+    }
+
+    fn write_smram(&mut self, v: u8) {
+        let old = self.cfg.get8(I440FX_SMRAM);
+        let new = if old & SMRAM_D_LCK != 0 {
+            // Locked: D_OPEN reads 0 and only D_CLS may change until reset.
+            (old & !(SMRAM_D_CLS | SMRAM_D_OPEN)) | (v & SMRAM_D_CLS)
+        } else {
+            let mut n = (v & (SMRAM_D_OPEN | SMRAM_D_CLS | SMRAM_D_LCK | SMRAM_G_SMRAME))
+                | SMRAM_C_BASE_SEG;
+            if n & SMRAM_D_LCK != 0 {
+                n &= !SMRAM_D_OPEN;
+            }
+            n
+        };
+        self.cfg.set8(I440FX_SMRAM, new);
+    }
+}
+
+impl PciFunction for I440fx {
+    fn config(&self) -> &PciConfig {
+        &self.cfg
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.cfg
+    }
+    fn config_write(&mut self, off: u8, size: usize, value: u32) {
+        let end = off as usize + size.min(4);
+        let pam_end = I440FX_PAM0 as usize + I440FX_PAM_COUNT;
+        let smram = (off as usize..end).contains(&(I440FX_SMRAM as usize));
+        self.cfg.write(off, size, value);
+        if smram {
+            let shift = 8 * (I440FX_SMRAM - off) as u32;
+            self.write_smram((value >> shift) as u8);
+        }
+        if smram || (off as usize) < pam_end && end > I440FX_PAM0 as usize {
+            self.push_routing();
+        }
+    }
 }
 
 /// The PIIX3 PCI-to-ISA bridge's configuration space (00:01.0, function 0).
@@ -353,6 +523,17 @@ pub enum PciError {
         /// Function number.
         func: u8,
     },
+    /// No function there.
+    #[error("there is no PCI device {dev:02x}.{func}")]
+    Absent {
+        /// Device number.
+        dev: u8,
+        /// Function number.
+        func: u8,
+    },
+    /// An option ROM image larger than 16 MiB.
+    #[error("option ROM of {0} bytes is too large (at most 16 MiB)")]
+    RomTooLarge(usize),
 }
 
 fn pirq_route_of(isa: &Mutex<PlainFunction>, n: usize) -> Option<u8> {
@@ -459,16 +640,18 @@ pub struct PciHost {
     address: u32,
     reset_control: u8,
     functions: BTreeMap<u8, SharedFunction>,
-    host_bridge: Arc<Mutex<PlainFunction>>,
+    host_bridge: Arc<Mutex<I440fx>>,
     isa_bridge: Arc<Mutex<PlainFunction>>,
     ctl: PlatformControl,
+    /// Expansion ROM images by device/function number.
+    roms: BTreeMap<u8, Arc<[u8]>>,
 }
 
 impl PciHost {
     /// Bus 0 with the i440FX at 00:00.0 and the PIIX3 ISA bridge at 00:01.0.
     pub fn new(ctl: PlatformControl) -> Self {
         let isa = Arc::new(Mutex::new(piix3_isa()));
-        let host = Arc::new(Mutex::new(i440fx()));
+        let host = Arc::new(Mutex::new(I440fx::new()));
         let mut h = PciHost {
             address: 0,
             reset_control: 0,
@@ -476,6 +659,7 @@ impl PciHost {
             host_bridge: host.clone(),
             isa_bridge: isa.clone(),
             ctl,
+            roms: BTreeMap::new(),
         };
         // Both slots are free on a new bus.
         let _ = h.add(0, 0, host);
@@ -488,8 +672,42 @@ impl PciHost {
     pub fn reset(&mut self) {
         self.address = 0;
         self.reset_control = 0;
-        *lock(&self.host_bridge) = i440fx();
+        let mut host = lock(&self.host_bridge);
+        host.cfg = i440fx().cfg;
+        host.push_routing();
+        drop(host);
         *lock(&self.isa_bridge) = piix3_isa();
+    }
+
+    /// Lets the i440FX route memory: from now on its PAM and SMRAM registers drive the
+    /// shadow RAM and SMRAM of the map that owns `jobs` (the power-on routing, reads
+    /// from ROM everywhere in 0xC0000-0xFFFFF, is queued at once). Without this call the
+    /// registers are kept but act on nothing (direct kernel boots: RAM everywhere).
+    pub fn connect_memory(&mut self, jobs: PhysJobs) {
+        let mut host = lock(&self.host_bridge);
+        host.jobs = Some(jobs);
+        host.push_routing();
+    }
+
+    /// Gives the function at `dev`/`func` an expansion ROM holding `image` (padded to a
+    /// power of two); the guest maps it through the ROM BAR (config 0x30).
+    pub fn set_option_rom(&mut self, dev: u8, func: u8, image: &[u8]) -> Result<(), PciError> {
+        if dev > 31 || func > 7 {
+            return Err(PciError::OutOfRange { dev, func });
+        }
+        let devfn = dev << 3 | func;
+        let f = self
+            .functions
+            .get(&devfn)
+            .ok_or(PciError::Absent { dev, func })?;
+        let size = (image.len() as u32).max(0x800).checked_next_power_of_two();
+        let size = size.ok_or(PciError::RomTooLarge(image.len()))?;
+        if size > 16 << 20 || image.len() > 16 << 20 {
+            return Err(PciError::RomTooLarge(image.len()));
+        }
+        lock(f).config_mut().set_rom_bar(size);
+        self.roms.insert(devfn, image.into());
+        Ok(())
     }
 
     /// Snapshot: CONFIG_ADDRESS, reset control and the configuration space of every
@@ -526,9 +744,9 @@ impl PciHost {
     }
 
     /// The i440FX PAM registers 0x59-0x5f (BIOS shadowing attributes), for the machine.
-    pub fn pam(&self) -> [u8; 7] {
+    pub fn pam(&self) -> [u8; I440FX_PAM_COUNT] {
         let h = lock(&self.host_bridge);
-        std::array::from_fn(|k| h.cfg.get8(0x59 + k as u8))
+        std::array::from_fn(|k| h.cfg.get8(I440FX_PAM0 + k as u8))
     }
 
     /// Plugs `f` in at bus 0, device `dev`, function `func`.
@@ -607,11 +825,36 @@ impl PciHost {
 
     /// A guest memory read in the PCI hole (see [`PciMmioWindow`]).
     pub fn mem_read(&self, addr: u64, data: &mut [u8]) {
+        if self.rom_read(addr, data) {
+            return;
+        }
         if !self.bar_access(false, addr, data.len(), |f, n, off| {
             f.bar_read(n, off, data)
         }) {
             data.fill(0xff);
         }
+    }
+
+    /// A read inside an enabled expansion ROM window, if `addr` is in one (bytes past
+    /// the image read as zero, as the padding of a ROM chip).
+    fn rom_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        for (devfn, image) in &self.roms {
+            let Some(f) = self.functions.get(devfn) else {
+                continue;
+            };
+            let Some((base, size)) = lock(f).config().rom_window() else {
+                continue;
+            };
+            let (base, size) = (base as u64, size as u64);
+            if addr >= base && addr + data.len() as u64 <= base + size {
+                let off = (addr - base) as usize;
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = image.get(off + i).copied().unwrap_or(0);
+                }
+                return true;
+            }
+        }
+        false
     }
 
     /// A guest memory write in the PCI hole.
@@ -1035,5 +1278,126 @@ mod tests {
             }
             ctl.take_reset();
         }
+    }
+
+    fn wr8(b: &mut PortBus, dev: u32, reg: u32, v: u8) {
+        b.io_write(0xcf8, 4, cfg_addr(dev, 0, reg & !3));
+        b.io_write(0xcfc + (reg as u16 & 3), 1, v as u32);
+    }
+
+    fn rd8(b: &mut PortBus, dev: u32, reg: u32) -> u8 {
+        b.io_write(0xcf8, 4, cfg_addr(dev, 0, reg & !3));
+        b.io_read(0xcfc + (reg as u16 & 3), 1) as u8
+    }
+
+    /// i440FX datasheet 3.2.18: PAM1 low nibble = 0xC0000-0xC3FFF, high = 0xC4000-0xC7FFF,
+    /// ..., PAM6 high = 0xEC000-0xEFFFF, PAM0 high nibble = 0xF0000-0xFFFFF.
+    #[test]
+    fn pam_registers_select_granules() {
+        let mut pam = [0u8; I440FX_PAM_COUNT];
+        pam[0] = 0x30;
+        pam[1] = 0x21; // C0000 read-only, C4000 write-only
+        pam[6] = 0x30; // EC000 read/write
+        let rw = SHADOW_READ_RAM | SHADOW_WRITE_RAM;
+        let mut want = [0u8; SHADOW_GRANULES];
+        want[0] = SHADOW_READ_RAM;
+        want[1] = SHADOW_WRITE_RAM;
+        want[11] = rw;
+        want[12..].fill(rw);
+        assert_eq!(pam_to_shadow(pam), want);
+        // The low nibble of PAM0 is reserved: it selects nothing.
+        assert_eq!(
+            pam_to_shadow([0x03, 0, 0, 0, 0, 0, 0]),
+            [0; SHADOW_GRANULES]
+        );
+    }
+
+    #[test]
+    fn pam_writes_reach_the_memory_map_through_jobs() {
+        let (mut b, _ctl, host) = bus();
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        m.add_rom(0xe_0000, vec![0x5a; 0x2_0000]);
+        m.write(0xf_0000, &[1]);
+        lock(&host).connect_memory(m.jobs());
+        m.run_jobs();
+        assert_eq!(m.shadow(), Some([0; SHADOW_GRANULES]), "power-on PAM");
+        // SeaBIOS's make_bios_writable: PAM0 = 0x30, then copy and run from RAM.
+        wr8(&mut b, 0, I440FX_PAM0 as u32, 0x30);
+        assert_eq!(rd8(&mut b, 0, I440FX_PAM0 as u32), 0x30);
+        m.run_jobs();
+        m.write(0xf_0000, &[0xc3]);
+        let mut x = [0u8];
+        m.read(0xf_0000, &mut x);
+        assert_eq!(x[0], 0xc3);
+        // make_bios_readonly: 0x10, writes vanish.
+        wr8(&mut b, 0, I440FX_PAM0 as u32, 0x10);
+        m.run_jobs();
+        m.write(0xf_0000, &[0]);
+        m.read(0xf_0000, &mut x);
+        assert_eq!(x[0], 0xc3);
+        // A machine reset goes back to ROM.
+        lock(&host).reset();
+        m.run_jobs();
+        m.read(0xf_0000, &mut x);
+        assert_eq!(x[0], 0x5a);
+        assert_eq!(rd8(&mut b, 0, I440FX_PAM0 as u32), 0);
+    }
+
+    /// i440FX 3.2.23: C_BASE_SEG reads 010; D_LCK forces D_OPEN clear and makes
+    /// G_SMRAME/D_LCK read-only until reset; D_OPEN with G_SMRAME shows the RAM.
+    #[test]
+    fn smram_register_and_lock() {
+        let (mut b, _ctl, host) = bus();
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        lock(&host).connect_memory(m.jobs());
+        let r = I440FX_SMRAM as u32;
+        assert_eq!(rd8(&mut b, 0, r), SMRAM_C_BASE_SEG);
+        wr8(&mut b, 0, r, 0xff);
+        // 0xff has D_LCK: D_OPEN reads back clear.
+        assert_eq!(
+            rd8(&mut b, 0, r),
+            SMRAM_D_CLS | SMRAM_D_LCK | SMRAM_G_SMRAME | SMRAM_C_BASE_SEG
+        );
+        wr8(&mut b, 0, r, SMRAM_D_OPEN);
+        assert_eq!(
+            rd8(&mut b, 0, r),
+            SMRAM_D_LCK | SMRAM_G_SMRAME | SMRAM_C_BASE_SEG,
+            "locked"
+        );
+        m.run_jobs();
+        assert!(!m.smram_open());
+        lock(&host).reset();
+        wr8(&mut b, 0, r, SMRAM_D_OPEN | SMRAM_G_SMRAME);
+        m.run_jobs();
+        assert!(m.smram_open());
+    }
+
+    /// PCI 3.0 6.2.5.2: writing all ones to the ROM BAR reads back the size mask (bits
+    /// 31-11) with bit 0 clear; with bit 0 and memory space on, the image appears there.
+    #[test]
+    fn expansion_rom_bar() {
+        let (mut b, _ctl, host) = bus();
+        let mut cfg = PciConfig::new(0x1234, 0x1111, 0x03_00_00, 0, 0);
+        cfg.set16(CFG_COMMAND, CMD_MEM);
+        let f = Arc::new(Mutex::new(PlainFunction { cfg }));
+        lock(&host).add(2, 0, f).unwrap();
+        let image: Vec<u8> = (0..39936u32).map(|i| (i * 7) as u8).collect();
+        lock(&host).set_option_rom(2, 0, &image).unwrap();
+        assert!(lock(&host).set_option_rom(9, 0, &image).is_err());
+        let reg = CFG_ROM_ADDRESS as u32;
+        b.io_write(0xcf8, 4, cfg_addr(2, 0, reg));
+        b.io_write(0xcfc, 4, !ROM_ENABLE);
+        assert_eq!(rd32(&mut b, 2, 0, reg), 0xffff_0000, "64 KiB");
+        b.io_write(0xcf8, 4, cfg_addr(2, 0, reg));
+        b.io_write(0xcfc, 4, 0xfeb0_0000);
+        let mut x = [0u8; 4];
+        lock(&host).mem_read(0xfeb0_0000, &mut x);
+        assert_eq!(x, [0xff; 4], "not enabled yet");
+        b.io_write(0xcf8, 4, cfg_addr(2, 0, reg));
+        b.io_write(0xcfc, 4, 0xfeb0_0000 | ROM_ENABLE);
+        lock(&host).mem_read(0xfeb0_0004, &mut x);
+        assert_eq!(x, [28, 35, 42, 49]);
+        lock(&host).mem_read(0xfeb0_0000 + 39936, &mut x);
+        assert_eq!(x, [0; 4], "padding past the image");
     }
 }

@@ -17,6 +17,11 @@ pub const ITEMS: &[(&str, &[&str], &str)] = &[
         &["morph86_cpu::interrupts"],
         "interrupts and exceptions",
     ),
+    (
+        "firmware",
+        &["morph86::firmware"],
+        "the firmware's debug port 0x402 (SeaBIOS's log)",
+    ),
     ("cpu_reset", &["morph86::machine"], "CPU resets"),
     ("io", &["morph86::io"], "every port I/O access (slow)"),
     (

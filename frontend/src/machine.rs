@@ -186,6 +186,103 @@ fn parse_serial(s: &str) -> Result<SerialSpec, MachineError> {
     }
 }
 
+/// QEMU's VGA BIOS for its standard VGA, which SeaBIOS runs from the card's ROM BAR.
+const VGA_ROM_NAME: &str = "vgabios-stdvga.bin";
+/// Where Debian's `seabios` package installs it.
+const VGA_ROM_DIR: &str = "/usr/share/seabios";
+/// SeaBIOS's debug output port (QEMU's isa-debugcon at 0x402 in Debian's build).
+const FIRMWARE_DEBUG_PORT: u16 = 0x402;
+
+/// What a PC firmware (SeaBIOS) expects of the machine beyond the devices every boot
+/// has: the i440FX PAM/SMRAM registers driving the memory map, QEMU's fw_cfg device,
+/// the VGA BIOS as the VGA card's expansion ROM (taken from beside the firmware file or
+/// from /usr/share/seabios; without it the card still works, SeaBIOS just finds no
+/// VGA BIOS), and the debug port 0x402 logged under `-d firmware`.
+fn firmware_devices(
+    pc: &mut PcPlatform,
+    phys: &mut PhysMem,
+    bios: &Path,
+    ram: u64,
+    nographic: bool,
+) -> Result<(), MachineError> {
+    use morph86_devices::fw_cfg::{FwCfg, FwCfgPorts, PORT_SELECTOR};
+    use morph86_devices::{SharedDevice, Width};
+    use std::sync::Mutex;
+
+    fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    lock(&pc.pci).connect_memory(phys.jobs());
+    let beside = bios.parent().map(|d| d.join(VGA_ROM_NAME));
+    let rom_path = beside
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| Path::new(VGA_ROM_DIR).join(VGA_ROM_NAME));
+    match std::fs::read(&rom_path) {
+        Ok(rom) => {
+            if let Err(e) = lock(&pc.pci).set_option_rom(crate::display::VGA_PCI_SLOT, 0, &rom) {
+                log::warn!("VGA BIOS {}: {e}", rom_path.display());
+            }
+        }
+        Err(e) => log::warn!(
+            "no VGA BIOS ({}: {e}): the firmware will find no video BIOS",
+            rom_path.display()
+        ),
+    }
+    let fw = Arc::new(Mutex::new(FwCfg::pc(ram, nographic, true)));
+    let bus = pc
+        .io_bus_mut()
+        .ok_or_else(|| MachineError::Host("the I/O bus is already taken".into()))?;
+    let ports: SharedDevice = Arc::new(Mutex::new(FwCfgPorts::new(fw, Some(phys.jobs()))));
+    bus.register(
+        "fw_cfg",
+        PORT_SELECTOR,
+        12,
+        PORT_SELECTOR,
+        Width::Any,
+        ports,
+    )
+    .map_err(|e| MachineError::Host(e.to_string()))?;
+    let log_port: SharedDevice = Arc::new(Mutex::new(FirmwareLog::default()));
+    bus.register(
+        "firmware-debug",
+        FIRMWARE_DEBUG_PORT,
+        1,
+        FIRMWARE_DEBUG_PORT,
+        Width::Bytes,
+        log_port,
+    )
+    .map_err(|e| MachineError::Host(e.to_string()))?;
+    // The power-on routing (0xC0000-0xFFFFF reads ROM) before the first instruction.
+    phys.run_jobs();
+    Ok(())
+}
+
+/// The firmware's debug port: bytes collected into lines, logged under `-d firmware`.
+#[derive(Default)]
+struct FirmwareLog {
+    line: Vec<u8>,
+}
+
+/// Longest line kept (a guest that never writes a newline cannot grow it further).
+const FIRMWARE_LOG_LINE: usize = 512;
+
+impl morph86_mmu::BusDevice for FirmwareLog {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        // QEMU's debugcon reads back its port number's low byte (0xe9 convention).
+        data.fill(0xe9);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        for &b in data {
+            if b == b'\n' || self.line.len() >= FIRMWARE_LOG_LINE {
+                log::debug!(target: "morph86::firmware", "{}", String::from_utf8_lossy(&self.line));
+                self.line.clear();
+            } else if b != b'\r' {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
 /// Builds the machine described by `args` and runs it to the end.
 pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     crate::logging::init(args.debug.as_deref(), args.logfile.as_deref())
@@ -273,6 +370,9 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
     let vga = crate::display::install(&mut pc, &mut phys).map_err(MachineError::Host)?;
+    if let (Some(bios), None) = (&args.bios, &args.kernel) {
+        firmware_devices(&mut pc, &mut phys, bios, ram, args.nographic)?;
+    }
     if args.kernel.is_some() {
         crate::display::linux_video_setup(&vga, &args.append);
     }
@@ -550,6 +650,8 @@ fn vcpu_loop(
                 break ExitCode::SUCCESS;
             }
             pc.reset();
+            // The chipset's power-on memory routing (queued by the PCI host's reset).
+            cpu.mmu.phys.run_jobs();
             crate::display::machine_reset();
             cpu.reset();
             cpu.mmu.phys.ram_mut().fill(0);

@@ -8,12 +8,25 @@
 //! Every RAM page also carries a "holds decoded or translated code" mark; a write to
 //! a marked page clears the mark and queues the page on [`PhysMem::take_dirty_code`]
 //! so the decode cache and the JIT can drop what they built from it.
+//!
+//! Chipset routing below 1 MiB (off until [`PhysMem::set_shadow`] is first called):
+//! - shadow RAM: each 16 KiB granule of 0xC0000-0xFFFFF sends reads to RAM or to the
+//!   ROM/PCI side and writes to RAM or nowhere ([`SHADOW_READ_RAM`], [`SHADOW_WRITE_RAM`];
+//!   the i440FX PAM registers are turned into these by the PCI host bridge);
+//! - SMRAM: [`PhysMem::set_smram_open`] shows the RAM under the VGA window
+//!   0xA0000-0xBFFFF (i440FX SMRAM register D_OPEN with G_SMRAME).
+//!
+//! A change renews the epoch (the TLB and the JIT drop what they cached) and queues every
+//! page whose reads now see other bytes on [`PhysMem::take_dirty_code`] (the decode cache
+//! drops it too). Devices ask for such changes, and for DMA, through [`PhysJobs`]: the
+//! CPU runs queued jobs right after the OUT instruction that queued them
+//! ([`PhysMem::run_jobs`]), so the next instruction already sees the new map.
 
 use crate::bus::BusDevice;
 use crate::dirty::{DirtySink, WatchedMem, WatchedRegion};
 use memmap2::MmapMut;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Source of [`PhysMem::epoch`] values: unique across every map in the process, so a
 /// TLB filled from one map can never mistake another map (or a changed one) for it.
@@ -42,6 +55,63 @@ pub enum PhysError {
         /// Host error.
         source: std::io::Error,
     },
+}
+
+/// Start of the shadowable BIOS area (option ROMs, then the system BIOS).
+pub const SHADOW_BASE: u64 = 0xc_0000;
+/// End (exclusive) of the shadowable area.
+pub const SHADOW_END: u64 = 0x10_0000;
+/// Size of one shadow granule (the i440FX PAM registers control 16 KiB ranges).
+pub const SHADOW_GRANULE: u64 = 0x4000;
+/// Number of granules in 0xC0000-0xFFFFF.
+pub const SHADOW_GRANULES: usize = ((SHADOW_END - SHADOW_BASE) / SHADOW_GRANULE) as usize;
+/// Shadow attribute bit 0 (PAM RE, "read enable"): reads go to RAM, not to the ROM/PCI side.
+pub const SHADOW_READ_RAM: u8 = 0b01;
+/// Shadow attribute bit 1 (PAM WE, "write enable"): writes go to RAM, not to the ROM/PCI side.
+pub const SHADOW_WRITE_RAM: u8 = 0b10;
+/// The VGA window that SMRAM can show RAM under.
+const SMRAM_BASE: u64 = 0xa_0000;
+/// End (exclusive) of that window.
+const SMRAM_END: u64 = 0xc_0000;
+
+/// Work a device asks of the physical map (a shadow-RAM switch, a DMA transfer). It runs
+/// on the vCPU thread with the map to itself, before the guest's next instruction.
+pub type PhysJob = Box<dyn FnOnce(&mut PhysMem) + Send>;
+
+#[derive(Default)]
+struct JobQueue {
+    pending: AtomicBool,
+    jobs: Mutex<Vec<PhysJob>>,
+}
+
+/// The queue of [`PhysJob`]s of one map ([`PhysMem::jobs`]); cheap to clone, usable from
+/// any thread. Devices push; the CPU runs the queue after each OUT ([`PhysMem::run_jobs`]).
+#[derive(Clone, Default)]
+pub struct PhysJobs(Arc<JobQueue>);
+
+impl PhysJobs {
+    /// Queues `job` for the map.
+    pub fn push(&self, job: PhysJob) {
+        let mut q = self.0.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(job);
+        self.0.pending.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<PhysJob> {
+        let mut q = self.0.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *q)
+    }
+}
+
+impl std::fmt::Debug for PhysJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PhysJobs(pending={})",
+            self.0.pending.load(Ordering::Relaxed)
+        )
+    }
 }
 
 struct RomRegion {
@@ -85,6 +155,13 @@ pub struct PhysMem {
     /// Changes whenever a physical address may start to mean something else (new map,
     /// ROM or MMIO added, A20 gate moved); see [`PhysMem::epoch`].
     epoch: u64,
+    /// Shadow attributes per granule of 0xC0000-0xFFFFF; `None`: no chipset routing
+    /// (ROM and MMIO simply cover RAM, as before any [`PhysMem::set_shadow`]).
+    shadow: Option<[u8; SHADOW_GRANULES]>,
+    /// RAM shown under the VGA window (SMRAM open).
+    smram_open: bool,
+    /// Device requests (see [`PhysJobs`]).
+    jobs: PhysJobs,
 }
 
 impl PhysMem {
@@ -112,7 +189,115 @@ impl PhysMem {
             dirty_code: Vec::new(),
             special: vec![0; pages],
             epoch: next_epoch(),
+            shadow: None,
+            smram_open: false,
+            jobs: PhysJobs::default(),
         })
+    }
+
+    /// The job queue of this map, for devices that need it changed or need DMA.
+    pub fn jobs(&self) -> PhysJobs {
+        self.jobs.clone()
+    }
+
+    /// Runs the jobs devices queued (the CPU calls this after each OUT, the run loop
+    /// after each batch). One atomic load when there is nothing to do.
+    #[inline]
+    pub fn run_jobs(&mut self) {
+        if self.jobs.0.pending.load(Ordering::Acquire) {
+            self.run_jobs_slow();
+        }
+    }
+
+    #[cold]
+    fn run_jobs_slow(&mut self) {
+        // A job may queue more (bounded: each round takes what is there).
+        for _ in 0..16 {
+            let jobs = self.jobs.take();
+            if jobs.is_empty() {
+                return;
+            }
+            for j in jobs {
+                j(self);
+            }
+        }
+    }
+
+    /// Sets the shadow attributes ([`SHADOW_READ_RAM`] | [`SHADOW_WRITE_RAM`]) of the 16
+    /// granules of 0xC0000-0xFFFFF and turns chipset routing on. With neither bit, reads
+    /// go to the ROM mapped there (open bus if none) and writes vanish.
+    pub fn set_shadow(&mut self, attrs: [u8; SHADOW_GRANULES]) {
+        let attrs = attrs.map(|a| a & (SHADOW_READ_RAM | SHADOW_WRITE_RAM));
+        let old = self.shadow;
+        if old == Some(attrs) {
+            return;
+        }
+        self.shadow = Some(attrs);
+        self.epoch = next_epoch();
+        for g in 0..SHADOW_GRANULES {
+            // Before routing was on, the granule read whatever covered RAM there.
+            let read_changed = match old {
+                Some(o) => (o[g] ^ attrs[g]) & SHADOW_READ_RAM != 0,
+                None => true,
+            };
+            let base = SHADOW_BASE + g as u64 * SHADOW_GRANULE;
+            for p in (base..base + SHADOW_GRANULE).step_by(PAGE_SIZE as usize) {
+                let page = (p / PAGE_SIZE) as usize;
+                if let Some(s) = self.special.get_mut(page) {
+                    *s = u8::from(attrs[g] != SHADOW_READ_RAM | SHADOW_WRITE_RAM);
+                }
+                if read_changed {
+                    self.dirty_code.push(p);
+                }
+            }
+        }
+    }
+
+    /// The shadow attributes in force, if chipset routing is on.
+    pub fn shadow(&self) -> Option<[u8; SHADOW_GRANULES]> {
+        self.shadow
+    }
+
+    /// Shows (`true`) or hides the RAM under the VGA window 0xA0000-0xBFFFF.
+    pub fn set_smram_open(&mut self, open: bool) {
+        if open == self.smram_open {
+            return;
+        }
+        self.smram_open = open;
+        self.epoch = next_epoch();
+        for p in (SMRAM_BASE..SMRAM_END).step_by(PAGE_SIZE as usize) {
+            if let Some(s) = self.special.get_mut((p / PAGE_SIZE) as usize) {
+                // The window is a device window when closed; keep it off the fast path
+                // either way (RAM there is reached through the slow path).
+                *s = 1;
+            }
+            self.dirty_code.push(p);
+        }
+    }
+
+    /// Whether the RAM under the VGA window is shown.
+    pub fn smram_open(&self) -> bool {
+        self.smram_open
+    }
+
+    /// How the chipset routes `a` (after A20): `Some(true)` to RAM, `Some(false)` away
+    /// from RAM to the ROM side (or nothing), `None` when it does not route `a`.
+    #[inline]
+    fn route(&self, a: u64, write: bool) -> Option<bool> {
+        if (SHADOW_BASE..SHADOW_END).contains(&a) {
+            let attrs = self.shadow.as_ref()?;
+            let attr = attrs[((a - SHADOW_BASE) / SHADOW_GRANULE) as usize];
+            let bit = if write {
+                SHADOW_WRITE_RAM
+            } else {
+                SHADOW_READ_RAM
+            };
+            return Some(attr & bit != 0);
+        }
+        if self.smram_open && (SMRAM_BASE..SMRAM_END).contains(&a) {
+            return Some(true);
+        }
+        None
     }
 
     /// Guest RAM size in bytes.
@@ -176,6 +361,10 @@ impl PhysMem {
         let first = base / PAGE_SIZE;
         let last = (base.saturating_add(len).saturating_sub(1)) / PAGE_SIZE;
         for p in first..=last {
+            if self.shadow.is_some() && (SHADOW_BASE..SHADOW_END).contains(&(p * PAGE_SIZE)) {
+                // Shadow routing decides these pages, whatever is mapped under them.
+                continue;
+            }
             if let Some(s) = self.special.get_mut(p as usize) {
                 *s = 1;
             }
@@ -221,6 +410,17 @@ impl PhysMem {
         if page < self.special.len() && self.special[page] == 0 {
             return PhysKind::Ram;
         }
+        if let Some(read_ram) = self.route(addr, false) {
+            let write_ram = self.route(addr, true) == Some(true);
+            return match (read_ram, write_ram) {
+                (true, true) => PhysKind::Ram,
+                // Reads see fixed bytes (RAM nobody may write, or ROM): code can be
+                // translated from them; writes change nothing visible.
+                (true, false) => PhysKind::Rom,
+                (false, _) if self.rom_at(addr) => PhysKind::Rom,
+                (false, _) => PhysKind::Unassigned,
+            };
+        }
         // Watched memory reads and writes like RAM (no side effects).
         if self.watched.iter().any(|r| r.contains(addr)) {
             return PhysKind::Ram;
@@ -244,6 +444,12 @@ impl PhysMem {
         } else {
             PhysKind::Unassigned
         }
+    }
+
+    fn rom_at(&self, a: u64) -> bool {
+        self.roms
+            .iter()
+            .any(|r| a >= r.base && a - r.base < r.data.len() as u64)
     }
 
     /// Host pointer to the start of the RAM page holding `addr`, if that page is plain
@@ -340,6 +546,18 @@ impl PhysMem {
             data.copy_from_slice(&self.ram[off..off + data.len()]);
             return;
         }
+        if let Some(to_ram) = self.route(a, false) {
+            // Below 1 MiB, so inside RAM (the map has at least 1 MiB).
+            if to_ram && a + data.len() as u64 <= self.ram_size {
+                let off = a as usize;
+                data.copy_from_slice(&self.ram[off..off + data.len()]);
+                return;
+            }
+            if !to_ram {
+                self.read_rom(a, data);
+                return;
+            }
+        }
         if let Some(r) = self.watched.iter().find(|r| r.contains(a)) {
             let off = (a - r.base) as usize;
             let n = (r.mem.len() - off).min(data.len());
@@ -359,14 +577,9 @@ impl PhysMem {
                 return;
             }
         }
-        for r in self.roms.iter() {
-            if a >= r.base && a - r.base < r.data.len() as u64 {
-                for (i, b) in data.iter_mut().enumerate() {
-                    let o = (a - r.base) as usize + i;
-                    *b = r.data.get(o).copied().unwrap_or(0xff);
-                }
-                return;
-            }
+        if self.rom_at(a) {
+            self.read_rom(a, data);
+            return;
         }
         if a + data.len() as u64 <= self.ram_size {
             let off = a as usize;
@@ -376,12 +589,42 @@ impl PhysMem {
         }
     }
 
+    /// Reads the ROM at `a`; open bus (all ones) where none is mapped.
+    fn read_rom(&self, a: u64, data: &mut [u8]) {
+        match self
+            .roms
+            .iter()
+            .find(|r| a >= r.base && a - r.base < r.data.len() as u64)
+        {
+            Some(r) => {
+                for (i, b) in data.iter_mut().enumerate() {
+                    let o = (a - r.base) as usize + i;
+                    *b = r.data.get(o).copied().unwrap_or(0xff);
+                }
+            }
+            None => data.fill(0xff),
+        }
+    }
+
     fn write_in_page(&mut self, a: u64, data: &[u8]) {
         let page = (a / PAGE_SIZE) as usize;
         if page < self.special.len() && self.special[page] == 0 {
             self.note_code_write(page);
             let off = a as usize;
             self.ram[off..off + data.len()].copy_from_slice(data);
+            return;
+        }
+        if let Some(to_ram) = self.route(a, true) {
+            if to_ram && a + data.len() as u64 <= self.ram_size {
+                // Reads may come from ROM here (write-only shadow): then the bytes
+                // written are not the bytes code was decoded from, and the mark stays.
+                if self.route(a, false) == Some(true) {
+                    self.note_code_write(page);
+                }
+                let off = a as usize;
+                self.ram[off..off + data.len()].copy_from_slice(data);
+            }
+            // Writes to the ROM side of the shadow area vanish.
             return;
         }
         if let Some(r) = self.watched.iter_mut().find(|r| r.contains(a)) {
@@ -535,5 +778,132 @@ mod tests {
         m.write(0x2004, &[1]);
         assert_eq!(m.take_dirty_code(), vec![0x2000]);
         assert!(!m.is_code(0x2000));
+    }
+
+    fn rd(m: &mut PhysMem, a: u64) -> u8 {
+        let mut b = [0u8];
+        m.read(a, &mut b);
+        b[0]
+    }
+
+    /// i440FX datasheet 3.2.18 (PAM0-PAM6): with RE clear reads come from the ROM side,
+    /// with WE clear writes do not reach DRAM; each 16 KiB granule on its own.
+    #[test]
+    fn shadow_ram_routes_reads_and_writes_per_granule() {
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        // The BIOS alias at 0xE0000-0xFFFFF, as the firmware loader maps it.
+        m.add_rom(0xe_0000, vec![0x5a; 0x2_0000]);
+        m.write(0xf_0000, &[1]);
+        assert_eq!(rd(&mut m, 0xf_0000), 0x5a, "before routing: ROM covers RAM");
+        assert_eq!(m.kind(0xf_0000), PhysKind::Rom);
+        // Power-on PAM (all zero): ROM side everywhere; nothing mapped at 0xC0000.
+        m.set_shadow([0; SHADOW_GRANULES]);
+        assert_eq!(
+            rd(&mut m, 0xc_0000),
+            0xff,
+            "open bus under a disabled granule"
+        );
+        assert_eq!(m.kind(0xc_0000), PhysKind::Unassigned);
+        m.write(0xc_0000, &[7]);
+        assert_eq!(
+            m.ram()[0xc_0000],
+            0,
+            "a write to the PCI side does not reach RAM"
+        );
+        // Granule 12 (0xF0000) write-only: read ROM, write RAM (the copy-onto-itself mode).
+        let mut a = [0u8; SHADOW_GRANULES];
+        a[12] = SHADOW_WRITE_RAM;
+        m.set_shadow(a);
+        m.write(0xf_0010, &[0x11, 0x22]);
+        assert_eq!(rd(&mut m, 0xf_0010), 0x5a);
+        assert_eq!(&m.ram()[0xf_0010..0xf_0012], &[0x11, 0x22]);
+        assert_eq!(rd(&mut m, 0xf_4010), 0x5a, "granule 13 untouched");
+        // Read and write RAM: a plain RAM page (host fast path allowed).
+        a[12] = SHADOW_READ_RAM | SHADOW_WRITE_RAM;
+        m.set_shadow(a);
+        assert_eq!(rd(&mut m, 0xf_0011), 0x22);
+        assert_eq!(m.kind(0xf_0000), PhysKind::Ram);
+        assert!(m.ram_page_ptr(0xf_0000).is_some());
+        assert!(m.ram_page_ptr(0xf_4000).is_none());
+        // Read-only shadow: RAM reads, writes vanish.
+        a[12] = SHADOW_READ_RAM;
+        m.set_shadow(a);
+        m.write(0xf_0011, &[0x99]);
+        assert_eq!(rd(&mut m, 0xf_0011), 0x22);
+        assert_eq!(m.kind(0xf_0000), PhysKind::Rom);
+        assert!(m.ram_page_ptr(0xf_0000).is_none());
+        // A page-crossing read across granules 11 (ROM side) and 12 (RAM).
+        let mut b = [0u8; 2];
+        m.read(0xe_ffff, &mut b);
+        assert_eq!(b, [0x5a, 0x00]);
+    }
+
+    #[test]
+    fn shadow_changes_renew_the_epoch_and_report_changed_pages() {
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        let e0 = m.epoch();
+        let mut a = [0u8; SHADOW_GRANULES];
+        m.set_shadow(a);
+        assert_ne!(m.epoch(), e0);
+        assert_eq!(
+            m.take_dirty_code().len(),
+            64,
+            "every page of 0xC0000-0xFFFFF"
+        );
+        let e1 = m.epoch();
+        m.set_shadow(a);
+        assert_eq!(m.epoch(), e1, "no change, no new epoch");
+        // Only the write bit: reads see the same bytes, so no code is dropped.
+        a[3] = SHADOW_WRITE_RAM;
+        m.set_shadow(a);
+        assert_ne!(m.epoch(), e1);
+        assert!(m.take_dirty_code().is_empty());
+        a[3] |= SHADOW_READ_RAM;
+        m.set_shadow(a);
+        assert_eq!(
+            m.take_dirty_code(),
+            vec![0xc_c000, 0xc_d000, 0xc_e000, 0xc_f000]
+        );
+        // Code in a RAM-backed shadow page: a write reports it as usual.
+        assert!(m.mark_code(0xc_c000));
+        m.write(0xc_c004, &[1]);
+        assert_eq!(m.take_dirty_code(), vec![0xc_c000]);
+    }
+
+    struct Vga;
+    impl BusDevice for Vga {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x77);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// i440FX 3.2.23 (SMRAM): D_OPEN with G_SMRAME shows DRAM at 0xA0000-0xBFFFF.
+    #[test]
+    fn smram_open_shows_ram_under_the_vga_window() {
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        m.add_mmio(0xa_0000, 0x2_0000, Box::new(Vga));
+        assert_eq!(rd(&mut m, 0xb_8000), 0x77);
+        m.set_smram_open(true);
+        m.write(0xb_8000, &[3]);
+        assert_eq!(rd(&mut m, 0xb_8000), 3);
+        m.set_smram_open(false);
+        assert_eq!(rd(&mut m, 0xb_8000), 0x77);
+        assert_eq!(m.ram()[0xb_8000], 3);
+    }
+
+    #[test]
+    fn jobs_run_once_on_the_map() {
+        let mut m = PhysMem::new(2 << 20).unwrap();
+        let q = m.jobs();
+        m.run_jobs();
+        q.push(Box::new(|m: &mut PhysMem| m.write(0x100, &[0xab])));
+        let q2 = q.clone();
+        q.push(Box::new(move |_m: &mut PhysMem| {
+            q2.push(Box::new(|m: &mut PhysMem| m.write(0x101, &[0xcd])))
+        }));
+        assert_eq!(m.ram()[0x100], 0, "nothing runs before run_jobs");
+        m.run_jobs();
+        assert_eq!(&m.ram()[0x100..0x102], &[0xab, 0xcd]);
     }
 }

@@ -601,6 +601,8 @@ impl Cpu {
         self.io_permission(port, size)?;
         let v = self.reg_read(i.op1_register());
         self.io.io_write(port, size as u8, v as u32);
+        // Devices may have asked for a map change or DMA: done before the next instruction.
+        self.mmu.phys.run_jobs();
         Ok(())
     }
 }

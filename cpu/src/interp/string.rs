@@ -326,6 +326,7 @@ impl Cpu {
                 self.io_permission(port, size)?;
                 let v = self.read_mem(src, si, size)?;
                 self.io.io_write(port, size as u8, v as u32);
+                self.mmu.phys.run_jobs();
                 self.str_advance(reg::RSI, size, a32);
             }
         }
