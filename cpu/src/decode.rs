@@ -90,55 +90,79 @@ impl DecodeCache {
 
 impl Cpu {
     /// Fetches and decodes the instruction at CS:EIP, leaving EIP pointing past it.
+    #[cfg(test)]
     pub(crate) fn fetch_decode(&mut self) -> Res<Instruction> {
-        if self.mmu.phys.has_dirty_code() {
-            for p in self.mmu.phys.take_dirty_code() {
-                self.dcache.invalidate_page(p);
-            }
+        let mut i = Instruction::default();
+        self.fetch_into(&mut i)?;
+        Ok(i)
+    }
+
+    /// Drops the decoded instructions of pages whose code was overwritten.
+    #[cold]
+    #[inline(never)]
+    fn drain_dirty_code(&mut self) {
+        for p in self.mmu.phys.take_dirty_code() {
+            self.dcache.invalidate_page(p);
         }
-        let bitness = if self.s.code32() { 32 } else { 16 };
-        let cs = self.s.seg[SegReg::Cs as usize];
-        let eip = if bitness == 32 {
+    }
+
+    /// [`Cpu::fetch_decode`] into `out` (the hot path of the step loop: the 40-byte
+    /// instruction is copied once, from the cache entry into the caller's slot, rather
+    /// than moved through a `Result`). `out` is unspecified on `Err`.
+    #[inline]
+    pub(crate) fn fetch_into(&mut self, out: &mut Instruction) -> Res<()> {
+        if self.mmu.phys.has_dirty_code() {
+            self.drain_dirty_code();
+        }
+        let code32 = self.s.code32();
+        let bitness = if code32 { 32 } else { 16 };
+        let (cs_base, cs_limit) = {
+            let cs = &self.s.seg[SegReg::Cs as usize];
+            (cs.base, cs.limit)
+        };
+        let eip = if code32 {
             self.s.rip as u32
         } else {
             self.s.rip as u16 as u32
         };
-        if eip > cs.limit {
+        if eip > cs_limit {
             return Err(Exception::gp(0));
         }
-        let lin = cs.base.wrapping_add(eip as u64) & 0xffff_ffff;
+        let lin = cs_base.wrapping_add(eip as u64) & 0xffff_ffff;
         let user = self.s.cpl == 3;
-        let phys = self
-            .mmu
-            .translate(lin, Access::Fetch, user)
-            .map_err(|pf| self.page_fault(pf))?;
+        let phys = match self.mmu.translate(lin, Access::Fetch, user) {
+            Ok(p) => p,
+            Err(pf) => return Err(self.page_fault(pf)),
+        };
         let idx = DecodeCache::index(phys);
         let e = &self.dcache.entries[idx];
-        let instr = if e.phys == phys
+        if e.phys == phys
             && e.eip == eip
             && e.bitness == bitness
             && e.generation == self.dcache.page_gen(phys)
         {
             self.stats.decode_hits += 1;
-            e.instr
+            *out = e.instr;
         } else {
             self.stats.decode_misses += 1;
-            self.decode_miss(lin, phys, eip, bitness, user)?
-        };
-        let len = instr.len() as u32;
+            *out = self.decode_miss(lin, phys, eip, bitness, user)?;
+        }
+        let len = out.len() as u32;
         let last = eip as u64 + len as u64 - 1;
-        if last > cs.limit as u64 {
+        if last > cs_limit as u64 {
             return Err(Exception::gp(0));
         }
         let next = eip.wrapping_add(len);
-        self.s.rip = if bitness == 32 {
+        self.s.rip = if code32 {
             next as u64
         } else {
             (next & 0xffff) as u64
         };
-        Ok(instr)
+        Ok(())
     }
 
+    #[cold]
+    #[inline(never)]
     fn decode_miss(
         &mut self,
         lin: u64,

@@ -166,17 +166,11 @@ impl Cpu {
         if self.s.inhibit_irq {
             self.s.inhibit_irq = false;
         } else if self.ev.nmi_pending && !self.s.nmi_blocked {
-            self.ev.nmi_pending = false;
-            self.s.nmi_blocked = true;
-            self.s.halted = false;
-            return self.deliver_event(exception::vec::NMI, interrupts::IntKind::Nmi, None);
+            return self.take_nmi();
         } else if self.s.eflags_raw & state::IF != 0 {
             if let Some(intr) = self.intr.as_mut() {
                 if intr.pending() {
-                    let v = intr.acknowledge();
-                    self.s.halted = false;
-                    self.stats.interrupts += 1;
-                    return self.deliver_event(v, interrupts::IntKind::External, None);
+                    return self.take_external_interrupt();
                 }
             }
         }
@@ -185,11 +179,8 @@ impl Cpu {
         }
         self.start_rip = self.s.rip;
         if self.s.dr[7] & 0xff != 0 && self.s.eflags_raw & state::RF == 0 {
-            let hit = self.code_breakpoints();
-            if hit != 0 {
-                // Instruction breakpoint: a fault before the instruction runs.
-                self.s.dr[6] = (self.s.dr[6] & !0xf) | hit;
-                return self.raise(Exception::new(exception::vec::DB));
+            if let Some(ev) = self.check_code_breakpoints() {
+                return ev;
             }
         }
         let tf = self.s.eflags_raw & state::TF != 0;
@@ -197,8 +188,9 @@ impl Cpu {
         self.ev.inhibit_trap = false;
         self.ev.suppress_trap = false;
         self.ev.flags_loaded = false;
-        let r = match self.fetch_decode() {
-            Ok(i) => self.execute(&i),
+        let mut i = iced_x86::Instruction::default();
+        let r = match self.fetch_into(&mut i) {
+            Ok(()) => self.execute(&i),
             Err(e) => Err(e),
         };
         match r {
@@ -226,6 +218,43 @@ impl Cpu {
         }
     }
 
+    /// Delivers a pending NMI (the step loop's rare path).
+    #[cold]
+    #[inline(never)]
+    fn take_nmi(&mut self) -> StepEvent {
+        self.ev.nmi_pending = false;
+        self.s.nmi_blocked = true;
+        self.s.halted = false;
+        self.deliver_event(exception::vec::NMI, interrupts::IntKind::Nmi, None)
+    }
+
+    /// Acknowledges and delivers the external interrupt the controller asserts.
+    #[cold]
+    #[inline(never)]
+    fn take_external_interrupt(&mut self) -> StepEvent {
+        let v = match self.intr.as_mut() {
+            Some(intr) => intr.acknowledge(),
+            None => return StepEvent::Ok,
+        };
+        self.s.halted = false;
+        self.stats.interrupts += 1;
+        self.deliver_event(v, interrupts::IntKind::External, None)
+    }
+
+    /// Instruction breakpoints (DR0-DR3 with DR7 enables): the #DB fault raised before
+    /// the instruction runs, if one matches.
+    #[cold]
+    #[inline(never)]
+    fn check_code_breakpoints(&mut self) -> Option<StepEvent> {
+        let hit = self.code_breakpoints();
+        if hit != 0 {
+            // Instruction breakpoint: a fault before the instruction runs.
+            self.s.dr[6] = (self.s.dr[6] & !0xf) | hit;
+            return Some(self.raise(Exception::new(exception::vec::DB)));
+        }
+        None
+    }
+
     /// Runs up to `n` instructions; stops early on HLT or a triple fault.
     pub fn run(&mut self, n: u64) -> StepEvent {
         for _ in 0..n {
@@ -242,8 +271,9 @@ impl Cpu {
     /// HLT and the TF trap are ignored. For differential testing (testsuite `hostdiff`).
     pub fn try_step(&mut self) -> Res<()> {
         self.start_rip = self.s.rip;
-        let r = match self.fetch_decode() {
-            Ok(i) => self.execute(&i),
+        let mut i = iced_x86::Instruction::default();
+        let r = match self.fetch_into(&mut i) {
+            Ok(()) => self.execute(&i),
             Err(e) => Err(e),
         };
         match r {
@@ -269,6 +299,7 @@ impl Cpu {
 
     /// Delivers an exception raised by an instruction (whose state has been rolled back
     /// to the instruction start), applying the double- and triple-fault rules.
+    #[inline(never)]
     pub fn raise(&mut self, e: Exception) -> StepEvent {
         self.stats.exceptions += 1;
         self.deliver_event(e.vector, interrupts::IntKind::Exception, e.error_code)

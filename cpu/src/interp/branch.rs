@@ -23,6 +23,7 @@ impl Cpu {
     }
 
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_branch(&mut self, i: &Instruction) -> Option<Res<()>> {
         use Mnemonic as M;
         Some(match i.mnemonic() {

@@ -15,6 +15,7 @@ const IRET_REAL_MASK: u32 = 0x0025_7fd5;
 
 impl Cpu {
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_control(&mut self, i: &Instruction) -> Option<Res<()>> {
         Some(match i.code() {
             Code::Mov_Sreg_rm16 | Code::Mov_Sreg_r32m16 => self.mov_sreg(i),

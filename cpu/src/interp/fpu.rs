@@ -43,6 +43,7 @@ fn sti(r: Register) -> usize {
 
 impl Cpu {
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_fpu(&mut self, i: &Instruction) -> Option<Res<()>> {
         use Mnemonic::*;
         let m = i.mnemonic();

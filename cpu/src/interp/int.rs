@@ -74,6 +74,7 @@ impl Cpu {
     }
 
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_int(&mut self, i: &Instruction) -> Option<Res<()>> {
         use Mnemonic as M;
         let m = i.mnemonic();

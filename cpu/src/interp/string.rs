@@ -33,6 +33,7 @@ enum Kind {
 
 impl Cpu {
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_string(&mut self, i: &Instruction) -> Option<Res<()>> {
         use Mnemonic as M;
         let (kind, size) = match i.mnemonic() {

@@ -174,6 +174,7 @@ impl Cpu {
     }
 
     /// Executes the instruction if it belongs to this group.
+    #[inline(never)]
     pub(crate) fn exec_system(&mut self, i: &Instruction) -> Option<Res<()>> {
         Some(match i.mnemonic() {
             Mnemonic::Hlt => {
