@@ -108,6 +108,11 @@ pub struct JitCtx {
     /// Scratch word of block code (PUSH m32 keeps the loaded value here across the
     /// push's probe).
     pub scratch: u64,
+    /// PDEP mask of the flag-free probe: deposits a page number's TLB index bits
+    /// where they select a [`TlbEntry`] (index times the entry size).
+    pub idx_mask: u64,
+    /// PDEP mask of the flag-free probe: deposits a page number as a page address.
+    pub page_mask: u64,
 }
 
 impl Default for JitCtx {
@@ -129,6 +134,8 @@ impl Default for JitCtx {
             interp_calls: vec![0; iced_x86::Mnemonic::values().count()],
             interp_exits: 0,
             scratch: 0,
+            idx_mask: ((TLB_SIZE - 1) << TLB_ENTRY_SHIFT) as u64,
+            page_mask: morph86_mmu::tlb::PAGE_MASK,
         }
     }
 }
@@ -258,6 +265,8 @@ const OFF_EXIT: i32 = offset_of!(JitCtx, exit) as i32;
 const OFF_TLB: i32 = offset_of!(JitCtx, tlb) as i32;
 const OFF_RAM: i32 = offset_of!(JitCtx, ram_base) as i32;
 const OFF_IND: i32 = offset_of!(JitCtx, ind) as i32;
+const OFF_IDX_MASK: i32 = offset_of!(JitCtx, idx_mask) as i32;
+const OFF_PAGE_MASK: i32 = offset_of!(JitCtx, page_mask) as i32;
 const TLB_TAG_FETCH: i32 = TlbEntry::OFFSET_FETCH as i32;
 const TLB_TAG_READ: i32 = TlbEntry::OFFSET_READ as i32;
 const TLB_TAG_WRITE: i32 = TlbEntry::OFFSET_WRITE as i32;
@@ -570,6 +579,8 @@ pub struct Targets {
     pub tlb_set: i32,
     /// The block's mode bits (part of the indirect-branch key).
     pub mode: u8,
+    /// Use [`probe_flag_free`] (the host has BMI2) where the flags are in host EFLAGS.
+    pub flag_free: bool,
 }
 
 /// Indirect branch to the guest EIP in r11d: store it as EIP, find the target's
@@ -719,6 +730,9 @@ struct Slow {
     resume: DynamicLabel,
     eip: u32,
     not_retired: u32,
+    /// Reached from [`probe_flag_free`]: guest flags in host EFLAGS, guest RCX in r9.
+    /// Otherwise the guest flags are in r9 and host EFLAGS are clobbered.
+    flag_free: bool,
 }
 
 /// The inline TLB probe: r13 = linear address in, host address out; misses go to
@@ -738,6 +752,53 @@ fn probe(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: DynamicLabel
         ; cmp r11, QWORD [r10 + tag]
         ; jne =>slow
         ; add r13, QWORD [r10 + addend]
+    );
+}
+
+/// The inline TLB probe without touching EFLAGS (BMI2): r13 = linear address in, host
+/// address out; misses go to `slow` with the guest RCX in r9 (the slow stub puts it
+/// back). Clobbers r9, r10, r11; the guest flags stay in host EFLAGS throughout, so
+/// nothing needs saving before it and a fault on the slow path sees them exact.
+///
+/// Only MOV, LEA, RORX, PDEP, NOT, JRCXZ and JMP, none of which writes EFLAGS:
+/// ```text
+/// r11 = rorx(r13, 12)                    ; low 32 bits: page number of the first byte
+/// r10 = tlb + pdep(r11d, idx_mask)       ; its entry (index << TLB_ENTRY_SHIFT)
+/// r11 = ~pdep(rorx(r13 + last, 12), page_mask)   ; NOT of the last byte's page address
+/// rcx = tag + r11 + 1                    ; tag - page: 0 exactly on a hit
+/// jrcxz hit ; jmp slow                   ; (JRCXZ reaches only 127 bytes)
+/// ```
+fn probe_flag_free(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: DynamicLabel) {
+    let tag = tlb_set + if write { TLB_TAG_WRITE } else { TLB_TAG_READ };
+    let addend = tlb_set + TLB_ADDEND;
+    let last = size as i32 - 1;
+    dynasm!(ops
+        ; .arch x64
+        ; rorx r11, r13, 12
+        ; pdep r10d, r11d, DWORD [r12 + OFF_IDX_MASK]
+    );
+    if last != 0 {
+        dynasm!(ops
+            ; .arch x64
+            ; lea r11, [r13 + last]
+            ; rorx r11, r11, 12
+        );
+    }
+    dynasm!(ops
+        ; .arch x64
+        ; pdep r11, r11, QWORD [r12 + OFF_PAGE_MASK]
+        ; not r11
+        ; mov r9, rcx
+        ; mov rcx, QWORD [r12 + OFF_TLB]
+        ; lea r10, [rcx + r10]
+        ; mov rcx, QWORD [r10 + tag]
+        ; lea rcx, [rcx + r11 + 1]
+        ; jrcxz >hit
+        ; jmp =>slow
+        ; hit:
+        ; mov rcx, r9
+        ; mov r11, QWORD [r10 + addend]
+        ; lea r13, [r13 + r11]
     );
 }
 
@@ -848,24 +909,35 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 resume: res,
                 eip,
                 not_retired,
+                flag_free: false,
             });
             resume = Some(res);
         }
+        // The flag-free probe needs the guest flags in host EFLAGS (its slow path
+        // spills them from there); FLDCW's guard jumps to the slow path after a TEST.
+        let flag_free = t.flag_free && fs.host && !crate::x87::needs_fldcw_guard(&g.instr);
         if let Some((ea, size, write)) = mem {
-            if !fs.saved {
+            if !flag_free && !fs.saved {
                 save_flags(&mut ops);
                 fs.saved = true;
             }
             ops.extend(ea.iter());
             let label = ops.new_dynamic_label();
             let r = ops.new_dynamic_label();
-            probe(&mut ops, size, write, t.tlb_set, label);
-            fs.host = false;
+            if flag_free {
+                probe_flag_free(&mut ops, size, write, t.tlb_set, label);
+                // r9 now holds guest RCX's copy, no longer the flags.
+                fs.saved = false;
+            } else {
+                probe(&mut ops, size, write, t.tlb_set, label);
+                fs.host = false;
+            }
             slows.push(Slow {
                 label,
                 resume: r,
                 eip,
                 not_retired,
+                flag_free,
             });
             resume = Some(r);
         }
@@ -906,12 +978,17 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                         ; lea r13d, [r8 - 4]
                     );
                     let label = ops.new_dynamic_label();
-                    probe(&mut ops, 4, true, t.tlb_set, label);
+                    if flag_free {
+                        probe_flag_free(&mut ops, 4, true, t.tlb_set, label);
+                    } else {
+                        probe(&mut ops, 4, true, t.tlb_set, label);
+                    }
                     slows.push(Slow {
                         label,
                         resume: r,
                         eip,
                         not_retired,
+                        flag_free,
                     });
                     dynasm!(ops
                         ; .arch x64
@@ -1073,10 +1150,17 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         );
         jmp_abs(&mut ops, base, exit_addr);
     }
-    // Out-of-line slow paths: guest flags are in r9 (saved before the probe).
+    // Out-of-line slow paths. After a flag-free probe the guest flags are in host
+    // EFLAGS and guest RCX in r9, and the code at the resume point expects the flags in
+    // host EFLAGS (the trampoline's reload puts them there); otherwise they are in r9
+    // (saved before the probe) and expected there.
     for sl in &slows {
         dynasm!(ops ; .arch x64 ; =>sl.label);
-        restore_flags(&mut ops);
+        if sl.flag_free {
+            dynasm!(ops ; .arch x64 ; mov rcx, r9);
+        } else {
+            restore_flags(&mut ops);
+        }
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r15 + OFF_RIP], sl.eip as i32
@@ -1084,7 +1168,9 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         );
         crate::x87::emit_call_hint(&mut ops, plan, t.mode, sl.eip);
         call_abs(&mut ops, base, t.slow);
-        save_flags(&mut ops);
+        if !sl.flag_free {
+            save_flags(&mut ops);
+        }
         dynasm!(ops ; .arch x64 ; jmp =>sl.resume);
     }
     dynasm!(ops ; .arch x64 ; =>reentry);

@@ -223,6 +223,11 @@ pub struct Jit {
     /// Translate blocks of one guest instruction each (for per-instruction differential
     /// testing through [`Jit::step_block`]).
     pub one_insn_blocks: bool,
+    /// Memory accesses use the TLB probe that leaves EFLAGS alone (needs BMI2) instead
+    /// of saving the flags with LAHF/SETO first. Off by default: on the Zen 4 host it
+    /// measured 1.35-1.45x slower than the saving probe on a load/ALU loop
+    /// (`bench_probe` in tests.rs). Changing it affects blocks translated afterwards.
+    pub flag_free_probe: bool,
     stop: Arc<AtomicBool>,
     /// `PhysMem::epoch` the cached blocks were made under.
     epoch: u64,
@@ -326,6 +331,7 @@ impl Jit {
             dump_blocks: false,
             check: None,
             one_insn_blocks: false,
+            flag_free_probe: false,
             stop: Arc::new(AtomicBool::new(false)),
             epoch: 0,
         })
@@ -741,6 +747,7 @@ impl Jit {
                 0
             },
             mode: key.1,
+            flag_free: self.flag_free_probe,
         };
         let Some(em) = emit::emit_block(&plan, base, &ids, &tgt) else {
             log::error!("jit: cannot assemble block at {eip:#x}; interpreting");

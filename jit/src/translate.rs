@@ -482,13 +482,19 @@ pub fn mem_ea(i: &Instruction, fs_gs: u8) -> Option<Vec<u8>> {
     }
     let mut ea = ea_bytes(b, x, i.memory_index_scale(), i.memory_displacement32())?;
     if let Some(sr) = seg_add {
-        // add r13d, [r15 + seg[sr].base]: the 32-bit linear address wraps like the CPU's.
+        // mov r11d, [r15 + seg[sr].base] ; lea r13d, [r13 + r11]: the 32-bit linear
+        // address wraps like the CPU's, and EFLAGS stay untouched (the flag-free probe
+        // relies on that).
         let disp = std::mem::offset_of!(CpuState, seg)
             + sr as usize * std::mem::size_of::<Segment>()
             + std::mem::offset_of!(Segment, base);
         let m = iced_x86::MemoryOperand::with_base_displ(Register::R15, disp as i64);
         ea.extend(encode64(
-            &Instruction::with2(Code::Add_r32_rm32, Register::R13D, m).ok()?,
+            &Instruction::with2(Code::Mov_r32_rm32, Register::R11D, m).ok()?,
+        )?);
+        let sum = iced_x86::MemoryOperand::with_base_index(Register::R13, Register::R11);
+        ea.extend(encode64(
+            &Instruction::with2(Code::Lea_r32_m, Register::R13D, sum).ok()?,
         )?);
     }
     Some(ea)
