@@ -42,12 +42,28 @@ pub mod vec {
 }
 
 /// A fault or trap raised by an instruction, with its error code if the vector has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Packed into 8 bytes (vector, has-code flag, code) rather than `u8` plus
+/// `Option<u32>` (12 bytes): then `Res<()>` (and `Option<Res<()>>`) fit one register,
+/// which every instruction handler returns; a 12-byte result goes through memory and
+/// costs a store-forwarding stall per return.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Exception {
     /// Vector number.
     pub vector: u8,
-    /// Error code pushed on delivery (vectors 8, 10-14, 17).
-    pub error_code: Option<u32>,
+    /// Whether the exception pushes an error code.
+    has_code: bool,
+    /// The error code (0 when `has_code` is false).
+    code: u32,
+}
+
+impl std::fmt::Debug for Exception {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exception")
+            .field("vector", &self.vector)
+            .field("error_code", &self.error_code())
+            .finish()
+    }
 }
 
 /// Result of anything that may raise an exception.
@@ -58,14 +74,25 @@ impl Exception {
     pub const fn new(vector: u8) -> Self {
         Exception {
             vector,
-            error_code: None,
+            has_code: false,
+            code: 0,
         }
     }
     /// An exception with an error code.
     pub const fn with_code(vector: u8, code: u32) -> Self {
         Exception {
             vector,
-            error_code: Some(code),
+            has_code: true,
+            code,
+        }
+    }
+    /// Error code pushed on delivery (vectors 8, 10-14, 17), if any.
+    #[inline]
+    pub const fn error_code(&self) -> Option<u32> {
+        if self.has_code {
+            Some(self.code)
+        } else {
+            None
         }
     }
     /// #UD.
@@ -134,4 +161,29 @@ pub fn makes_double_fault(first: FaultClass, second: FaultClass) -> bool {
         (first, second),
         (Contributory, Contributory) | (PageFault, Contributory) | (PageFault, PageFault)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout the hot path relies on: a handler's `Res<()>` and a group's
+    /// `Option<Res<()>>` are one 8-byte register.
+    #[test]
+    fn results_fit_one_register() {
+        assert_eq!(std::mem::size_of::<Exception>(), 8);
+        assert_eq!(std::mem::size_of::<Res<()>>(), 8);
+        assert_eq!(std::mem::size_of::<Option<Res<()>>>(), 8);
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        assert_eq!(Exception::gp(0x1234).error_code(), Some(0x1234));
+        assert_eq!(Exception::ud().error_code(), None);
+        assert_ne!(Exception::gp(0), Exception::new(vec::GP));
+        assert_eq!(
+            format!("{:?}", Exception::gp(8)),
+            "Exception { vector: 13, error_code: Some(8) }"
+        );
+    }
 }

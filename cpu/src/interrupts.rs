@@ -45,7 +45,7 @@ fn is_fault_vector(v: u8) -> bool {
 /// Sets the EXT bit (bit 0) in the error code of a fault raised while delivering an
 /// event external to the program (SDM vol. 3, 6.13). Page faults have no EXT bit.
 fn with_ext(e: Exception, ext: u32) -> Exception {
-    match e.error_code {
+    match e.error_code() {
         Some(c) if e.vector != vec::PF => Exception::with_code(e.vector, c | ext),
         _ => e,
     }
@@ -104,7 +104,7 @@ impl Cpu {
                     if makes_double_fault(first, e2.class()) {
                         cur = (vec::DF, IntKind::Exception, Some(0));
                     } else {
-                        cur = (e2.vector, IntKind::Exception, e2.error_code);
+                        cur = (e2.vector, IntKind::Exception, e2.error_code());
                     }
                 }
             }

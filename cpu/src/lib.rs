@@ -302,7 +302,7 @@ impl Cpu {
     #[inline(never)]
     pub fn raise(&mut self, e: Exception) -> StepEvent {
         self.stats.exceptions += 1;
-        self.deliver_event(e.vector, interrupts::IntKind::Exception, e.error_code)
+        self.deliver_event(e.vector, interrupts::IntKind::Exception, e.error_code())
     }
 
     /// Takes the physical pages whose code was overwritten since the last call (as

@@ -11,14 +11,15 @@ use morph86_mmu::{Access, PageFault};
 
 impl Cpu {
     /// Converts an MMU page fault into #PF, recording CR2.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(crate) fn page_fault(&mut self, pf: PageFault) -> Exception {
         self.s.cr2 = pf.linear;
         Exception::pf(pf.error_code)
     }
 
     /// Whether data accesses are made with user privilege (CPL 3).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn user(&self) -> bool {
         self.s.cpl == 3
     }
@@ -26,7 +27,7 @@ impl Cpu {
     /// The linear address of `size` bytes at `seg:off`, after the checks a
     /// data access of that kind needs. `off` must already be truncated to the
     /// address size.
-    #[inline]
+    #[inline(always)]
     pub fn seg_linear(&self, seg: SegReg, off: u32, size: u32, write: bool) -> Res<u64> {
         let sc = &self.s.seg[seg as usize];
         let fault = || {
@@ -75,14 +76,14 @@ impl Cpu {
     }
 
     /// Reads `size` (1, 2, 4, 8) bytes at `seg:off`.
-    #[inline]
+    #[inline(always)]
     pub fn read_mem(&mut self, seg: SegReg, off: u32, size: u32) -> Res<u64> {
         let lin = self.seg_linear(seg, off, size, false)?;
         self.read_lin(lin, size, self.user())
     }
 
     /// Writes `size` (1, 2, 4, 8) bytes at `seg:off`.
-    #[inline]
+    #[inline(always)]
     pub fn write_mem(&mut self, seg: SegReg, off: u32, size: u32, v: u64) -> Res<()> {
         let lin = self.seg_linear(seg, off, size, true)?;
         self.write_lin(lin, size, v, self.user())
@@ -99,7 +100,7 @@ impl Cpu {
     }
 
     /// Reads `size` bytes at a linear address with the given privilege.
-    #[inline]
+    #[inline(always)]
     pub fn read_lin(&mut self, lin: u64, size: u32, user: bool) -> Res<u64> {
         let r = match size {
             1 => self.mmu.read_u8(lin, user).map(u64::from),
@@ -118,7 +119,7 @@ impl Cpu {
     }
 
     /// Writes `size` bytes at a linear address with the given privilege.
-    #[inline]
+    #[inline(always)]
     pub fn write_lin(&mut self, lin: u64, size: u32, v: u64, user: bool) -> Res<()> {
         let r = match size {
             1 => self.mmu.write_u8(lin, v as u8, user),

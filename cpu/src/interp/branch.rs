@@ -176,7 +176,7 @@ mod tests {
         let mut c = flat32(&[0xe9, 0x00, 0x10, 0x00, 0x00]);
         c.s.seg[SegReg::Cs as usize].limit = 0x1fff;
         let e = exec(&mut c).unwrap_err();
-        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!((e.vector, e.error_code()), (vec::GP, Some(0)));
         assert_eq!(c.s.rip, FLAT_CODE);
         // jmp rel16 with an operand-size prefix in 32-bit code truncates EIP to 16 bits.
         let mut c = flat32(&[0x66, 0xe9, 0x00, 0x00]);

@@ -30,7 +30,7 @@ pub(crate) fn sext(v: u64, size: u32) -> i64 {
 
 impl Cpu {
     /// Resolves operand `n` (a register or memory operand) into a [`Loc`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loc(&self, i: &Instruction, n: u32) -> Loc {
         match i.op_kind(n) {
             OpKind::Register => Loc::Reg(i.op_register(n)),
@@ -39,7 +39,7 @@ impl Cpu {
     }
 
     /// Reads `size` bytes from a [`Loc`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loc_read(&mut self, l: Loc, size: u32) -> Res<u64> {
         match l {
             Loc::Reg(r) => Ok(self.reg_read(r)),
@@ -50,7 +50,7 @@ impl Cpu {
     /// Reads the destination of a read-modify-write: a memory operand gets the
     /// segment checks of a write (so a write to a read-only segment is #GP before any
     /// page fault of the read), then is read.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loc_read_rmw(&mut self, l: Loc, size: u32) -> Res<u64> {
         match l {
             Loc::Reg(r) => Ok(self.reg_read(r)),
@@ -62,7 +62,7 @@ impl Cpu {
     }
 
     /// Writes `size` bytes to a [`Loc`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loc_write(&mut self, l: Loc, size: u32, v: u64) -> Res<()> {
         match l {
             Loc::Reg(r) => {
@@ -685,7 +685,7 @@ mod tests {
         c.s.gpr[reg::RAX] = 7;
         c.s.set_eflags(FLAG_1 | ZF);
         let e = exec(&mut c).unwrap_err();
-        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!((e.vector, e.error_code()), (vec::GP, Some(0)));
         assert_eq!(c.s.eflags(), FLAG_1 | ZF);
         assert_eq!(c.s.rip, FLAT_CODE);
     }
@@ -697,7 +697,7 @@ mod tests {
         c.s.gpr[reg::RBX] = 0x3000;
         poke(&mut c, 0x3000, 4, 1);
         let e = exec(&mut c).unwrap_err();
-        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!((e.vector, e.error_code()), (vec::GP, Some(0)));
         assert_eq!(peek(&mut c, 0x3000, 4), 1);
         // cmp cs:[ebx], eax only reads: fine.
         let mut c = flat32(&[0x2e, 0x39, 0x03]);
@@ -831,7 +831,7 @@ mod tests {
         c.s.set_eflags(FLAG_1 | AC);
         c.s.cpl = 3;
         let e = exec(&mut c).unwrap_err();
-        assert_eq!((e.vector, e.error_code), (vec::AC, Some(0)));
+        assert_eq!((e.vector, e.error_code()), (vec::AC, Some(0)));
         assert_eq!(
             (c.s.gpr[reg::RSP], c.s.gpr[reg::RBP]),
             (0x7ffa, 0xabcd_7ffe)

@@ -7,8 +7,20 @@ use crate::Cpu;
 use iced_x86::{Instruction, OpKind, Register};
 
 /// Where an iced general-purpose register lives: (GPR index, size in bytes, high byte).
-#[inline]
+#[inline(always)]
 pub(crate) fn gpr_of(r: Register) -> (usize, u32, bool) {
+    let e = GPR_TABLE[r as usize];
+    if e != 0 {
+        ((e & 0xf) as usize, ((e >> 4) & 0xf) as u32, e & 0x100 != 0)
+    } else {
+        gpr_of_slow(r)
+    }
+}
+
+/// [`gpr_of`] for registers outside the table (not general-purpose registers).
+#[cold]
+#[inline(never)]
+fn gpr_of_slow(r: Register) -> (usize, u32, bool) {
     let n = r.number();
     match r.size() {
         1 => {
@@ -22,6 +34,32 @@ pub(crate) fn gpr_of(r: Register) -> (usize, u32, bool) {
         }
         s => (n, s as u32, false),
     }
+}
+
+/// [`gpr_of`] precomputed for every iced `Register` value: bits 0-3 the GPR index,
+/// bits 4-7 the size in bytes, bit 8 "high byte" (AH..BH); 0 for registers that are
+/// not general-purpose. Built from iced's register numbering (AL..BL, AH..BH,
+/// SPL..R15L, AX..R15W, EAX..R15D, RAX..R15 in that order); a unit test checks it
+/// against iced's own `number()`/`size()` for every register.
+static GPR_TABLE: [u16; 256] = build_gpr_table();
+
+const fn build_gpr_table() -> [u16; 256] {
+    let mut t = [0u16; 256];
+    let mut k = 0usize;
+    while k < 16 {
+        // AL, CL, DL, BL then SPL..R15L (AH..BH sit between them).
+        if k < 4 {
+            t[Register::AL as usize + k] = k as u16 | (1 << 4);
+            t[Register::AH as usize + k] = k as u16 | (1 << 4) | 0x100;
+        } else {
+            t[Register::SPL as usize + k - 4] = k as u16 | (1 << 4);
+        }
+        t[Register::AX as usize + k] = k as u16 | (2 << 4);
+        t[Register::EAX as usize + k] = k as u16 | (4 << 4);
+        t[Register::RAX as usize + k] = k as u16 | (8 << 4);
+        k += 1;
+    }
+    t
 }
 
 /// The segment register an iced segment `Register` names.
@@ -39,7 +77,7 @@ pub(crate) fn sreg_of(r: Register) -> SegReg {
 
 impl Cpu {
     /// Reads a general-purpose register (zero-extended).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg_read(&self, r: Register) -> u64 {
         let (n, size, high) = gpr_of(r);
         if high {
@@ -50,7 +88,7 @@ impl Cpu {
     }
 
     /// Writes a general-purpose register at its own size (32-bit writes clear bits 32-63).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg_write(&mut self, r: Register, v: u64) {
         let (n, size, high) = gpr_of(r);
         if high {
@@ -61,7 +99,7 @@ impl Cpu {
     }
 
     /// Address size of the instruction's memory operand, in bytes (2 or 4).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn addr_size(&self, i: &Instruction) -> u32 {
         let b = i.memory_base();
         if b != Register::None {
@@ -86,7 +124,7 @@ impl Cpu {
 
     /// The offset (effective address) of the instruction's memory operand, truncated to
     /// the address size.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn ea(&self, i: &Instruction) -> u32 {
         let mut a = i.memory_displacement64();
         let b = i.memory_base();
@@ -105,13 +143,13 @@ impl Cpu {
     }
 
     /// The segment of the instruction's memory operand (override or default).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn mem_seg(&self, i: &Instruction) -> SegReg {
         sreg_of(i.memory_segment())
     }
 
     /// Size in bytes of operand `n`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn op_size(&self, i: &Instruction, n: u32) -> u32 {
         match i.op_kind(n) {
             OpKind::Register => i.op_register(n).size() as u32,
@@ -124,7 +162,7 @@ impl Cpu {
     }
 
     /// Reads operand `n` (register, immediate or memory), zero-extended to 64 bits.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_op(&mut self, i: &Instruction, n: u32) -> Res<u64> {
         match i.op_kind(n) {
             OpKind::Register => Ok(self.reg_read(i.op_register(n))),
@@ -147,7 +185,7 @@ impl Cpu {
     }
 
     /// Writes operand `n` (register or memory) at its size.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, v: u64) -> Res<()> {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -167,8 +205,43 @@ impl Cpu {
     }
 
     /// Operand size of the instruction in bytes, taken from operand 0 (2 or 4 for most).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn osize(&self, i: &Instruction) -> u32 {
         self.op_size(i, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table agrees with iced's own register metadata for every GPR.
+    #[test]
+    fn gpr_table_matches_iced() {
+        let mut seen = 0;
+        for r in Register::values() {
+            if !r.is_gpr() {
+                assert_eq!(GPR_TABLE[r as usize], 0, "{r:?}");
+                continue;
+            }
+            seen += 1;
+            let n = r.number();
+            let want = if r.size() == 1 && (4..8).contains(&n) && r.is_gpr8() {
+                // iced numbers AH..BH 4..7 and SPL..DIL 8..11.
+                (n - 4, 1, true)
+            } else if r.size() == 1 && n >= 8 {
+                (n - 4, 1, false)
+            } else {
+                (n, r.size() as u32, false)
+            };
+            assert_eq!(gpr_of(r), want, "{r:?}");
+        }
+        assert_eq!(seen, 20 + 16 * 3);
+        assert_eq!(gpr_of(Register::AH), (0, 1, true));
+        assert_eq!(gpr_of(Register::BH), (3, 1, true));
+        assert_eq!(gpr_of(Register::SPL), (4, 1, false));
+        assert_eq!(gpr_of(Register::R15L), (15, 1, false));
+        assert_eq!(gpr_of(Register::DI), (7, 2, false));
+        assert_eq!(gpr_of(Register::ESP), (4, 4, false));
     }
 }

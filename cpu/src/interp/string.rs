@@ -422,7 +422,7 @@ mod tests {
         c.s.gpr[reg::RCX] = 4;
         c.s.gpr[reg::RAX] = 0x77;
         let e = exec(&mut c).unwrap_err();
-        assert_eq!((e.vector, e.error_code), (vec::GP, Some(0)));
+        assert_eq!((e.vector, e.error_code()), (vec::GP, Some(0)));
         assert_eq!((c.s.gpr[reg::RDI], c.s.gpr[reg::RCX]), (0x2002, 2));
         assert_eq!(peek(&mut c, 0x2000, 2), 0x7777);
         assert_eq!(c.s.rip, FLAT_CODE);
