@@ -7,6 +7,7 @@ command -v nasm >/dev/null || need+=(nasm)
 command -v cmake >/dev/null || need+=(cmake)  # SDL2 is built from source (crate sdl2, bundled)
 command -v Xvfb >/dev/null || need+=(xvfb)  # the demo-in-a-window test (frontend/tests/window.rs)
 command -v xwininfo >/dev/null || need+=(x11-utils)
+[ -f /usr/share/seabios/bios.bin ] || need+=(seabios)  # real firmware (frontend/tests/seabios.rs)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: please install: ${need[*]}" >&2

@@ -193,6 +193,41 @@ const VGA_ROM_DIR: &str = "/usr/share/seabios";
 /// SeaBIOS's debug output port (QEMU's isa-debugcon at 0x402 in Debian's build).
 const FIRMWARE_DEBUG_PORT: u16 = 0x402;
 
+/// CMOS byte with the first (bits 3-0) and second (bits 7-4) boot device, as QEMU's PC
+/// sets it for its BIOS (1 floppy, 2 hard disk, 3 CD-ROM, 4 network).
+const CMOS_BOOT_ORDER_12: u8 = 0x3d;
+/// CMOS byte with the third boot device in bits 7-4 (bit 0 set: skip the floppy
+/// boot-signature check; left clear, as QEMU's default).
+const CMOS_BOOT_ORDER_3: u8 = 0x38;
+
+/// The first three boot devices of a QEMU `-boot` value (`cad`, `order=dc,menu=on`):
+/// a/b floppy, c hard disk, d CD-ROM, n network; unnamed places are 0 (none).
+fn boot_order(spec: &str) -> Result<[u8; 3], MachineError> {
+    let order = spec
+        .split(',')
+        .find_map(|p| p.strip_prefix("order="))
+        .or_else(|| (!spec.contains('=')).then_some(spec))
+        .unwrap_or("cad");
+    let mut out = [0u8; 3];
+    for (k, c) in order.chars().enumerate() {
+        let dev = match c {
+            'a' | 'b' => 1,
+            'c' => 2,
+            'd' => 3,
+            'n' => 4,
+            _ => {
+                return Err(MachineError::Usage(format!(
+                    "-boot '{spec}': boot device '{c}' is not one of a, b, c, d, n"
+                )))
+            }
+        };
+        if let Some(slot) = out.get_mut(k) {
+            *slot = dev;
+        }
+    }
+    Ok(out)
+}
+
 /// What a PC firmware (SeaBIOS) expects of the machine beyond the devices every boot
 /// has: the i440FX PAM/SMRAM registers driving the memory map, QEMU's fw_cfg device,
 /// the VGA BIOS as the VGA card's expansion ROM (taken from beside the firmware file or
@@ -372,6 +407,10 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     let vga = crate::display::install(&mut pc, &mut phys).map_err(MachineError::Host)?;
     if let (Some(bios), None) = (&args.bios, &args.kernel) {
         firmware_devices(&mut pc, &mut phys, bios, ram, args.nographic)?;
+        let order = boot_order(args.boot.as_deref().unwrap_or("cad"))?;
+        let mut rtc = pc.rtc.lock().unwrap_or_else(|e| e.into_inner());
+        rtc.set_cmos(CMOS_BOOT_ORDER_12, order[1] << 4 | order[0]);
+        rtc.set_cmos(CMOS_BOOT_ORDER_3, order[2] << 4);
     }
     if args.kernel.is_some() {
         crate::display::linux_video_setup(&vga, &args.append);
@@ -541,6 +580,10 @@ const EXEC_SAMPLE: u64 = 1 << 20;
 
 /// Instructions per batch under the JIT (translated code is fast, so batches are longer).
 const JIT_BATCH: u64 = 65536;
+
+/// `-accel check` prints a progress line each time this many more instructions were
+/// compared.
+const CHECK_REPORT: u64 = 1 << 30;
 
 #[allow(clippy::too_many_arguments)]
 fn vcpu_loop(
