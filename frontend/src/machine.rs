@@ -598,6 +598,7 @@ fn vcpu_loop(
 ) -> ExitCode {
     let mut deadline = pc.poll();
     let mut executed = 0u64;
+    let mut checking = false;
     // `-d exec`: sample CS:EIP every EXEC_SAMPLE instructions (a test per batch).
     let exec_trace = log::log_enabled!(target: "morph86::exec", log::Level::Debug);
     let mut ring = ExecRing::default();
@@ -609,8 +610,26 @@ fn vcpu_loop(
         if let (Some(j), false) = (jit.as_mut(), exec_trace) {
             // The JIT runs translated blocks and falls back to the interpreter itself.
             batch = JIT_BATCH;
-            let ev = if j.check.is_some_and(|from| executed >= from) {
-                match j.run_lockstep(&mut cpu, JIT_BATCH) {
+            // `--check-from` counts retired guest instructions (`executed` counts
+            // batches, halted ones included).
+            let ev = if j.check.is_some_and(|from| cpu.stats.instructions >= from) {
+                if !checking {
+                    checking = true;
+                    eprintln!(
+                        "morph86: -accel check: lock-step from instruction {}",
+                        cpu.stats.instructions
+                    );
+                }
+                let before = j.stats.lockstep.insns;
+                let r = j.run_lockstep(&mut cpu, JIT_BATCH);
+                if j.stats.lockstep.insns / CHECK_REPORT != before / CHECK_REPORT {
+                    // A sign of life on long checked runs.
+                    eprintln!(
+                        "morph86: -accel check: {} instructions compared clean, at instruction {}",
+                        j.stats.lockstep.insns, cpu.stats.instructions
+                    );
+                }
+                match r {
                     Ok(ev) => ev,
                     Err(d) => {
                         eprintln!("morph86: -accel check: {d}");

@@ -90,18 +90,35 @@ impl WriteLog {
 
     /// The physical pages written, sorted, without repeats.
     pub fn pages(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = Vec::new();
+        let mut v = Vec::new();
+        self.pages_into(&mut v);
+        v
+    }
+
+    /// [`WriteLog::pages`] into `v` (cleared first), so a caller can reuse one buffer.
+    pub fn pages_into(&self, v: &mut Vec<u64>) {
+        v.clear();
         for r in &self.recs {
             let first = r.addr & !(PAGE_SIZE - 1);
             let last = (r.addr + r.len as u64 - 1) & !(PAGE_SIZE - 1);
-            v.push(first);
+            // Writes come in runs on one page (the stack, one buffer): skip repeats of
+            // the last page before sorting.
+            if v.last() != Some(&first) {
+                v.push(first);
+            }
             if last != first {
                 v.push(last);
             }
         }
-        v.sort_unstable();
-        v.dedup();
-        v
+        if v.len() > 1 {
+            v.sort_unstable();
+            v.dedup();
+        }
+    }
+
+    /// Total bytes written (the sum of the recorded writes' sizes).
+    pub fn bytes_written(&self) -> u64 {
+        (self.bytes.len() / 2) as u64
     }
 
     /// Notes an access to a device window.
@@ -132,9 +149,9 @@ impl WriteLog {
             }
         }
         let at = self.bytes.len();
-        self.bytes.resize(at + 2 * new.len(), 0);
+        self.bytes.extend_from_slice(new);
+        self.bytes.extend_from_slice(new);
         phys.read(addr, &mut self.bytes[at..at + new.len()]);
-        self.bytes[at + new.len()..].copy_from_slice(new);
         self.recs.push(Rec {
             addr,
             at,
@@ -243,6 +260,26 @@ mod tests {
         m.start_write_log(Box::default());
         assert_eq!(m.read_u8(0xfee0_0004, false).unwrap(), 0x5a);
         assert!(m.stop_write_log().unwrap().touched_device());
+    }
+
+    #[test]
+    fn pages_into_sorts_and_dedups_and_counts_bytes() {
+        let mut m = PhysMem::new(1 << 20).unwrap();
+        let mut log = WriteLog::new();
+        for (addr, n) in [
+            (0x5008, 4),
+            (0x5010, 2),
+            (0x3ffe, 4),
+            (0x5000, 1),
+            (0x4000, 1),
+        ] {
+            let data = vec![0xab; n];
+            log.record(&mut m, addr, &data);
+        }
+        let mut v = vec![0xdead];
+        log.pages_into(&mut v);
+        assert_eq!(v, vec![0x3000, 0x4000, 0x5000]);
+        assert_eq!(log.bytes_written(), 4 + 2 + 4 + 1 + 1);
     }
 
     #[test]
