@@ -133,7 +133,38 @@ pub enum FwCfgError {
     /// An item larger than [`MAX_ITEM`].
     #[error("fw_cfg item of {0} bytes is too large")]
     TooLarge(usize),
+    /// The kernel is not a Linux bzImage ("HdrS" header, boot protocol 2.02 or later).
+    #[error("the kernel is not a Linux bzImage with boot protocol 2.02 or later")]
+    NotBzImage,
+    /// Kernel and initrd do not fit in guest RAM.
+    #[error("the initrd ({0} bytes) does not fit in guest RAM above the kernel")]
+    InitrdTooLarge(usize),
 }
+
+/// Where the Linux setup (real-mode) part goes, as QEMU's x86 loader places it.
+pub const LINUX_SETUP_ADDR: u32 = 0x1_0000;
+/// Where the command line goes.
+pub const LINUX_CMDLINE_ADDR: u32 = 0x2_0000;
+/// Where the protected-mode kernel goes.
+pub const LINUX_KERNEL_ADDR: u32 = 0x10_0000;
+/// RAM kept free at its top below the initrd (QEMU keeps room for ACPI tables there).
+pub const LINUX_INITRD_GAP: u64 = 0x2_8000;
+// Boot protocol header fields (Documentation/arch/x86/boot.rst).
+const HDR_SETUP_SECTS: usize = 0x1f1;
+const HDR_VID_MODE: usize = 0x1fa;
+const HDR_MAGIC: usize = 0x202;
+const HDR_VERSION: usize = 0x206;
+const HDR_TYPE_OF_LOADER: usize = 0x210;
+const HDR_LOADFLAGS: usize = 0x211;
+const HDR_RAMDISK_IMAGE: usize = 0x218;
+const HDR_RAMDISK_SIZE: usize = 0x21c;
+const HDR_HEAP_END_PTR: usize = 0x224;
+const HDR_CMD_LINE_PTR: usize = 0x228;
+const HDR_INITRD_ADDR_MAX: usize = 0x22c;
+/// loadflags bit 7: CAN_USE_HEAP (heap_end_ptr is valid).
+const LOADFLAGS_CAN_USE_HEAP: u8 = 0b1000_0000;
+/// type_of_loader: "undefined" boot loader 0xB (as QEMU), version 0.
+const LOADER_QEMU: u8 = 0xb0;
 
 /// The fw_cfg items and the guest's position in the selected one.
 pub struct FwCfg {
@@ -226,6 +257,80 @@ impl FwCfg {
         self.files.push((name.into(), key));
         self.rebuild_dir();
         Ok(key)
+    }
+
+    /// Hands a Linux bzImage to the firmware as QEMU does for `-kernel` with a BIOS: the
+    /// setup part (its header filled in: loader type, command line pointer, heap end,
+    /// initrd place and size, `vga=` mode), the protected-mode kernel, the initrd at the
+    /// top of RAM and the command line, each with its load address, for an option ROM
+    /// (QEMU's linuxboot_dma.bin) to copy into place and start.
+    pub fn add_linux(
+        &mut self,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+        ram_size: u64,
+    ) -> Result<(), FwCfgError> {
+        let rd16 = |o: usize| u16::from_le_bytes([kernel[o], kernel[o + 1]]);
+        let rd32 =
+            |o: usize| u32::from_le_bytes([kernel[o], kernel[o + 1], kernel[o + 2], kernel[o + 3]]);
+        if kernel.len() < 0x1000
+            || &kernel[HDR_MAGIC..HDR_MAGIC + 4] != b"HdrS"
+            || rd16(HDR_VERSION) < 0x202
+        {
+            return Err(FwCfgError::NotBzImage);
+        }
+        let sects = match kernel[HDR_SETUP_SECTS] {
+            0 => 4,
+            n => n as usize,
+        };
+        let setup_size = (sects + 1) * 512;
+        if setup_size >= kernel.len() {
+            return Err(FwCfgError::NotBzImage);
+        }
+        let mut setup = kernel[..setup_size].to_vec();
+        let body = &kernel[setup_size..];
+        setup[HDR_TYPE_OF_LOADER] = LOADER_QEMU;
+        setup[HDR_LOADFLAGS] |= LOADFLAGS_CAN_USE_HEAP;
+        let heap_end = (LINUX_CMDLINE_ADDR - LINUX_SETUP_ADDR - 0x200) as u16;
+        setup[HDR_HEAP_END_PTR..HDR_HEAP_END_PTR + 2].copy_from_slice(&heap_end.to_le_bytes());
+        setup[HDR_CMD_LINE_PTR..HDR_CMD_LINE_PTR + 4]
+            .copy_from_slice(&LINUX_CMDLINE_ADDR.to_le_bytes());
+        if let Some(mode) = linux_vga_mode(cmdline) {
+            setup[HDR_VID_MODE..HDR_VID_MODE + 2].copy_from_slice(&mode.to_le_bytes());
+        }
+        if let Some(rd) = initrd {
+            let mut max = if rd16(HDR_VERSION) >= 0x203 {
+                rd32(HDR_INITRD_ADDR_MAX) as u64
+            } else {
+                0x37ff_ffff
+            };
+            max = max.min(ram_size.saturating_sub(LINUX_INITRD_GAP + 1));
+            let low = LINUX_KERNEL_ADDR as u64 + body.len() as u64;
+            let at = (max + 1).checked_sub(rd.len() as u64).map(|a| a & !0xfff);
+            let at = at
+                .filter(|&a| a >= low)
+                .ok_or(FwCfgError::InitrdTooLarge(rd.len()))?;
+            setup[HDR_RAMDISK_IMAGE..HDR_RAMDISK_IMAGE + 4]
+                .copy_from_slice(&(at as u32).to_le_bytes());
+            setup[HDR_RAMDISK_SIZE..HDR_RAMDISK_SIZE + 4]
+                .copy_from_slice(&(rd.len() as u32).to_le_bytes());
+            self.add_item(KEY_INITRD_ADDR, (at as u32).to_le_bytes().to_vec());
+            self.add_item(KEY_INITRD_SIZE, (rd.len() as u32).to_le_bytes().to_vec());
+            self.add_item(KEY_INITRD_DATA, rd.to_vec());
+        }
+        let mut cl = cmdline.as_bytes().to_vec();
+        cl.push(0);
+        self.add_item(KEY_CMDLINE_ADDR, LINUX_CMDLINE_ADDR.to_le_bytes().to_vec());
+        self.add_item(KEY_CMDLINE_SIZE, (cl.len() as u32).to_le_bytes().to_vec());
+        self.add_item(KEY_CMDLINE_DATA, cl);
+        self.add_item(KEY_SETUP_ADDR, LINUX_SETUP_ADDR.to_le_bytes().to_vec());
+        self.add_item(KEY_SETUP_SIZE, (setup.len() as u32).to_le_bytes().to_vec());
+        self.add_item(KEY_SETUP_DATA, setup);
+        self.add_item(KEY_KERNEL_ADDR, LINUX_KERNEL_ADDR.to_le_bytes().to_vec());
+        self.add_item(KEY_KERNEL_SIZE, (body.len() as u32).to_le_bytes().to_vec());
+        self.add_item(KEY_KERNEL_DATA, body.to_vec());
+        Ok(())
     }
 
     /// The item at `key`, if any.
@@ -327,6 +432,24 @@ impl FwCfg {
             }
         }
         0
+    }
+}
+
+/// The boot protocol's vid_mode for a `vga=` on the command line (the last one): a
+/// number (decimal or 0x hex), or normal (0xFFFF), ext (0xFFFE), ask (0xFFFD).
+pub fn linux_vga_mode(cmdline: &str) -> Option<u16> {
+    let v = cmdline
+        .split_whitespace()
+        .filter_map(|a| a.strip_prefix("vga="))
+        .next_back()?;
+    match v {
+        "normal" => Some(0xffff),
+        "ext" => Some(0xfffe),
+        "ask" => Some(0xfffd),
+        _ => match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+            Some(h) => u16::from_str_radix(h, 16).ok(),
+            None => v.parse().ok(),
+        },
     }
 }
 
@@ -572,5 +695,71 @@ mod tests {
             }
             m.run_jobs();
         }
+    }
+
+    /// Documentation/arch/x86/boot.rst: setup_sects (0 means 4), the fields a boot
+    /// loader fills in, the initrd below initrd_addr_max and below the top of RAM.
+    #[test]
+    fn linux_items_follow_the_boot_protocol() {
+        let mut k = vec![0u8; 0x3000];
+        k[HDR_SETUP_SECTS] = 3; // setup = 4 sectors = 2048 bytes
+        k[HDR_MAGIC..HDR_MAGIC + 4].copy_from_slice(b"HdrS");
+        k[HDR_VERSION..HDR_VERSION + 2].copy_from_slice(&0x20fu16.to_le_bytes());
+        k[HDR_INITRD_ADDR_MAX..HDR_INITRD_ADDR_MAX + 4]
+            .copy_from_slice(&0x37ff_ffffu32.to_le_bytes());
+        k[2048] = 0xaa;
+        let mut f = FwCfg::new(true);
+        let rd = vec![7u8; 5000];
+        f.add_linux(&k, Some(&rd), "console=ttyS0 vga=0x312", 64 << 20)
+            .unwrap();
+        let u32_at =
+            |f: &FwCfg, key: u16| u32::from_le_bytes(f.item(key).unwrap()[..4].try_into().unwrap());
+        assert_eq!(u32_at(&f, KEY_SETUP_SIZE), 2048);
+        assert_eq!(u32_at(&f, KEY_KERNEL_SIZE), 0x3000 - 2048);
+        assert_eq!(f.item(KEY_KERNEL_DATA).unwrap()[0], 0xaa);
+        assert_eq!(
+            f.item(KEY_CMDLINE_DATA).unwrap(),
+            b"console=ttyS0 vga=0x312\0"
+        );
+        let setup = f.item(KEY_SETUP_DATA).unwrap();
+        assert_eq!(setup[HDR_TYPE_OF_LOADER], 0xb0);
+        assert_eq!(setup[HDR_LOADFLAGS] & 0x80, 0x80);
+        assert_eq!(
+            &setup[HDR_CMD_LINE_PTR..HDR_CMD_LINE_PTR + 4],
+            &0x2_0000u32.to_le_bytes()
+        );
+        assert_eq!(
+            &setup[HDR_VID_MODE..HDR_VID_MODE + 2],
+            &0x312u16.to_le_bytes()
+        );
+        let at = u32_at(&f, KEY_INITRD_ADDR) as u64;
+        assert_eq!(at % 4096, 0);
+        assert!(at + 5000 <= (64 << 20) - LINUX_INITRD_GAP);
+        assert!(
+            at + 5000 + 4096 > (64 << 20) - LINUX_INITRD_GAP,
+            "as high as it fits"
+        );
+        assert_eq!(
+            &setup[HDR_RAMDISK_IMAGE..HDR_RAMDISK_IMAGE + 4],
+            &(at as u32).to_le_bytes()
+        );
+        // Not a bzImage; an old protocol; an initrd too large for RAM.
+        assert_eq!(
+            FwCfg::new(true).add_linux(&[0; 0x2000], None, "", 64 << 20),
+            Err(FwCfgError::NotBzImage)
+        );
+        let mut old = k.clone();
+        old[HDR_VERSION] = 0x01;
+        assert!(FwCfg::new(true)
+            .add_linux(&old, None, "", 64 << 20)
+            .is_err());
+        let big = vec![0u8; 70 << 20];
+        assert_eq!(
+            FwCfg::new(true).add_linux(&k, Some(&big), "", 64 << 20),
+            Err(FwCfgError::InitrdTooLarge(70 << 20))
+        );
+        assert_eq!(linux_vga_mode("vga=normal quiet"), Some(0xffff));
+        assert_eq!(linux_vga_mode("vga=791"), Some(791));
+        assert_eq!(linux_vga_mode("quiet"), None);
     }
 }

@@ -190,6 +190,10 @@ fn parse_serial(s: &str) -> Result<SerialSpec, MachineError> {
 const VGA_ROM_NAME: &str = "vgabios-stdvga.bin";
 /// Where Debian's `seabios` package installs it.
 const VGA_ROM_DIR: &str = "/usr/share/seabios";
+/// QEMU's option ROM that loads a Linux kernel from fw_cfg (DMA) and starts it.
+const LINUX_ROM_NAME: &str = "linuxboot_dma.bin";
+/// Where Debian's `qemu-system-data` package installs it.
+const LINUX_ROM_DIR: &str = "/usr/share/qemu";
 /// SeaBIOS's debug output port (QEMU's isa-debugcon at 0x402 in Debian's build).
 const FIRMWARE_DEBUG_PORT: u16 = 0x402;
 
@@ -239,6 +243,7 @@ fn firmware_devices(
     bios: &Path,
     ram: u64,
     nographic: bool,
+    linux: Option<(&[u8], Option<&[u8]>, &str)>,
 ) -> Result<(), MachineError> {
     use morph86_devices::fw_cfg::{FwCfg, FwCfgPorts, PORT_SELECTOR};
     use morph86_devices::{SharedDevice, Width};
@@ -263,7 +268,30 @@ fn firmware_devices(
             rom_path.display()
         ),
     }
-    let fw = Arc::new(Mutex::new(FwCfg::pc(ram, nographic, true)));
+    let mut fw = FwCfg::pc(ram, nographic, true);
+    if let Some((kernel, initrd, cmdline)) = linux {
+        fw.add_linux(kernel, initrd, cmdline, ram)
+            .map_err(|e| MachineError::Usage(e.to_string()))?;
+        let rom = bios
+            .parent()
+            .map(|d| d.join(LINUX_ROM_NAME))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| Path::new(LINUX_ROM_DIR).join(LINUX_ROM_NAME));
+        let image = std::fs::read(&rom).map_err(|source| MachineError::Read {
+            path: format!(
+                "{} (QEMU's Linux loader ROM, package qemu-system-data; -kernel with -bios needs it)",
+                rom.display()
+            ),
+            source,
+        })?;
+        let name = format!("genroms/{LINUX_ROM_NAME}");
+        let order = format!("/rom@{name}\n\0").into_bytes();
+        for (file, data) in [(name.as_str(), image), ("bootorder", order)] {
+            fw.add_file(file, data)
+                .map_err(|e| MachineError::Usage(e.to_string()))?;
+        }
+    }
+    let fw = Arc::new(Mutex::new(fw));
     let bus = pc
         .io_bus_mut()
         .ok_or_else(|| MachineError::Host("the I/O bus is already taken".into()))?;
@@ -360,7 +388,24 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
         }
         Accel::Interp => None,
     };
-    let images = BootImages::from_args(&args, window)?;
+    let mut images = BootImages::from_args(&args, window)?;
+    // With a firmware, a kernel goes to the firmware through fw_cfg (as on QEMU): no
+    // direct boot.
+    let fw_linux = match (&args.bios, images.kernel.take()) {
+        (Some(_), Some((name, k))) => {
+            if !loader::linux::is_bzimage(&k) {
+                return Err(MachineError::Usage(format!(
+                    "{name}: with -bios, -kernel must be a Linux bzImage (handed over by fw_cfg)"
+                )));
+            }
+            let rd = std::mem::take(&mut images.initrd).into_iter().next();
+            Some((k, rd.map(|(_, d, _)| d)))
+        }
+        (_, k) => {
+            images.kernel = k;
+            None
+        }
+    };
     let demo = args.kernel.is_none() && args.bios.is_none();
     let mut phys = PhysMem::new(ram)?;
     let entry = images.load(&mut phys, true)?;
@@ -405,14 +450,17 @@ pub fn run(args: Args) -> Result<ExitCode, MachineError> {
     }
     let mut pc = PcPlatform::new(cfg).map_err(|e| MachineError::Host(e.to_string()))?;
     let vga = crate::display::install(&mut pc, &mut phys).map_err(MachineError::Host)?;
-    if let (Some(bios), None) = (&args.bios, &args.kernel) {
-        firmware_devices(&mut pc, &mut phys, bios, ram, args.nographic)?;
+    if let Some(bios) = &args.bios {
+        let linux = fw_linux
+            .as_ref()
+            .map(|(k, rd)| (k.as_slice(), rd.as_deref(), args.append.as_str()));
+        firmware_devices(&mut pc, &mut phys, bios, ram, args.nographic, linux)?;
         let order = boot_order(args.boot.as_deref().unwrap_or("cad"))?;
         let mut rtc = pc.rtc.lock().unwrap_or_else(|e| e.into_inner());
         rtc.set_cmos(CMOS_BOOT_ORDER_12, order[1] << 4 | order[0]);
         rtc.set_cmos(CMOS_BOOT_ORDER_3, order[2] << 4);
     }
-    if args.kernel.is_some() {
+    if args.kernel.is_some() && args.bios.is_none() {
         crate::display::linux_video_setup(&vga, &args.append);
     }
     let input = crate::display::Input::new(&pc);

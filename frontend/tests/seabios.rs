@@ -318,3 +318,56 @@ fn garbage_firmware_is_the_guests_problem() {
     }
     std::fs::remove_file(&path).ok();
 }
+
+/// QEMU's Linux loader ROM, which SeaBIOS runs from fw_cfg ("genroms/").
+const LINUXBOOT: &str = "/usr/share/qemu/linuxboot_dma.bin";
+
+/// `-bios` with `-kernel`: as on QEMU, the kernel, initrd and command line go to
+/// SeaBIOS through fw_cfg and QEMU's linuxboot_dma.bin option ROM loads and starts them
+/// (by fw_cfg DMA). Debian's kernel boots on SeaBIOS's E820 map and MP table, and the
+/// sha256 workload's CHECK line equals the one the host computed (`expected-i386.txt`).
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "boots Linux: run with cargo test --release"
+)]
+fn linux_boots_through_seabios_and_fw_cfg() {
+    let Some(bios) = bios() else { return };
+    if !Path::new(LINUXBOOT).is_file() {
+        eprintln!("skipped: {LINUXBOOT} is missing (apt-get install qemu-system-data)");
+        return;
+    }
+    let Some(dir) =
+        common::guest_files(&["vmlinuz-686", "bench-i386.cpio.gz", "expected-i386.txt"])
+    else {
+        return;
+    };
+    let want = common::checks(
+        &std::fs::read_to_string(dir.join("expected-i386.txt")).unwrap(),
+        &["sha256"],
+    );
+    assert_eq!(
+        want.len(),
+        1,
+        "expected-i386.txt lacks the sha256 CHECK line"
+    );
+    let mut c = common::linux(
+        &dir,
+        "vmlinuz-686",
+        "bench-i386.cpio.gz",
+        "bench=sha256 check=1 reps=0",
+    );
+    c.arg("-bios").arg(bios);
+    let mut vm = Morph86::spawn(c);
+    vm.expect_success(Duration::from_secs(1800)).unwrap();
+    let text = vm.text();
+    let lines = text_lines(&text);
+    assert!(lines.iter().any(|l| l.starts_with(BANNER)), "{text}");
+    assert!(lines.iter().any(|l| l == "Booting from ROM..."), "{text}");
+    assert!(
+        text.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
+        "Linux did not take SeaBIOS's E820 map:\n{text}"
+    );
+    assert_eq!(common::checks(&text, &["sha256"]), want, "{text}");
+    assert!(text.contains("GUEST-DONE"), "{text}");
+}
