@@ -14,7 +14,7 @@ use iced_x86::{Code, Instruction, Mnemonic};
 impl Cpu {
     /// Sets EIP to a near target after the CS limit check.
     #[inline]
-    fn near_jump(&mut self, target: u64) -> Res<()> {
+    pub(super) fn near_jump(&mut self, target: u64) -> Res<()> {
         if target > self.s.seg[SegReg::Cs as usize].limit as u64 {
             return Err(Exception::gp(0));
         }
@@ -130,7 +130,7 @@ impl Cpu {
     }
 
     /// CALL rel16/rel32 and CALL r/m16/r/m32: pushes the next IP at the operand size.
-    fn call_near(&mut self, i: &Instruction) -> Res<()> {
+    pub(super) fn call_near(&mut self, i: &Instruction) -> Res<()> {
         let size = (-i.stack_pointer_increment()) as u32;
         let target = match i.op0_kind() {
             iced_x86::OpKind::NearBranch16

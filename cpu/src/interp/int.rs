@@ -343,7 +343,7 @@ impl Cpu {
 
     /// One-operand ALU instructions: INC DEC NEG NOT.
     #[inline]
-    fn alu1(&mut self, i: &Instruction, m: Mnemonic) -> Res<()> {
+    pub(super) fn alu1(&mut self, i: &Instruction, m: Mnemonic) -> Res<()> {
         let size = self.op_size(i, 0);
         let mask = size_mask(size);
         let dst = self.loc(i, 0);
@@ -386,7 +386,7 @@ impl Cpu {
     }
 
     /// PUSH of a GPR, immediate, memory operand or segment register.
-    fn push_op(&mut self, i: &Instruction) -> Option<Res<()>> {
+    pub(super) fn push_op(&mut self, i: &Instruction) -> Option<Res<()>> {
         let size = (-i.stack_pointer_increment()) as u32;
         Some(match i.op0_kind() {
             OpKind::Register => {
@@ -427,7 +427,7 @@ impl Cpu {
 
     /// POP to a GPR or memory. POP to memory computes its address after the stack
     /// pointer has been incremented (so `pop [esp]` uses the new ESP).
-    fn pop_op(&mut self, i: &Instruction) -> Option<Res<()>> {
+    pub(super) fn pop_op(&mut self, i: &Instruction) -> Option<Res<()>> {
         let size = i.stack_pointer_increment() as u32;
         let kind = i.op0_kind();
         if kind == OpKind::Register && i.op0_register().is_segment_register() {

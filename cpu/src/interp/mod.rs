@@ -1,5 +1,6 @@
 //! Instruction semantics. One file per group; each group's `exec_*` returns `None`
-//! for mnemonics it does not handle, and `execute` tries them in turn (hot groups first).
+//! for mnemonics it does not handle, and `execute` tries them in turn (hot groups first),
+//! after the fast paths of fast.rs for the most frequent instruction forms.
 //!
 //! Rules every instruction follows:
 //! - On `Err`, architectural state must be as it was before the instruction (the step
@@ -11,6 +12,7 @@
 mod bits;
 mod branch;
 mod control;
+mod fast;
 mod fpu;
 mod int;
 mod muldiv;
@@ -28,6 +30,9 @@ use iced_x86::Instruction;
 impl Cpu {
     /// Executes one decoded instruction.
     pub(crate) fn execute(&mut self, i: &Instruction) -> Res<()> {
+        if let Some(r) = self.exec_fast(i) {
+            return r;
+        }
         if let Some(r) = self.exec_int(i) {
             return r;
         }
