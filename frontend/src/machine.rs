@@ -232,6 +232,9 @@ fn boot_order(spec: &str) -> Result<[u8; 3], MachineError> {
     Ok(out)
 }
 
+/// A Linux boot handed to the firmware: bzImage, initrd, command line.
+type LinuxImages<'a> = (&'a [u8], Option<&'a [u8]>, &'a str);
+
 /// What a PC firmware (SeaBIOS) expects of the machine beyond the devices every boot
 /// has: the i440FX PAM/SMRAM registers driving the memory map, QEMU's fw_cfg device,
 /// the VGA BIOS as the VGA card's expansion ROM (taken from beside the firmware file or
@@ -243,7 +246,7 @@ fn firmware_devices(
     bios: &Path,
     ram: u64,
     nographic: bool,
-    linux: Option<(&[u8], Option<&[u8]>, &str)>,
+    linux: Option<LinuxImages<'_>>,
 ) -> Result<(), MachineError> {
     use morph86_devices::fw_cfg::{FwCfg, FwCfgPorts, PORT_SELECTOR};
     use morph86_devices::{SharedDevice, Width};
