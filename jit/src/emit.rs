@@ -83,6 +83,11 @@ pub struct JitCtx {
     pub exit: u64,
     /// Base of the TLB entry array (`Tlb::entries_ptr`).
     pub tlb: u64,
+    /// PDEP mask of the flag-free probe: deposits a page number's TLB index bits
+    /// where they select a [`TlbEntry`] (index times the entry size).
+    pub idx_mask: u64,
+    /// PDEP mask of the flag-free probe: deposits a page number as a page address.
+    pub page_mask: u64,
     /// The CPU, for the slow path.
     pub cpu: *mut Cpu,
     /// An exception raised in a slow path (delivered by the dispatcher).
@@ -108,11 +113,14 @@ pub struct JitCtx {
     /// Scratch word of block code (PUSH m32 keeps the loaded value here across the
     /// push's probe).
     pub scratch: u64,
-    /// PDEP mask of the flag-free probe: deposits a page number's TLB index bits
-    /// where they select a [`TlbEntry`] (index times the entry size).
-    pub idx_mask: u64,
-    /// PDEP mask of the flag-free probe: deposits a page number as a page address.
-    pub page_mask: u64,
+    /// Native REP STOS/MOVS: page chunks left before the rest goes to the interpreter.
+    pub rep_left: u32,
+    /// Native REP MOVS: ECX after the current chunk.
+    pub rep_ecx: u32,
+    /// Native REP MOVS: ESI after the current chunk.
+    pub rep_esi: u32,
+    /// Native REP MOVS: host address of the current chunk's source.
+    pub rep_src: u64,
 }
 
 impl Default for JitCtx {
@@ -136,6 +144,10 @@ impl Default for JitCtx {
             scratch: 0,
             idx_mask: ((TLB_SIZE - 1) << TLB_ENTRY_SHIFT) as u64,
             page_mask: morph86_mmu::tlb::PAGE_MASK,
+            rep_left: 0,
+            rep_ecx: 0,
+            rep_esi: 0,
+            rep_src: 0,
         }
     }
 }
@@ -267,6 +279,16 @@ const OFF_RAM: i32 = offset_of!(JitCtx, ram_base) as i32;
 const OFF_IND: i32 = offset_of!(JitCtx, ind) as i32;
 const OFF_IDX_MASK: i32 = offset_of!(JitCtx, idx_mask) as i32;
 const OFF_PAGE_MASK: i32 = offset_of!(JitCtx, page_mask) as i32;
+const OFF_REP_LEFT: i32 = offset_of!(JitCtx, rep_left) as i32;
+const OFF_REP_ECX: i32 = offset_of!(JitCtx, rep_ecx) as i32;
+const OFF_REP_ESI: i32 = offset_of!(JitCtx, rep_esi) as i32;
+const OFF_REP_SRC: i32 = offset_of!(JitCtx, rep_src) as i32;
+/// Native REP STOS/MOVS runs at most this many page chunks minus one per execution
+/// before handing the rest to the interpreter (which leaves the block if it does not
+/// finish), so a huge count cannot keep the block from its budget and interrupts.
+const REP_PAGES: i32 = 64;
+/// EFLAGS.DF (bit 10) within the second byte of `eflags_raw`.
+const DF_IN_BYTE1: i8 = 1 << 2;
 const TLB_TAG_FETCH: i32 = TlbEntry::OFFSET_FETCH as i32;
 const TLB_TAG_READ: i32 = TlbEntry::OFFSET_READ as i32;
 const TLB_TAG_WRITE: i32 = TlbEntry::OFFSET_WRITE as i32;
@@ -733,6 +755,9 @@ struct Slow {
     /// Reached from [`probe_flag_free`]: guest flags in host EFLAGS, guest RCX in r9.
     /// Otherwise the guest flags are in r9 and host EFLAGS are clobbered.
     flag_free: bool,
+    /// The held `Instruction` to run through the in-block interpreter call instead of
+    /// the slow path (native REP STOS/MOVS, which the interpreter may leave unfinished).
+    held: Option<usize>,
 }
 
 /// The inline TLB probe: r13 = linear address in, host address out; misses go to
@@ -800,6 +825,137 @@ fn probe_flag_free(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: Dy
         ; mov r11, QWORD [r10 + addend]
         ; lea r13, [r13 + r11]
     );
+}
+
+/// Native REP STOS/MOVS (see [`Kind::Rep`]); `slow` runs the instruction in the
+/// interpreter, `done` follows it. Per page chunk: probe the destination (and the
+/// source) for the chunk's first element, take as many elements as fit in the rest of
+/// both pages and ECX, and run the host's REP STOS/MOVS on the host addresses; guest
+/// EDI, ESI and ECX are updated after each chunk, so the slow path may take over at
+/// any chunk (finished iterations stay done, as on the CPU). The guest flags go to r9
+/// first (nothing here changes them).
+fn emit_rep(
+    ops: &mut Asm,
+    fs: &mut FlagState,
+    movs: bool,
+    size: u32,
+    tlb_set: i32,
+    slow: DynamicLabel,
+    done: DynamicLabel,
+) {
+    if !fs.saved {
+        save_flags(ops);
+        fs.saved = true;
+    }
+    fs.host = false;
+    let shift = size.trailing_zeros() as i8;
+    let top = ops.new_dynamic_label();
+    dynasm!(ops
+        ; .arch x64
+        ; test BYTE [r15 + OFF_EFLAGS + 1], DF_IN_BYTE1
+        ; jnz =>slow
+        ; mov DWORD [r12 + OFF_REP_LEFT], REP_PAGES
+        ; =>top
+        ; test ecx, ecx
+        ; jz =>done
+        ; sub DWORD [r12 + OFF_REP_LEFT], 1
+        ; jz =>slow
+    );
+    if movs {
+        dynasm!(ops ; .arch x64 ; mov r13d, esi);
+        probe(ops, size, false, tlb_set, slow);
+        dynasm!(ops ; .arch x64 ; mov QWORD [r12 + OFF_REP_SRC], r13);
+    }
+    dynasm!(ops ; .arch x64 ; mov r13d, edi);
+    probe(ops, size, true, tlb_set, slow);
+    // r10d = elements that fit before the nearer page end (0: the first one crosses it,
+    // which only happens for an unaligned WORD or DWORD).
+    dynasm!(ops
+        ; .arch x64
+        ; mov r10d, edi
+        ; and r10d, 0xfff
+    );
+    if movs {
+        dynasm!(ops
+            ; .arch x64
+            ; mov r11d, esi
+            ; and r11d, 0xfff
+            ; cmp r10d, r11d
+            ; cmovb r10d, r11d
+        );
+    }
+    dynasm!(ops
+        ; .arch x64
+        ; neg r10d
+        ; add r10d, 0x1000
+    );
+    if shift != 0 {
+        dynasm!(ops
+            ; .arch x64
+            ; shr r10d, shift
+            ; jz =>slow
+        );
+    }
+    dynasm!(ops
+        ; .arch x64
+        ; cmp r10d, ecx
+        ; cmova r10d, ecx
+        ; mov r11d, ecx
+        ; sub r11d, r10d
+        ; mov ecx, r10d
+    );
+    if movs {
+        dynasm!(ops
+            ; .arch x64
+            ; mov DWORD [r12 + OFF_REP_ECX], r11d
+        );
+        match size {
+            1 => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx]),
+            2 => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx * 2]),
+            _ => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx * 4]),
+        }
+        dynasm!(ops
+            ; .arch x64
+            ; mov DWORD [r12 + OFF_REP_ESI], r11d
+            ; mov rsi, QWORD [r12 + OFF_REP_SRC]
+        );
+        match size {
+            1 => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx]),
+            2 => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx * 2]),
+            _ => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx * 4]),
+        }
+        dynasm!(ops ; .arch x64 ; mov rdi, r13);
+        match size {
+            1 => dynasm!(ops ; .arch x64 ; rep movsb),
+            2 => dynasm!(ops ; .arch x64 ; rep movsw),
+            _ => dynasm!(ops ; .arch x64 ; rep movsd),
+        }
+        dynasm!(ops
+            ; .arch x64
+            ; mov edi, r11d
+            ; mov esi, DWORD [r12 + OFF_REP_ESI]
+            ; mov ecx, DWORD [r12 + OFF_REP_ECX]
+            ; jmp =>top
+        );
+    } else {
+        match size {
+            1 => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx]),
+            2 => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx * 2]),
+            _ => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx * 4]),
+        }
+        dynasm!(ops ; .arch x64 ; mov rdi, r13);
+        match size {
+            1 => dynasm!(ops ; .arch x64 ; rep stosb),
+            2 => dynasm!(ops ; .arch x64 ; rep stosw),
+            _ => dynasm!(ops ; .arch x64 ; rep stosd),
+        }
+        dynasm!(ops
+            ; .arch x64
+            ; mov edi, r10d
+            ; mov ecx, r11d
+            ; jmp =>top
+        );
+    }
 }
 
 fn call_abs(ops: &mut Asm, base: usize, to: usize) {
@@ -872,7 +1028,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
         let mem = match &g.kind {
             Kind::Mem { ea, size, write } => Some((ea.clone(), *size, *write)),
             Kind::Push(_) | Kind::PushImm(_) => Some((lea_esp(-4), 4, true)),
-            Kind::PushMem { ea } => Some((ea.clone(), 4, false)),
+            Kind::PushMem { ea } | Kind::CallMem { ea, .. } => Some((ea.clone(), 4, false)),
             Kind::Pop(_) => Some((lea_esp(0), 4, false)),
             Kind::Leave => Some((lea_ebp(), 4, false)),
             Kind::Branch => match plan.term {
@@ -880,7 +1036,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 Term::Ret { .. } => Some((lea_esp(0), 4, false)),
                 _ => None,
             },
-            Kind::Reg | Kind::Div(_) | Kind::Interp | Kind::Step => None,
+            Kind::Reg | Kind::Div(_) | Kind::Interp | Kind::Step | Kind::Rep { .. } => None,
         };
         let mut resume = None;
         if let Kind::Div(r) = g.kind {
@@ -910,6 +1066,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 eip,
                 not_retired,
                 flag_free: false,
+                held: None,
             });
             resume = Some(res);
         }
@@ -938,6 +1095,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 eip,
                 not_retired,
                 flag_free,
+                held: None,
             });
             resume = Some(r);
         }
@@ -989,12 +1147,46 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                         eip,
                         not_retired,
                         flag_free,
+                        held: None,
                     });
                     dynasm!(ops
                         ; .arch x64
                         ; mov r11d, DWORD [r12 + OFF_SCRATCH]
                         ; mov DWORD [r13], r11d
                         ; lea r8d, [r8 - 4]
+                    );
+                }
+            }
+            Kind::CallMem { ret, .. } => {
+                // Target loaded; push the return address (its slow path, like the
+                // load's, runs the whole CALL in the interpreter and leaves), then the
+                // terminator jumps to the target in r11d.
+                if let Some(r) = resume {
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov r11d, DWORD [r13]
+                        ; mov DWORD [r12 + OFF_SCRATCH], r11d
+                        ; lea r13d, [r8 - 4]
+                    );
+                    let label = ops.new_dynamic_label();
+                    if flag_free {
+                        probe_flag_free(&mut ops, 4, true, t.tlb_set, label);
+                    } else {
+                        probe(&mut ops, 4, true, t.tlb_set, label);
+                    }
+                    slows.push(Slow {
+                        label,
+                        resume: r,
+                        eip,
+                        not_retired,
+                        flag_free,
+                        held: None,
+                    });
+                    dynasm!(ops
+                        ; .arch x64
+                        ; mov DWORD [r13], *ret as i32
+                        ; lea r8d, [r8 - 4]
+                        ; mov r11d, DWORD [r12 + OFF_SCRATCH]
                     );
                 }
             }
@@ -1015,6 +1207,22 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 );
             }
             Kind::Div(_) => {}
+            Kind::Rep { movs, size } => {
+                held_k += 1;
+                let ptr = t.held + (held_k - 1) * std::mem::size_of::<Instruction>();
+                let label = ops.new_dynamic_label();
+                let r = ops.new_dynamic_label();
+                emit_rep(&mut ops, &mut fs, *movs, *size, t.tlb_set, label, r);
+                slows.push(Slow {
+                    label,
+                    resume: r,
+                    eip,
+                    not_retired,
+                    flag_free: false,
+                    held: Some(ptr),
+                });
+                resume = Some(r);
+            }
             Kind::Interp | Kind::Step => {
                 if !fs.host {
                     restore_flags(&mut ops);
@@ -1085,7 +1293,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             if last
                 && matches!(
                     plan.term,
-                    Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem
+                    Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem | Term::CallMem
                 )
             {
                 // The slow path of RET leaves with EIP set by the interpreter.
@@ -1126,7 +1334,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             save_flags(&mut ops);
             emit_indirect(&mut ops, base, t);
         }
-        Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem => {
+        Term::Ret { .. } | Term::CallReg { .. } | Term::JmpMem | Term::CallMem => {
             save_flags(&mut ops);
             emit_indirect(&mut ops, base, t);
         }
@@ -1167,7 +1375,12 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
             ; mov DWORD [r12 + OFF_ARG], sl.not_retired as i32
         );
         crate::x87::emit_call_hint(&mut ops, plan, t.mode, sl.eip);
-        call_abs(&mut ops, base, t.slow);
+        if let Some(ptr) = sl.held {
+            dynasm!(ops ; .arch x64 ; mov r11, QWORD ptr as i64);
+            call_abs(&mut ops, base, t.interp);
+        } else {
+            call_abs(&mut ops, base, t.slow);
+        }
         if !sl.flag_free {
             save_flags(&mut ops);
         }

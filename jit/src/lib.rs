@@ -715,6 +715,7 @@ impl Jit {
             | Term::Ret { .. }
             | Term::CallReg { .. }
             | Term::JmpMem
+            | Term::CallMem
             | Term::InterpBranch => Vec::new(),
         };
         let mut ids = Vec::new();
@@ -733,7 +734,12 @@ impl Jit {
         let held: Box<[Instruction]> = plan
             .insns
             .iter()
-            .filter(|g| g.kind == translate::Kind::Interp)
+            .filter(|g| {
+                matches!(
+                    g.kind,
+                    translate::Kind::Interp | translate::Kind::Rep { .. }
+                )
+            })
             .map(|g| g.instr)
             .collect();
         let tgt = emit::Targets {

@@ -69,6 +69,9 @@ pub enum Term {
     /// JMP m32 (through memory): continue at the doubleword loaded by the block's last instruction
     /// (a [`Kind::Mem`] whose host code loads it into r11d).
     JmpMem,
+    /// CALL m32: the block's last instruction ([`Kind::CallMem`]) loaded the target into
+    /// r11d and pushed the return address; continue at the target.
+    CallMem,
     /// RET / RET imm16: pop EIP, then release `imm` more bytes of stack.
     Ret {
         /// Extra bytes released.
@@ -106,6 +109,15 @@ pub enum Kind {
         /// Host code computing the source address into r13d.
         ea: Vec<u8>,
     },
+    /// CALL m32: `ea` computes the pointer's linear address into r13d; the target is
+    /// loaded, then `ret` pushed (two probes, as for [`Kind::PushMem`]), and the block
+    /// ends with [`Term::CallMem`].
+    CallMem {
+        /// Host code computing the pointer's address into r13d.
+        ea: Vec<u8>,
+        /// Return address pushed.
+        ret: u32,
+    },
     /// POP r32 (guest register number).
     Pop(u8),
     /// LEAVE (32-bit): ESP = EBP + 4, EBP = the doubleword at EBP.
@@ -123,6 +135,45 @@ pub enum Kind {
     /// from its own fetch (`emit::jit_interp` without a decoded instruction); the block
     /// then ends as [`Term::InterpBranch`].
     Step,
+    /// REP STOS / REP MOVS with 32-bit addressing through flat segments: run with the
+    /// host's own REP STOS/MOVS one page at a time through the TLB (DF = 0 only);
+    /// anything else (DF = 1, a miss, an element across a page end, a long run) goes
+    /// to the interpreter through the block's held copy of the instruction, as for
+    /// [`Kind::Interp`].
+    Rep {
+        /// MOVS (else STOS).
+        movs: bool,
+        /// Element size in bytes (1, 2 or 4).
+        size: u32,
+    },
+}
+
+/// The [`Kind::Rep`] plan of `i`, if it is a REP STOS or REP MOVS the emitter runs
+/// natively: REP (not REPNE) prefix, 32-bit addressing, a MOVS source through DS, ES or
+/// SS (flat in blocks that translate memory accesses).
+pub fn rep_string(i: &Instruction) -> Option<Kind> {
+    if !i.has_rep_prefix() || i.has_repne_prefix() || i.op0_kind() != OpKind::MemoryESEDI {
+        return None;
+    }
+    let (movs, size) = match i.code() {
+        Code::Stosb_m8_AL => (false, 1),
+        Code::Stosw_m16_AX => (false, 2),
+        Code::Stosd_m32_EAX => (false, 4),
+        Code::Movsb_m8_m8 => (true, 1),
+        Code::Movsw_m16_m16 => (true, 2),
+        Code::Movsd_m32_m32 => (true, 4),
+        _ => return None,
+    };
+    if movs
+        && (i.op1_kind() != OpKind::MemorySegESI
+            || !matches!(
+                i.memory_segment(),
+                Register::DS | Register::ES | Register::SS
+            ))
+    {
+        return None;
+    }
+    Some(Kind::Rep { movs, size })
 }
 
 /// One translated guest instruction.
@@ -824,6 +875,18 @@ pub fn plan_block(
                     }
                 }
             }
+            if i.code() == Code::Call_rm32 && i.op0_kind() == OpKind::Memory {
+                if let Some(ea) = mem_ea(&i, fs_gs) {
+                    insns.push(GuestInsn {
+                        instr: i,
+                        kind: Kind::CallMem { ea, ret: next },
+                        host: Vec::new(),
+                    });
+                    pos = next;
+                    term = Term::CallMem;
+                    break;
+                }
+            }
             let t = match i.code() {
                 Code::Call_rel32_32 => Some(Term::Call {
                     target: i.near_branch32(),
@@ -872,6 +935,7 @@ pub fn plan_block(
                     Some((Kind::PushImm(i.immediate(0) as u32), Vec::new()))
                 }
                 Code::Leaved => Some((Kind::Leave, Vec::new())),
+                _ if rep_string(&i).is_some() => rep_string(&i).map(|k| (k, Vec::new())),
                 _ => native_mem(&i, fs_gs).or_else(|| {
                     crate::x87::plan(&i, &bytes[pos.wrapping_sub(eip) as usize..], fs_gs)
                 }),
