@@ -485,7 +485,9 @@ impl BusDevice for FwCfgPorts {
             // The selector and data ports both read the next data byte (QEMU).
             0 | 1 => {
                 data.fill(0);
-                data[0] = lock(&self.dev).read_byte();
+                if let Some(b) = data.first_mut() {
+                    *b = lock(&self.dev).read_byte();
+                }
             }
             DMA_OFF..=11 if lock(&self.dev).dma => {
                 for (i, b) in data.iter_mut().enumerate() {
@@ -500,7 +502,8 @@ impl BusDevice for FwCfgPorts {
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut dev = lock(&self.dev);
         match (offset, data.len()) {
-            (0, 2) => dev.select(u16::from_le_bytes([data[0], data[1]])),
+            // A dword write is two word writes to QEMU: the first selects.
+            (0, 2 | 4) => dev.select(u16::from_le_bytes([data[0], data[1]])),
             (0 | 1, _) => log::debug!("fw_cfg: obsolete data-port write ignored"),
             (DMA_OFF, 4) if dev.dma => {
                 dev.dma_high = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);

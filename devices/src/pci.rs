@@ -741,6 +741,8 @@ impl PciHost {
                 None => log::warn!("pci: snapshot has a function at {devfn:#x} this bus lacks"),
             }
         }
+        // The restored PAM and SMRAM registers route memory again (if connected).
+        lock(&self.host_bridge).push_routing();
     }
 
     /// The i440FX PAM registers 0x59-0x5f (BIOS shadowing attributes), for the machine.
@@ -1336,11 +1338,17 @@ mod tests {
         m.read(0xf_0000, &mut x);
         assert_eq!(x[0], 0xc3);
         // A machine reset goes back to ROM.
+        let snap = lock(&host).save();
         lock(&host).reset();
         m.run_jobs();
         m.read(0xf_0000, &mut x);
         assert_eq!(x[0], 0x5a);
         assert_eq!(rd8(&mut b, 0, I440FX_PAM0 as u32), 0);
+        // Restoring a snapshot routes memory as the snapshot's registers say.
+        lock(&host).restore(&snap);
+        m.run_jobs();
+        m.read(0xf_0000, &mut x);
+        assert_eq!(x[0], 0xc3);
     }
 
     /// i440FX 3.2.23: C_BASE_SEG reads 010; D_LCK forces D_OPEN clear and makes
