@@ -906,4 +906,35 @@ mod tests {
         m.run_jobs();
         assert_eq!(&m.ram()[0x100..0x102], &[0xab, 0xcd]);
     }
+
+    /// Through the MMU's TLB: a shadow switch must not leave a cached host pointer that
+    /// writes RAM the chipset now protects, or reads ROM bytes that RAM now replaces.
+    #[test]
+    fn shadow_switches_reach_the_tlb() {
+        let mut m = crate::Mmu::new(PhysMem::new(2 << 20).unwrap());
+        m.phys.add_rom(0xe_0000, vec![0x5a; 0x2_0000]);
+        let mut a = [0u8; SHADOW_GRANULES];
+        m.phys.set_shadow(a);
+        assert_eq!(m.read_u8(0xf_0000, false).unwrap(), 0x5a);
+        a[12] = SHADOW_READ_RAM | SHADOW_WRITE_RAM;
+        let q = m.phys.jobs();
+        q.push(Box::new(move |p: &mut PhysMem| p.set_shadow(a)));
+        m.phys.run_jobs();
+        assert_eq!(m.read_u8(0xf_0000, false).unwrap(), 0, "RAM now");
+        m.write_u8(0xf_0000, 0x77, false).unwrap();
+        m.write_u8(0xf_0001, 0x78, false).unwrap(); // through the TLB's fast path
+        assert_eq!(m.read_u16(0xf_0000, false).unwrap(), 0x7877);
+        a[12] = SHADOW_READ_RAM;
+        q.push(Box::new(move |p: &mut PhysMem| p.set_shadow(a)));
+        m.phys.run_jobs();
+        m.write_u8(0xf_0000, 0x11, false).unwrap();
+        assert_eq!(
+            m.read_u8(0xf_0000, false).unwrap(),
+            0x77,
+            "write-protected shadow"
+        );
+        a[12] = 0;
+        m.phys.set_shadow(a);
+        assert_eq!(m.read_u8(0xf_0000, false).unwrap(), 0x5a, "ROM again");
+    }
 }
