@@ -53,7 +53,10 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     pub append: String,
-    /// Raw firmware image, mapped at the top of 4 GiB and aliased below 1 MiB.
+    /// Raw firmware image, mapped at the top of 4 GiB and aliased below 1 MiB, e.g.
+    /// SeaBIOS (/usr/share/seabios/bios.bin): the machine then offers what it expects of
+    /// QEMU (i440FX shadow RAM, fw_cfg, the VGA BIOS as the card's ROM), and -kernel goes
+    /// to it through fw_cfg.
     #[arg(long, value_name = "FILE")]
     pub bios: Option<PathBuf>,
     /// Primary IDE master disk image.
@@ -106,7 +109,8 @@ pub struct Args {
     /// (lock-step of the two).
     #[arg(long, value_enum, default_value = "jit")]
     pub accel: Accel,
-    /// Log items, comma separated: post (POST codes at port 0x80), int (interrupts), cpu_reset, unimp, guest_errors.
+    /// Log items, comma separated: post (POST codes at port 0x80), firmware (the firmware's
+    /// debug port 0x402), int (interrupts), cpu_reset, unimp, guest_errors.
     #[arg(short = 'd', value_name = "ITEMS")]
     pub debug: Option<String>,
     /// Log file for -d output (default stderr).
