@@ -372,6 +372,12 @@ pub trait PciFunction: Send {
     fn config_write(&mut self, off: u8, size: usize, value: u32) {
         self.config_mut().write(off, size, value);
     }
+    /// The machine lets the function act on the memory map through `jobs` (see
+    /// [`PciHost::connect_memory`]); e.g. to map memory it owns where the guest puts a
+    /// BAR. The default ignores it.
+    fn connect_memory(&mut self, jobs: PhysJobs) {
+        let _ = jobs;
+    }
     /// A guest read inside BAR `bar` (I/O or memory) at `offset` from its base.
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         log::debug!("pci: read of BAR {bar} +{offset:#x} not handled");
@@ -683,10 +689,17 @@ impl PciHost {
     /// shadow RAM and SMRAM of the map that owns `jobs` (the power-on routing, reads
     /// from ROM everywhere in 0xC0000-0xFFFFF, is queued at once). Without this call the
     /// registers are kept but act on nothing (direct kernel boots: RAM everywhere).
+    /// The other functions on the bus get `jobs` too ([`PciFunction::connect_memory`]).
     pub fn connect_memory(&mut self, jobs: PhysJobs) {
         let mut host = lock(&self.host_bridge);
-        host.jobs = Some(jobs);
+        host.jobs = Some(jobs.clone());
         host.push_routing();
+        drop(host);
+        for (&devfn, f) in &self.functions {
+            if devfn != 0 {
+                lock(f).connect_memory(jobs.clone());
+            }
+        }
     }
 
     /// Gives the function at `dev`/`func` an expansion ROM holding `image` (padded to a
@@ -1407,5 +1420,42 @@ mod tests {
         assert_eq!(x, [28, 35, 42, 49]);
         lock(&host).mem_read(0xfeb0_0000 + 39936, &mut x);
         assert_eq!(x, [0; 4], "padding past the image");
+    }
+
+    /// With the memory map connected, the VGA's framebuffer (watched memory) follows
+    /// BAR0 where the firmware puts it; sizing the BAR (all ones) does not move it.
+    #[test]
+    fn vga_framebuffer_follows_bar0() {
+        use crate::vga::{LfbSink, Vga, VgaPci, DEFAULT_LFB_ADDR};
+        let (mut b, _ctl, host) = bus();
+        let vga = Arc::new(Mutex::new(Vga::try_new().unwrap()));
+        let fb = lock(&vga).framebuffer_memory();
+        lock(&host)
+            .add(2, 0, Arc::new(Mutex::new(VgaPci::new(vga.clone()))))
+            .unwrap();
+        let mut m = PhysMem::new(4 << 20).unwrap();
+        m.add_watched(DEFAULT_LFB_ADDR as u64, fb, Box::new(LfbSink(vga.clone())));
+        m.write(DEFAULT_LFB_ADDR as u64 + 8, &[0x42]);
+        lock(&host).connect_memory(m.jobs());
+        m.run_jobs();
+        let bar0 = CFG_BAR0 as u32;
+        b.io_write(0xcf8, 4, cfg_addr(2, 0, bar0));
+        b.io_write(0xcfc, 4, 0xffff_ffff);
+        assert_eq!(
+            rd32(&mut b, 2, 0, bar0),
+            0xff00_0008,
+            "16 MiB, prefetchable"
+        );
+        m.run_jobs();
+        let mut x = [0u8];
+        m.read(DEFAULT_LFB_ADDR as u64 + 8, &mut x);
+        assert_eq!(x[0], 0x42, "sizing does not move the framebuffer");
+        b.io_write(0xcf8, 4, cfg_addr(2, 0, bar0));
+        b.io_write(0xcfc, 4, 0xfd00_0000);
+        m.run_jobs();
+        m.read(0xfd00_0008, &mut x);
+        assert_eq!(x[0], 0x42);
+        m.read(DEFAULT_LFB_ADDR as u64 + 8, &mut x);
+        assert_eq!(x[0], 0xff, "nothing left at the old place");
     }
 }

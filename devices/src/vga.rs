@@ -1049,9 +1049,13 @@ impl BusDevice for VgaWindow {
 }
 
 /// The PCI face: 1234:1111, class VGA, BAR0 = the 16 MiB framebuffer (prefetchable).
+/// Once connected to the memory map ([`PciFunction::connect_memory`]), the framebuffer's
+/// watched memory follows BAR0 wherever the guest (its firmware) moves it.
 pub struct VgaPci {
     cfg: PciConfig,
     vga: SharedVga,
+    /// The memory map's job queue and where the watched framebuffer is mapped now.
+    map: Option<(morph86_mmu::phys::PhysJobs, u64)>,
 }
 
 impl VgaPci {
@@ -1071,7 +1075,11 @@ impl VgaPci {
             crate::pci::CFG_COMMAND,
             crate::pci::CMD_IO | crate::pci::CMD_MEM,
         );
-        VgaPci { cfg, vga }
+        VgaPci {
+            cfg,
+            vga,
+            map: None,
+        }
     }
 }
 
@@ -1081,6 +1089,28 @@ impl PciFunction for VgaPci {
     }
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.cfg
+    }
+    fn connect_memory(&mut self, jobs: morph86_mmu::phys::PhysJobs) {
+        // The machine maps the watched framebuffer at DEFAULT_LFB_ADDR.
+        self.map = Some((jobs, DEFAULT_LFB_ADDR as u64));
+    }
+    fn config_write(&mut self, off: u8, size: usize, value: u32) {
+        self.cfg.write(off, size, value);
+        let Some((jobs, at)) = self.map.as_mut() else {
+            return;
+        };
+        // A decoding BAR0 at a new place takes the framebuffer memory with it (a BAR
+        // being sized, all ones, is not a place).
+        if let Some(base) = self.cfg.bar_address(0) {
+            let base = base as u64;
+            if base != *at && base != 0 && base != u32::MAX as u64 & !(LFB_SIZE as u64 - 1) {
+                let from = *at;
+                *at = base;
+                jobs.push(Box::new(move |m: &mut morph86_mmu::PhysMem| {
+                    m.move_watched(from, base);
+                }));
+            }
+        }
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if bar == 0 {

@@ -326,6 +326,39 @@ impl PhysMem {
         self.watched.push(WatchedRegion::new(base, mem, sink));
     }
 
+    /// Moves the watched memory mapped at `from` to `to` (page aligned), as when the
+    /// guest moves the BAR it lives behind. Returns whether a region was at `from`.
+    /// The pages it leaves read what is under them again (RAM, a device window).
+    pub fn move_watched(&mut self, from: u64, to: u64) -> bool {
+        let to = to & !(PAGE_SIZE - 1);
+        let Some(i) = self.watched.iter().position(|r| r.base == from) else {
+            return false;
+        };
+        if from == to {
+            return true;
+        }
+        let len = self.watched[i].len();
+        // Code decoded from the region is dropped (it moves to other addresses).
+        let r = &mut self.watched[i];
+        for off in r.take_code(0, len) {
+            self.dirty_code.push(from + off);
+        }
+        self.watched[i].base = to;
+        for p in (from..from.saturating_add(len)).step_by(PAGE_SIZE as usize) {
+            let page = (p / PAGE_SIZE) as usize;
+            if page < self.special.len() {
+                let covered = self.rom_at(p)
+                    || self.mmio.iter().any(|r| p >= r.base && p - r.base < r.len)
+                    || self.watched.iter().any(|r| r.contains(p));
+                self.special[page] = u8::from(covered);
+                self.dirty_code.push(p);
+            }
+        }
+        // Renews the epoch too.
+        self.mark_special(to, len);
+        true
+    }
+
     /// Whether any watched memory is mapped.
     #[inline]
     pub fn has_watched(&self) -> bool {
@@ -936,5 +969,32 @@ mod tests {
         a[12] = 0;
         m.phys.set_shadow(a);
         assert_eq!(m.read_u8(0xf_0000, false).unwrap(), 0x5a, "ROM again");
+    }
+
+    struct NoSink;
+    impl crate::DirtySink for NoSink {
+        fn pages_written(&mut self, _mem: &[u8], _pages: &[usize]) {}
+    }
+
+    #[test]
+    fn watched_memory_follows_its_bar() {
+        let mut m = PhysMem::new(4 << 20).unwrap();
+        let mem = crate::WatchedMem::new(0x2000).unwrap();
+        m.add_watched(0x30_0000, mem, Box::new(NoSink));
+        m.write(0x30_0004, &[0xab]);
+        let e = m.epoch();
+        assert!(!m.move_watched(0x12_3000, 0x10_0000));
+        assert!(m.move_watched(0x30_0000, 0x10_0000));
+        assert_ne!(m.epoch(), e);
+        assert_eq!(
+            rd(&mut m, 0x10_0004),
+            0xab,
+            "the same memory at the new place"
+        );
+        assert_eq!(rd(&mut m, 0x30_0004), 0, "RAM again where it was");
+        assert!(m.ram_page_ptr(0x30_0000).is_some());
+        assert!(m.ram_page_ptr(0x10_0000).is_none());
+        m.write(0x30_0004, &[1]);
+        assert_eq!(rd(&mut m, 0x10_0004), 0xab);
     }
 }
