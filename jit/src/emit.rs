@@ -327,6 +327,58 @@ pub struct TrampolineOffsets {
     pub interp: usize,
 }
 
+/// Byte offset of guest register `r` in `CpuState`.
+const fn off_gpr(r: i32) -> i32 {
+    OFF_GPR + 8 * r
+}
+
+/// Stores the guest state held in host registers into `CpuState`: the eight GPRs and
+/// the arithmetic flags from host EFLAGS (merged into `eflags_raw`). Clobbers r10, r13
+/// and host flags. The one spill sequence of the exit path, the slow path and the
+/// in-block interpreter call.
+fn store_guest(ops: &mut Asm) {
+    dynasm!(ops
+        ; .arch x64
+        ; mov QWORD [r15 + off_gpr(0)], rax
+        ; mov QWORD [r15 + off_gpr(1)], rcx
+        ; mov QWORD [r15 + off_gpr(2)], rdx
+        ; mov QWORD [r15 + off_gpr(3)], rbx
+        ; mov QWORD [r15 + off_gpr(4)], r8
+        ; mov QWORD [r15 + off_gpr(5)], rbp
+        ; mov QWORD [r15 + off_gpr(6)], rsi
+        ; mov QWORD [r15 + off_gpr(7)], rdi
+        ; pushfq
+        ; pop r13
+        ; and r13d, ARITH_FLAGS as i32
+        ; mov r10d, DWORD [r15 + OFF_EFLAGS]
+        ; and r10d, !ARITH_FLAGS as i32
+        ; or r10d, r13d
+        ; mov DWORD [r15 + OFF_EFLAGS], r10d
+    );
+}
+
+/// Loads the guest state into host registers: the arithmetic flags into host EFLAGS
+/// (DF, TF, AC stay 0 on the host) and the eight GPRs. The one reload sequence of the
+/// entry, the return from a slow path or interpreter call, and the leave path.
+fn load_guest(ops: &mut Asm) {
+    dynasm!(ops
+        ; .arch x64
+        ; mov eax, DWORD [r15 + OFF_EFLAGS]
+        ; and eax, ARITH_FLAGS as i32
+        ; or eax, FLAGS_FIXED
+        ; push rax
+        ; popfq
+        ; mov rax, QWORD [r15 + off_gpr(0)]
+        ; mov rcx, QWORD [r15 + off_gpr(1)]
+        ; mov rdx, QWORD [r15 + off_gpr(2)]
+        ; mov rbx, QWORD [r15 + off_gpr(3)]
+        ; mov r8, QWORD [r15 + off_gpr(4)]
+        ; mov rbp, QWORD [r15 + off_gpr(5)]
+        ; mov rsi, QWORD [r15 + off_gpr(6)]
+        ; mov rdi, QWORD [r15 + off_gpr(7)]
+    );
+}
+
 /// Assembles the entry/exit trampoline for base address `base`.
 pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
     let mut ops: VecAssembler<X64Relocation> = VecAssembler::new(base);
@@ -337,7 +389,6 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
     let leave = ops.new_dynamic_label();
     let helper = jit_slow as *const () as usize as i64;
     let interp_helper = jit_interp as *const () as usize as i64;
-    let g = |r: i32| OFF_GPR + 8 * r;
     dynasm!(ops
         ; .arch x64
         ; push rbx
@@ -353,40 +404,19 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         // r14 = block budget + 1 for as long as host code runs (see `emit_block`).
         ; mov r14d, DWORD [r12 + OFF_BUDGET]
         ; lea r14d, [r14 + 1]
-        // Guest arithmetic flags into host EFLAGS (DF, TF, AC stay 0 on the host).
-        ; mov eax, DWORD [r15 + OFF_EFLAGS]
-        ; and eax, ARITH_FLAGS as i32
-        ; or eax, FLAGS_FIXED
-        ; push rax
-        ; popfq
-        ; mov rax, QWORD [r15 + g(0)]
-        ; mov rcx, QWORD [r15 + g(1)]
-        ; mov rdx, QWORD [r15 + g(2)]
-        ; mov rbx, QWORD [r15 + g(3)]
-        ; mov r8, QWORD [r15 + g(4)]
-        ; mov rbp, QWORD [r15 + g(5)]
-        ; mov rsi, QWORD [r15 + g(6)]
-        ; mov rdi, QWORD [r15 + g(7)]
+    );
+    load_guest(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; jmp r13
         ; =>exit
         ; lea r14d, [r14 - 1]
         ; mov DWORD [r12 + OFF_BUDGET], r14d
-        ; mov QWORD [r15 + g(0)], rax
-        ; mov QWORD [r15 + g(1)], rcx
-        ; mov QWORD [r15 + g(2)], rdx
-        ; mov QWORD [r15 + g(3)], rbx
-        ; mov QWORD [r15 + g(4)], r8
-        ; mov QWORD [r15 + g(5)], rbp
-        ; mov QWORD [r15 + g(6)], rsi
-        ; mov QWORD [r15 + g(7)], rdi
+    );
+    store_guest(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; mov DWORD [r15 + OFF_RIP + 4], 0
-        ; pushfq
-        ; pop rax
-        ; and eax, ARITH_FLAGS as i32
-        ; mov ecx, DWORD [r15 + OFF_EFLAGS]
-        ; and ecx, !ARITH_FLAGS as i32
-        ; or ecx, eax
-        ; mov DWORD [r15 + OFF_EFLAGS], ecx
     );
     crate::x87::emit_spill(&mut ops);
     dynasm!(ops
@@ -403,21 +433,10 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         // host flags, EIP stored, `JitCtx::arg` = instructions not retired if this one
         // leaves.
         ; =>slow
-        ; mov QWORD [r15 + g(0)], rax
-        ; mov QWORD [r15 + g(1)], rcx
-        ; mov QWORD [r15 + g(2)], rdx
-        ; mov QWORD [r15 + g(3)], rbx
-        ; mov QWORD [r15 + g(4)], r8
-        ; mov QWORD [r15 + g(5)], rbp
-        ; mov QWORD [r15 + g(6)], rsi
-        ; mov QWORD [r15 + g(7)], rdi
-        ; pushfq
-        ; pop r13
-        ; and r13d, ARITH_FLAGS as i32
-        ; mov r11d, DWORD [r15 + OFF_EFLAGS]
-        ; and r11d, !ARITH_FLAGS as i32
-        ; or r11d, r13d
-        ; mov DWORD [r15 + OFF_EFLAGS], r11d
+    );
+    store_guest(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; mov rdi, r12
         ; mov esi, DWORD [r12 + OFF_ARG]
     );
@@ -431,21 +450,10 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; jmp =>called
         // In-block interpreter call: as the slow path, r11 = the `Instruction`.
         ; =>interp
-        ; mov QWORD [r15 + g(0)], rax
-        ; mov QWORD [r15 + g(1)], rcx
-        ; mov QWORD [r15 + g(2)], rdx
-        ; mov QWORD [r15 + g(3)], rbx
-        ; mov QWORD [r15 + g(4)], r8
-        ; mov QWORD [r15 + g(5)], rbp
-        ; mov QWORD [r15 + g(6)], rsi
-        ; mov QWORD [r15 + g(7)], rdi
-        ; pushfq
-        ; pop r13
-        ; and r13d, ARITH_FLAGS as i32
-        ; mov r10d, DWORD [r15 + OFF_EFLAGS]
-        ; and r10d, !ARITH_FLAGS as i32
-        ; or r10d, r13d
-        ; mov DWORD [r15 + OFF_EFLAGS], r10d
+    );
+    store_guest(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; mov rdi, r12
         ; mov esi, DWORD [r12 + OFF_ARG]
         ; mov rdx, r11
@@ -462,36 +470,15 @@ pub fn trampoline(base: usize) -> (Vec<u8>, TrampolineOffsets) {
         ; jnz =>leave
     );
     crate::x87::emit_reload_after_call(&mut ops, leave);
+    load_guest(&mut ops);
     dynasm!(ops
         ; .arch x64
-        ; mov eax, DWORD [r15 + OFF_EFLAGS]
-        ; and eax, ARITH_FLAGS as i32
-        ; or eax, FLAGS_FIXED
-        ; push rax
-        ; popfq
-        ; mov rax, QWORD [r15 + g(0)]
-        ; mov rcx, QWORD [r15 + g(1)]
-        ; mov rdx, QWORD [r15 + g(2)]
-        ; mov rbx, QWORD [r15 + g(3)]
-        ; mov r8, QWORD [r15 + g(4)]
-        ; mov rbp, QWORD [r15 + g(5)]
-        ; mov rsi, QWORD [r15 + g(6)]
-        ; mov rdi, QWORD [r15 + g(7)]
         ; ret
         ; =>leave
-        ; mov eax, DWORD [r15 + OFF_EFLAGS]
-        ; and eax, ARITH_FLAGS as i32
-        ; or eax, FLAGS_FIXED
-        ; push rax
-        ; popfq
-        ; mov rax, QWORD [r15 + g(0)]
-        ; mov rcx, QWORD [r15 + g(1)]
-        ; mov rdx, QWORD [r15 + g(2)]
-        ; mov rbx, QWORD [r15 + g(3)]
-        ; mov r8, QWORD [r15 + g(4)]
-        ; mov rbp, QWORD [r15 + g(5)]
-        ; mov rsi, QWORD [r15 + g(6)]
-        ; mov rdi, QWORD [r15 + g(7)]
+    );
+    load_guest(&mut ops);
+    dynasm!(ops
+        ; .arch x64
         ; lea rsp, [rsp + 8] // drop the return address; LEA keeps the flags
         ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
         ; jmp =>exit

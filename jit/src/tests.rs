@@ -1451,7 +1451,7 @@ const GOLDEN_FLAG_FREE: &str = r#"block phys 0x10000 mode 120 eip 0x00010000: 5 
            4b0  mov dword ptr [r15+0x80],0x10003
            4bb  mov dword ptr [r12+4],3
            4c7  mov byte ptr [r15+0x3bc],1
-           4cf  call 0x0000000000000109
+           4cf  call 0x000000000000010e
            4d4  jmp 0x000000000000046c
 "#;
 
@@ -1502,7 +1502,7 @@ const GOLDEN: &str = r#"block phys 0x10000 mode 120 eip 0x00010000: 5 guest inst
            49a  mov dword ptr [r15+0x80],0x10003
            4a5  mov dword ptr [r12+4],3
            4b1  mov byte ptr [r15+0x3bc],1
-           4b9  call 0x0000000000000109
+           4b9  call 0x000000000000010e
            4be  mov r9,rax
            4c1  lahf
            4c2  seto al
@@ -1839,7 +1839,7 @@ fn native_rep_stos_movs_match_the_interpreter() {
         .collect();
     let (mut faults, mut long) = (0, 0);
     for case in 0..cases(300) {
-        let (op, size) = ops[r.below(6) as usize];
+        let (op, size) = ops[r.below(6)];
         let std = r.below(8) == 0;
         let mut code = vec![if std { 0xfd } else { 0xfc }];
         code.extend_from_slice(op);
