@@ -109,7 +109,7 @@ impl Cpu {
     /// [`Cpu::fetch_decode`] into `out` (the hot path of the step loop: the 40-byte
     /// instruction is copied once, from the cache entry into the caller's slot, rather
     /// than moved through a `Result`). `out` is unspecified on `Err`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn fetch_into(&mut self, out: &mut Instruction) -> Res<()> {
         if self.mmu.phys.has_dirty_code() {
             self.drain_dirty_code();

@@ -207,10 +207,21 @@ impl CpuState {
     /// CF.
     #[inline]
     pub fn get_cf(&self) -> bool {
-        match self.lazy.op {
+        let l = &self.lazy;
+        match l.op {
             FlagOp::None | FlagOp::Inc | FlagOp::Dec => self.eflags_raw & CF != 0,
             FlagOp::Logic => false,
-            _ => self.lazy.compute(self.eflags_raw) & CF != 0,
+            // As `LazyFlags::compute`, without the other five flags.
+            FlagOp::Add => {
+                let m = size_mask(l.size as u32);
+                let (a, r) = (l.src1 & m, l.res & m);
+                r < a || (l.carry_in && r == a)
+            }
+            FlagOp::Sub => {
+                let m = size_mask(l.size as u32);
+                let (a, b) = (l.src1 & m, l.src2 & m);
+                a < b || (l.carry_in && a == b)
+            }
         }
     }
     /// ZF.
@@ -232,7 +243,18 @@ impl CpuState {
     /// OF.
     #[inline]
     pub fn get_of(&self) -> bool {
-        self.flag(OF)
+        let l = &self.lazy;
+        match l.op {
+            FlagOp::None => self.eflags_raw & OF != 0,
+            FlagOp::Logic => false,
+            // As `LazyFlags::compute`, without the other five flags.
+            FlagOp::Add | FlagOp::Inc => {
+                (l.src1 ^ l.res) & (l.src2 ^ l.res) & sign_bit(l.size as u32) != 0
+            }
+            FlagOp::Sub | FlagOp::Dec => {
+                (l.src1 ^ l.src2) & (l.src1 ^ l.res) & sign_bit(l.size as u32) != 0
+            }
+        }
     }
     /// PF.
     #[inline]
@@ -282,5 +304,66 @@ mod tests {
         s.set_lazy_flags(FlagOp::Add, 1, 0, 0xff, 0, true);
         assert!(s.get_cf() && s.get_zf());
         assert!(s.cond(0x4) && !s.cond(0x5) && s.cond(0x2));
+    }
+
+    /// The single-flag getters agree with the full computation for every operation
+    /// and size over edge-case operands.
+    #[test]
+    fn single_flag_getters_agree_with_compute() {
+        let vals = [
+            0u64,
+            1,
+            0x7f,
+            0x80,
+            0xff,
+            0x7fff,
+            0x8000,
+            0xffff,
+            0x7fff_ffff,
+            0x8000_0000,
+            0xffff_ffff,
+            0x1234_5678_9abc_def0,
+        ];
+        let ops = [
+            FlagOp::Add,
+            FlagOp::Sub,
+            FlagOp::Logic,
+            FlagOp::Inc,
+            FlagOp::Dec,
+        ];
+        let mut s = CpuState::default();
+        for raw_cf in [false, true] {
+            for &op in &ops {
+                for size in [1u32, 2, 4] {
+                    for &a in &vals {
+                        for &b in &vals {
+                            for cin in [false, true] {
+                                let m = size_mask(size);
+                                let res = match op {
+                                    FlagOp::Add | FlagOp::Inc => {
+                                        a.wrapping_add(b).wrapping_add(cin as u64)
+                                    }
+                                    _ => a.wrapping_sub(b).wrapping_sub(cin as u64),
+                                } & m;
+                                s.set_eflags(if raw_cf { CF } else { 0 });
+                                s.lazy = LazyFlags {
+                                    op,
+                                    size: size as u8,
+                                    carry_in: cin,
+                                    res,
+                                    src1: a & m,
+                                    src2: b & m,
+                                };
+                                let f = s.eflags();
+                                assert_eq!(s.get_cf(), f & CF != 0, "{op:?} {size} {a:#x} {b:#x}");
+                                assert_eq!(s.get_of(), f & OF != 0, "{op:?} {size} {a:#x} {b:#x}");
+                                assert_eq!(s.get_zf(), f & ZF != 0);
+                                assert_eq!(s.get_sf(), f & SF != 0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -499,7 +499,7 @@ impl CpuState {
     }
 
     /// Reads a GPR at an operand size of 1 (low byte), 2, 4 or 8 bytes.
-    #[inline]
+    #[inline(always)]
     pub fn reg_sized(&self, r: usize, size: u32) -> u64 {
         match size {
             1 => self.gpr[r] & 0xff,
@@ -509,7 +509,7 @@ impl CpuState {
         }
     }
     /// Writes a GPR at an operand size of 1 (low byte), 2, 4 or 8 bytes.
-    #[inline]
+    #[inline(always)]
     pub fn set_reg_sized(&mut self, r: usize, size: u32, v: u64) {
         match size {
             1 => self.gpr[r] = (self.gpr[r] & !0xff) | (v & 0xff),

@@ -43,6 +43,55 @@ fn gpr_of_slow(r: Register) -> (usize, u32, bool) {
 /// against iced's own `number()`/`size()` for every register.
 static GPR_TABLE: [u16; 256] = build_gpr_table();
 
+/// How to read and write one iced GPR without branching on its size.
+#[derive(Clone, Copy)]
+struct GprAccess {
+    /// Bits of the register within its 64-bit GPR, after shifting down by `shift`
+    /// (0 for registers that are not general-purpose).
+    mask: u64,
+    /// Bits of the 64-bit GPR a write keeps: those outside the register, except that a
+    /// 32-bit write clears bits 32-63 (so 0 for the 32-bit registers).
+    keep: u64,
+    /// GPR index.
+    index: u8,
+    /// 8 for AH..BH, else 0.
+    shift: u8,
+}
+
+/// [`GprAccess`] for every iced `Register` value, derived from [`GPR_TABLE`].
+static GPR_ACCESS: [GprAccess; 256] = build_gpr_access();
+
+const fn build_gpr_access() -> [GprAccess; 256] {
+    let mut t = [GprAccess {
+        mask: 0,
+        keep: 0,
+        index: 0,
+        shift: 0,
+    }; 256];
+    let mut r = 0usize;
+    while r < 256 {
+        let e = GPR_TABLE[r];
+        if e != 0 {
+            let size = (e >> 4) & 0xf;
+            let shift = if e & 0x100 != 0 { 8 } else { 0 };
+            let mask = if size == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (size * 8)) - 1
+            };
+            let keep = if size == 4 { 0 } else { !(mask << shift) };
+            t[r] = GprAccess {
+                mask,
+                keep,
+                index: (e & 0xf) as u8,
+                shift,
+            };
+        }
+        r += 1;
+    }
+    t
+}
+
 const fn build_gpr_table() -> [u16; 256] {
     let mut t = [0u16; 256];
     let mut k = 0usize;
@@ -79,6 +128,18 @@ impl Cpu {
     /// Reads a general-purpose register (zero-extended).
     #[inline(always)]
     pub(crate) fn reg_read(&self, r: Register) -> u64 {
+        let a = &GPR_ACCESS[r as usize];
+        if a.mask != 0 {
+            (self.s.gpr[a.index as usize & 15] >> a.shift) & a.mask
+        } else {
+            self.reg_read_slow(r)
+        }
+    }
+
+    /// [`Cpu::reg_read`] for a register outside [`GPR_ACCESS`].
+    #[cold]
+    #[inline(never)]
+    fn reg_read_slow(&self, r: Register) -> u64 {
         let (n, size, high) = gpr_of(r);
         if high {
             (self.s.gpr[n] >> 8) & 0xff
@@ -90,6 +151,19 @@ impl Cpu {
     /// Writes a general-purpose register at its own size (32-bit writes clear bits 32-63).
     #[inline(always)]
     pub(crate) fn reg_write(&mut self, r: Register, v: u64) {
+        let a = &GPR_ACCESS[r as usize];
+        if a.mask != 0 {
+            let g = &mut self.s.gpr[a.index as usize & 15];
+            *g = (*g & a.keep) | ((v & a.mask) << a.shift);
+        } else {
+            self.reg_write_slow(r, v)
+        }
+    }
+
+    /// [`Cpu::reg_write`] for a register outside [`GPR_ACCESS`].
+    #[cold]
+    #[inline(never)]
+    fn reg_write_slow(&mut self, r: Register, v: u64) {
         let (n, size, high) = gpr_of(r);
         if high {
             self.s.gpr[n] = (self.s.gpr[n] & !0xff00) | ((v & 0xff) << 8);
@@ -243,5 +317,36 @@ mod tests {
         assert_eq!(gpr_of(Register::R15L), (15, 1, false));
         assert_eq!(gpr_of(Register::DI), (7, 2, false));
         assert_eq!(gpr_of(Register::ESP), (4, 4, false));
+    }
+
+    /// The table-driven register reads and writes give what the manuals say: a 32-bit
+    /// write clears bits 32-63, 8- and 16-bit writes keep the other bits, AH..BH are
+    /// bits 8-15; and agree with the size-matching slow path for every GPR.
+    #[test]
+    fn table_register_access_matches_slow_path() {
+        let mut c = Cpu::new(morph86_mmu::Mmu::new(
+            morph86_mmu::PhysMem::new(1 << 20).unwrap(),
+        ));
+        let pattern = 0x8877_6655_4433_2211u64;
+        for r in Register::values().filter(|r| r.is_gpr()) {
+            c.s.gpr = [pattern; 16];
+            assert_eq!(c.reg_read(r), c.reg_read_slow(r), "{r:?}");
+            c.reg_write(r, 0xffff_ffff_ffff_ffff);
+            let fast = c.s.gpr;
+            c.s.gpr = [pattern; 16];
+            c.reg_write_slow(r, 0xffff_ffff_ffff_ffff);
+            assert_eq!(fast, c.s.gpr, "{r:?}");
+        }
+        c.s.gpr[0] = pattern;
+        assert_eq!(c.reg_read(Register::AH), 0x22);
+        c.reg_write(Register::AH, 0x1ff);
+        assert_eq!(c.s.gpr[0], 0x8877_6655_4433_ff11);
+        c.reg_write(Register::AX, 0x1_2345);
+        assert_eq!(c.s.gpr[0], 0x8877_6655_4433_2345);
+        c.reg_write(Register::EAX, 0xdead_beef);
+        assert_eq!(c.s.gpr[0], 0xdead_beef);
+        c.s.gpr[15] = pattern;
+        c.reg_write(Register::R15L, 0);
+        assert_eq!(c.s.gpr[15], 0x8877_6655_4433_2200);
     }
 }
