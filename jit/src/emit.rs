@@ -113,8 +113,14 @@ pub struct JitCtx {
     /// Scratch word of block code (PUSH m32 keeps the loaded value here across the
     /// push's probe).
     pub scratch: u64,
-    /// Native REP STOS/MOVS: page chunks left before the rest goes to the interpreter.
+    /// Native REP STOS/MOVS: iterations left in this execution (pass 2).
     pub rep_left: u32,
+    /// Native REP STOS/MOVS: iterations not yet covered by pass 1's page probes.
+    pub rep_todo: u32,
+    /// Native REP STOS/MOVS: EDI of the page being probed or copied.
+    pub rep_dcur: u32,
+    /// Native REP MOVS: ESI of the page being probed or copied.
+    pub rep_scur: u32,
     /// Native REP MOVS: ECX after the current chunk.
     pub rep_ecx: u32,
     /// Native REP MOVS: ESI after the current chunk.
@@ -145,6 +151,9 @@ impl Default for JitCtx {
             idx_mask: ((TLB_SIZE - 1) << TLB_ENTRY_SHIFT) as u64,
             page_mask: morph86_mmu::tlb::PAGE_MASK,
             rep_left: 0,
+            rep_todo: 0,
+            rep_dcur: 0,
+            rep_scur: 0,
             rep_ecx: 0,
             rep_esi: 0,
             rep_src: 0,
@@ -280,13 +289,16 @@ const OFF_IND: i32 = offset_of!(JitCtx, ind) as i32;
 const OFF_IDX_MASK: i32 = offset_of!(JitCtx, idx_mask) as i32;
 const OFF_PAGE_MASK: i32 = offset_of!(JitCtx, page_mask) as i32;
 const OFF_REP_LEFT: i32 = offset_of!(JitCtx, rep_left) as i32;
+const OFF_REP_TODO: i32 = offset_of!(JitCtx, rep_todo) as i32;
+const OFF_REP_DCUR: i32 = offset_of!(JitCtx, rep_dcur) as i32;
+const OFF_REP_SCUR: i32 = offset_of!(JitCtx, rep_scur) as i32;
 const OFF_REP_ECX: i32 = offset_of!(JitCtx, rep_ecx) as i32;
 const OFF_REP_ESI: i32 = offset_of!(JitCtx, rep_esi) as i32;
 const OFF_REP_SRC: i32 = offset_of!(JitCtx, rep_src) as i32;
-/// Native REP STOS/MOVS runs at most this many page chunks minus one per execution
-/// before handing the rest to the interpreter (which leaves the block if it does not
-/// finish), so a huge count cannot keep the block from its budget and interrupts.
-const REP_PAGES: i32 = 64;
+/// Iterations of one native REP STOS/MOVS execution before it leaves the block with
+/// EIP at the instruction: the interpreter's `REP_CHUNK` (cpu/src/interp/string.rs),
+/// so both engines stop at the same point (lock-step compares them).
+const REP_CHUNK: i32 = 4096;
 /// EFLAGS.DF (bit 10) within the second byte of `eflags_raw`.
 const DF_IN_BYTE1: i8 = 1 << 2;
 const TLB_TAG_FETCH: i32 = TlbEntry::OFFSET_FETCH as i32;
@@ -815,18 +827,24 @@ fn probe_flag_free(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: Dy
 }
 
 /// Native REP STOS/MOVS (see [`Kind::Rep`]); `slow` runs the instruction in the
-/// interpreter, `done` follows it. Per page chunk: probe the destination (and the
-/// source) for the chunk's first element, take as many elements as fit in the rest of
-/// both pages and ECX, and run the host's REP STOS/MOVS on the host addresses; guest
-/// EDI, ESI and ECX are updated after each chunk, so the slow path may take over at
-/// any chunk (finished iterations stay done, as on the CPU). The guest flags go to r9
-/// first (nothing here changes them).
+/// interpreter, `done` follows it. One execution does exactly what one interpreter step
+/// does: min(ECX, [`REP_CHUNK`]) iterations, then, unless ECX is 0, leaves the block
+/// with EIP at the instruction (counted as retired, as the interpreter counts it), so
+/// the lock-step checker sees the same state. A first pass probes every page those
+/// iterations touch (no page-crossing element, every TLB tag fast) and goes to `slow`
+/// before anything changes otherwise; then the pages are done as chunks with the host's
+/// REP STOS/MOVS on the host addresses, guest EDI, ESI and ECX updated after each.
+/// The guest flags go to r9 first (nothing here changes them).
+#[allow(clippy::too_many_arguments)]
 fn emit_rep(
     ops: &mut Asm,
     fs: &mut FlagState,
     movs: bool,
     size: u32,
-    tlb_set: i32,
+    t: &Targets,
+    base: usize,
+    eip: u32,
+    not_retired: u32,
     slow: DynamicLabel,
     done: DynamicLabel,
 ) {
@@ -835,18 +853,83 @@ fn emit_rep(
         fs.saved = true;
     }
     fs.host = false;
+    let tlb_set = t.tlb_set;
     let shift = size.trailing_zeros() as i8;
+    let pre = ops.new_dynamic_label();
+    let planned = ops.new_dynamic_label();
     let top = ops.new_dynamic_label();
+    let chunk_end = ops.new_dynamic_label();
+    // r10d = elements from the address in `cur` (and `cur2`) to the nearer page end.
+    let to_page_end = |ops: &mut Asm, d: i32, s: Option<i32>| {
+        dynasm!(ops
+            ; .arch x64
+            ; mov r10d, DWORD [r12 + d]
+            ; and r10d, 0xfff
+        );
+        if let Some(s) = s {
+            dynasm!(ops
+                ; .arch x64
+                ; mov r11d, DWORD [r12 + s]
+                ; and r11d, 0xfff
+                ; cmp r10d, r11d
+                ; cmovb r10d, r11d
+            );
+        }
+        dynasm!(ops
+            ; .arch x64
+            ; neg r10d
+            ; add r10d, 0x1000
+        );
+        if shift != 0 {
+            dynasm!(ops
+                ; .arch x64
+                ; shr r10d, shift
+                ; jz =>slow
+            );
+        }
+    };
     dynasm!(ops
         ; .arch x64
         ; test BYTE [r15 + OFF_EFLAGS + 1], DF_IN_BYTE1
         ; jnz =>slow
-        ; mov DWORD [r12 + OFF_REP_LEFT], REP_PAGES
-        ; =>top
         ; test ecx, ecx
         ; jz =>done
-        ; sub DWORD [r12 + OFF_REP_LEFT], 1
-        ; jz =>slow
+        ; mov r10d, REP_CHUNK
+        ; cmp ecx, r10d
+        ; cmovb r10d, ecx
+        ; mov DWORD [r12 + OFF_REP_LEFT], r10d
+        ; mov DWORD [r12 + OFF_REP_TODO], r10d
+        ; mov DWORD [r12 + OFF_REP_DCUR], edi
+        ; mov DWORD [r12 + OFF_REP_SCUR], esi
+        // Pass 1: probe each page of the planned iterations.
+        ; =>pre
+        ; mov r13d, DWORD [r12 + OFF_REP_DCUR]
+    );
+    probe(ops, size, true, tlb_set, slow);
+    if movs {
+        dynasm!(ops ; .arch x64 ; mov r13d, DWORD [r12 + OFF_REP_SCUR]);
+        probe(ops, size, false, tlb_set, slow);
+    }
+    to_page_end(
+        ops,
+        OFF_REP_DCUR,
+        if movs { Some(OFF_REP_SCUR) } else { None },
+    );
+    dynasm!(ops
+        ; .arch x64
+        ; sub DWORD [r12 + OFF_REP_TODO], r10d
+        ; jbe =>planned
+        ; shl r10d, shift
+        ; add DWORD [r12 + OFF_REP_DCUR], r10d
+        ; add DWORD [r12 + OFF_REP_SCUR], r10d
+        ; jmp =>pre
+        // Pass 2: the chunks (every probe hits now).
+        ; =>planned
+        ; =>top
+        ; cmp DWORD [r12 + OFF_REP_LEFT], 0
+        ; je =>chunk_end
+        ; mov DWORD [r12 + OFF_REP_DCUR], edi
+        ; mov DWORD [r12 + OFF_REP_SCUR], esi
     );
     if movs {
         dynasm!(ops ; .arch x64 ; mov r13d, esi);
@@ -855,38 +938,16 @@ fn emit_rep(
     }
     dynasm!(ops ; .arch x64 ; mov r13d, edi);
     probe(ops, size, true, tlb_set, slow);
-    // r10d = elements that fit before the nearer page end (0: the first one crosses it,
-    // which only happens for an unaligned WORD or DWORD).
-    dynasm!(ops
-        ; .arch x64
-        ; mov r10d, edi
-        ; and r10d, 0xfff
+    to_page_end(
+        ops,
+        OFF_REP_DCUR,
+        if movs { Some(OFF_REP_SCUR) } else { None },
     );
-    if movs {
-        dynasm!(ops
-            ; .arch x64
-            ; mov r11d, esi
-            ; and r11d, 0xfff
-            ; cmp r10d, r11d
-            ; cmovb r10d, r11d
-        );
-    }
     dynasm!(ops
         ; .arch x64
-        ; neg r10d
-        ; add r10d, 0x1000
-    );
-    if shift != 0 {
-        dynasm!(ops
-            ; .arch x64
-            ; shr r10d, shift
-            ; jz =>slow
-        );
-    }
-    dynasm!(ops
-        ; .arch x64
-        ; cmp r10d, ecx
-        ; cmova r10d, ecx
+        ; cmp r10d, DWORD [r12 + OFF_REP_LEFT]
+        ; cmova r10d, DWORD [r12 + OFF_REP_LEFT]
+        ; sub DWORD [r12 + OFF_REP_LEFT], r10d
         ; mov r11d, ecx
         ; sub r11d, r10d
         ; mov ecx, r10d
@@ -943,6 +1004,22 @@ fn emit_rep(
             ; jmp =>top
         );
     }
+    // A chunk's worth done: finished, or leave at the instruction as the interpreter
+    // does (it counts the unfinished instruction as retired).
+    dynasm!(ops
+        ; .arch x64
+        ; =>chunk_end
+        ; test ecx, ecx
+        ; jz =>done
+        ; sub QWORD [r12 + OFF_ICOUNT], (not_retired - 1) as i32
+    );
+    restore_flags(ops);
+    dynasm!(ops
+        ; .arch x64
+        ; mov DWORD [r15 + OFF_RIP], eip as i32
+        ; mov QWORD [r12 + OFF_EXIT], NO_CHAIN as i32
+    );
+    jmp_abs(ops, base, t.exit);
 }
 
 fn call_abs(ops: &mut Asm, base: usize, to: usize) {
@@ -1199,7 +1276,18 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 let ptr = t.held + (held_k - 1) * std::mem::size_of::<Instruction>();
                 let label = ops.new_dynamic_label();
                 let r = ops.new_dynamic_label();
-                emit_rep(&mut ops, &mut fs, *movs, *size, t.tlb_set, label, r);
+                emit_rep(
+                    &mut ops,
+                    &mut fs,
+                    *movs,
+                    *size,
+                    t,
+                    base,
+                    eip,
+                    not_retired,
+                    label,
+                    r,
+                );
                 slows.push(Slow {
                     label,
                     resume: r,

@@ -1892,6 +1892,56 @@ fn native_rep_stos_movs_match_the_interpreter() {
 }
 
 #[test]
+fn lockstep_accepts_native_rep_stos_movs() {
+    // Each case runs twice (the second time with its pages in the TLB), in lock-step:
+    // the native REP must stop where the interpreter's does (after REP_CHUNK
+    // iterations, or at a fault) with the same state.
+    let ops: [(&[u8], u32); 6] = [
+        (&[0xf3, 0xaa], 1),
+        (&[0x66, 0xf3, 0xab], 2),
+        (&[0xf3, 0xab], 4),
+        (&[0xf3, 0xa4], 1),
+        (&[0x66, 0xf3, 0xa5], 2),
+        (&[0xf3, 0xa5], 4),
+    ];
+    let mut r = Rng(0x6c6f_636b);
+    let mut jit = Jit::new(1 << 20).unwrap();
+    let mut cpu = paged_machine();
+    for case in 0..cases(200) {
+        let (op, size) = ops[r.below(6)];
+        let mut code = vec![if r.below(8) == 0 { 0xfd } else { 0xfc }];
+        code.extend_from_slice(op);
+        code.extend_from_slice(&[0x01, 0xc8, 0xf4]);
+        let mut edi = 0x10_0000 + r.below(0x20000) as u64;
+        let mut esi = 0x18_0000 + r.below(0x20000) as u64;
+        if r.below(4) == 0 {
+            esi = edi.wrapping_add(r.below(16) as u64).wrapping_sub(8);
+        }
+        if r.below(8) == 0 {
+            edi = HOLE - 1 - r.below(0x40) as u64;
+        }
+        let ecx = match r.below(3) {
+            0 => r.below(0x100),
+            1 => r.below(0x3000),
+            _ => 4096 + r.below(0x3000),
+        } as u64;
+        for _ in 0..2 {
+            cpu.mmu.phys.write(CODE, &code);
+            cpu.s.rip = CODE;
+            cpu.s.gpr[1] = ecx;
+            cpu.s.gpr[6] = esi;
+            cpu.s.gpr[7] = edi;
+            cpu.s.gpr[4] = STACK_TOP;
+            cpu.s.halted = false;
+            match jit.run_lockstep(&mut cpu, 1_000_000) {
+                Ok(ev) => assert_eq!(ev, StepEvent::Halted, "case {case}"),
+                Err(d) => panic!("case {case} {op:x?} size {size}: {d}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn warm_rep_stos_and_movs_run_natively() {
     // L: mov edi, DST ; mov ecx, 0x1801 ; rep stosd ; mov esi, DST ; mov edi, DST2 ;
     //    mov ecx, 0x6003 ; rep movsb ; dec ebx ; jnz L ; hlt
