@@ -161,6 +161,7 @@ impl Cpu {
     }
 
     /// Pushes `size` (2 or 4) bytes on the stack, honouring SS.B for the stack-pointer width.
+    #[inline]
     pub fn push(&mut self, size: u32, v: u64) -> Res<()> {
         let sp = self.s.gpr[reg::RSP];
         if self.s.stack32() {
@@ -183,6 +184,7 @@ impl Cpu {
     }
 
     /// Reads `size` bytes at SP + `delta` without moving SP.
+    #[inline]
     pub fn peek_stack(&mut self, delta: u32, size: u32) -> Res<u64> {
         let sp = self.s.gpr[reg::RSP];
         let off = if self.s.stack32() {
@@ -194,6 +196,7 @@ impl Cpu {
     }
 
     /// Adds `delta` to SP or ESP according to SS.B.
+    #[inline]
     pub fn adjust_sp(&mut self, delta: i64) {
         let sp = self.s.gpr[reg::RSP];
         if self.s.stack32() {

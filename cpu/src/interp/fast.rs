@@ -140,6 +140,21 @@ impl Cpu {
                 Ok(())
             }
             C::Call_rel32_32 => self.call_near(i),
+            C::Retnd => {
+                // As exec_branch's RET: target read and checked before ESP moves.
+                let t = match self.peek_stack(0, 4) {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(e)),
+                };
+                let r = self.near_jump(t);
+                if r.is_ok() {
+                    self.adjust_sp(4);
+                }
+                r
+            }
+            C::Shl_rm32_imm8 | C::Shl_rm32_1 | C::Shl_rm32_CL => self.shift(i, Mnemonic::Shl),
+            C::Shr_rm32_imm8 | C::Shr_rm32_1 | C::Shr_rm32_CL => self.shift(i, Mnemonic::Shr),
+            C::Sar_rm32_imm8 | C::Sar_rm32_1 | C::Sar_rm32_CL => self.shift(i, Mnemonic::Sar),
             C::Jmp_rel8_32 | C::Jmp_rel32_32 => self.near_jump(i.near_branch_target()),
             _ => {
                 if i.is_jcc_short_or_near() {
