@@ -374,13 +374,20 @@ impl Drop for Morph86 {
 pub fn checks(text: &str, names: &[&str]) -> Vec<String> {
     names
         .iter()
-        .filter_map(|n| {
-            text.lines()
-                .map(|l| l.trim_end_matches('\r').trim())
-                .find(|l| l.split_whitespace().nth(1) == Some(n) && l.starts_with("CHECK "))
-                .map(str::to_string)
-        })
+        .filter_map(|n| text.lines().find_map(|l| check_line(l, n)))
         .collect()
+}
+
+/// `CHECK name hash` from one serial line, if it is `name`'s CHECK line. The hash is the
+/// 64 hex digits after the name: the kernel may print a message of its own (a watchdog
+/// warning, say) straight after them on the same console line, and that text is not part
+/// of what the workload computed. A 63-digit hash, or a 65th hex digit, is no match.
+pub fn check_line(line: &str, name: &str) -> Option<String> {
+    let rest = line.trim().strip_prefix("CHECK ")?;
+    let rest = rest.strip_prefix(name)?.strip_prefix(' ')?;
+    let b = rest.as_bytes();
+    let hex = b.iter().take_while(|c| c.is_ascii_hexdigit()).count();
+    (hex == 64).then(|| format!("CHECK {name} {}", &rest[..64]))
 }
 
 /// A 64 KiB `-bios` image that prints `text` on COM1 (port 0x3f8) and then halts with

@@ -165,8 +165,11 @@ fn parse_checks(text: &str) -> BTreeMap<String, String> {
         if let Some(p) = l.find("CHECK ") {
             let mut f = l[p + 6..].split_whitespace();
             if let (Some(n), Some(h)) = (f.next(), f.next()) {
-                if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    m.insert(n.to_string(), h.to_ascii_lowercase());
+                // 64 hex digits; the kernel may print a message of its own straight
+                // after them on the same console line (a watchdog warning, say).
+                let hex = h.bytes().take_while(u8::is_ascii_hexdigit).count();
+                if hex == 64 {
+                    m.insert(n.to_string(), h[..64].to_ascii_lowercase());
                 }
             }
         }
@@ -1650,6 +1653,13 @@ mod tests {
         let c = parse_checks("CHECK a 0778fcf18dec9e4c73e4677ce5f33b385f4028cd179682f3c6471f467f6f6538\nCHECK b 1234\n");
         assert_eq!(c.len(), 1);
         assert!(c.contains_key("a"));
+        // A kernel warning glued to the hash on the same console line; 65 digits.
+        let h = "3d76a29fff377d26c5bfe9613a28a6d8ef667942005b65105adad9d7a39a76f3";
+        let c = parse_checks(&format!(
+            "CHECK s {h}[ 3415.194431] watchdog: BUG: soft lockup\nCHECK t {h}0\n"
+        ));
+        assert_eq!(c.get("s").map(String::as_str), Some(h));
+        assert!(!c.contains_key("t"));
     }
 
     #[test]
