@@ -488,10 +488,14 @@ impl Pit {
         }
     }
 
-    /// Clock time (ns) of the next IRQ0 edge, if one is coming.
+    /// Clock time (ns) of the next IRQ0 edge not yet raised, if one is coming: the first
+    /// rise after the last [`Pit::update`] (or port access), which may already be in the
+    /// past. Measured from a fresh clock read instead, an edge that fell between the
+    /// update and this call would be neither raised nor scheduled: a one-shot (mode 0/4,
+    /// Linux's tick without a local APIC) would then never interrupt again until the guest
+    /// touched a port, as happened when the host descheduled the vCPU thread there.
     pub fn next_deadline(&self) -> Option<u64> {
-        let t = self.tick();
-        self.ch[0].next_rise(t).map(Self::ns_of_tick)
+        self.ch[0].next_rise(self.irq_tick).map(Self::ns_of_tick)
     }
 
     /// The OUT level of channel `n` (0-2) now.
@@ -726,6 +730,29 @@ mod tests {
         assert_eq!(r.pit.next_deadline(), Some(ns(7)));
         r.at(7);
         assert_ne!(r.status(0) & STATUS_OUT, 0);
+    }
+
+    #[test]
+    fn a_one_shot_edge_after_the_update_is_still_scheduled() {
+        // Linux's tick without a local APIC: mode 4, a short count written in the
+        // handler. The clock passes the strobe between the poll's update and its
+        // deadline query (the vCPU thread was descheduled there).
+        let mut r = Rig::new();
+        r.at(1000);
+        r.out(0x43, 0b0011_1000); // ch0, lo/hi, mode 4
+        r.out(0x40, 15);
+        r.out(0x40, 0); // loaded at 1001, OUT low at 1016, rises at 1017
+        r.pit.update();
+        r.at(2000);
+        let d = r
+            .pit
+            .next_deadline()
+            .expect("the strobe's edge is still due");
+        assert_eq!(d, ns(1017));
+        assert!(d <= ns(2000), "due at once: the poll must come now");
+        r.pit.update();
+        assert!(r.ic.pending(), "IRQ0 raised by the late poll");
+        assert_eq!(r.pit.next_deadline(), None, "one edge per strobe");
     }
 
     #[test]

@@ -499,7 +499,9 @@ impl Rtc {
 
     /// Clock time (ns) at which the next interrupt could arise, if one is enabled.
     pub fn next_deadline(&self) -> Option<u64> {
-        let now = self.clock.now_ns();
+        // From the last evaluation, not a fresh clock read: a period or second boundary
+        // between the two would otherwise be signalled only one period late.
+        let now = self.last_ns;
         let b = self.reg(REG_B);
         if !self.running() || self.reg(REG_C) & C_IRQF != 0 {
             return None;

@@ -250,6 +250,8 @@ pub struct Uart {
     ext_lines: u8,
     /// Clock time of the last receive-FIFO activity (character timeout base).
     rx_activity: u64,
+    /// Clock time at which the interrupt line was last evaluated.
+    evaluated_ns: u64,
     clock: SharedClock,
     irq: Option<IrqLine>,
     backend: Box<dyn SerialBackend>,
@@ -281,6 +283,7 @@ impl Uart {
             msr_delta: 0,
             ext_lines: MSR_CTS | MSR_DSR | MSR_DCD,
             rx_activity: now,
+            evaluated_ns: now,
             clock,
             irq,
             backend,
@@ -482,6 +485,7 @@ impl Uart {
 
     fn update_irq(&mut self) {
         let now = self.clock.now_ns();
+        self.evaluated_ns = now;
         let pending = self.iir_id(now) != IIR_NONE;
         let gated = self.mcr & MCR_OUT2 != 0 && !self.loopback();
         if let Some(l) = &self.irq {
@@ -503,8 +507,11 @@ impl Uart {
             && self.ier & IER_ERBFI != 0
             && !self.rx.is_empty()
             && self.rx.len() < self.trigger;
+        // Against the time the interrupt was last evaluated, not a fresh clock read: a
+        // timeout falling between the two would otherwise be neither signalled nor
+        // scheduled, and the guest would wait for more input to see these bytes.
         let t = self.rx_activity + self.timeout_ns();
-        (armed && t > self.clock.now_ns()).then_some(t)
+        (armed && t > self.evaluated_ns).then_some(t)
     }
 
     fn read_reg(&mut self, off: u64) -> u8 {
@@ -760,6 +767,22 @@ mod tests {
         r.out(REG_IER, IER_ETBEI);
         r.out(REG_MCR, MCR_OUT2);
         assert!(r.irq());
+    }
+
+    #[test]
+    fn a_character_timeout_after_the_update_is_still_scheduled() {
+        // The clock passes the timeout between the poll's update and its deadline query.
+        let mut r = Rig::new();
+        r.setup();
+        r.out(REG_IER, IER_ERBFI);
+        r.u.input().push(b"x");
+        r.u.update();
+        let due = r.u.next_deadline().expect("timeout armed");
+        r.clock.set(due + 1_000_000);
+        assert_eq!(r.u.next_deadline(), Some(due), "still due, at once");
+        r.u.update();
+        assert!(r.irq(), "character timeout raised by the late poll");
+        assert_eq!(r.u.next_deadline(), None);
     }
 
     #[test]
