@@ -759,6 +759,41 @@ struct Slow {
     held: Option<usize>,
 }
 
+/// The second access of PUSH m32 and CALL m32, after the load: keeps the loaded dword
+/// in the scratch slot and probes the new stack slot [ESP-4] for a write, leaving its
+/// host address in r13. A miss runs the whole instruction in the interpreter, as the
+/// load's does, and resumes at `at.0` (`at` = resume label, EIP, instructions not yet
+/// retired).
+fn probe_push_slot(
+    ops: &mut Asm,
+    t: &Targets,
+    flag_free: bool,
+    slows: &mut Vec<Slow>,
+    at: (DynamicLabel, u32, u32),
+) {
+    dynasm!(ops
+        ; .arch x64
+        ; mov r11d, DWORD [r13]
+        ; mov DWORD [r12 + OFF_SCRATCH], r11d
+        ; lea r13d, [r8 - 4]
+    );
+    let label = ops.new_dynamic_label();
+    if flag_free {
+        probe_flag_free(ops, 4, true, t.tlb_set, label);
+    } else {
+        probe(ops, 4, true, t.tlb_set, label);
+    }
+    let (resume, eip, not_retired) = at;
+    slows.push(Slow {
+        label,
+        resume,
+        eip,
+        not_retired,
+        flag_free,
+        held: None,
+    });
+}
+
 /// The inline TLB probe: r13 = linear address in, host address out; misses go to
 /// `slow`. Clobbers r10, r11 and host flags.
 fn probe(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: DynamicLabel) {
@@ -1193,26 +1228,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 // Loaded; now the push (its slow path, like the load's, runs the whole
                 // instruction in the interpreter and resumes after it).
                 if let Some(r) = resume {
-                    dynasm!(ops
-                        ; .arch x64
-                        ; mov r11d, DWORD [r13]
-                        ; mov DWORD [r12 + OFF_SCRATCH], r11d
-                        ; lea r13d, [r8 - 4]
-                    );
-                    let label = ops.new_dynamic_label();
-                    if flag_free {
-                        probe_flag_free(&mut ops, 4, true, t.tlb_set, label);
-                    } else {
-                        probe(&mut ops, 4, true, t.tlb_set, label);
-                    }
-                    slows.push(Slow {
-                        label,
-                        resume: r,
-                        eip,
-                        not_retired,
-                        flag_free,
-                        held: None,
-                    });
+                    probe_push_slot(&mut ops, t, flag_free, &mut slows, (r, eip, not_retired));
                     dynasm!(ops
                         ; .arch x64
                         ; mov r11d, DWORD [r12 + OFF_SCRATCH]
@@ -1226,26 +1242,7 @@ pub fn emit_block(plan: &BlockPlan, base: usize, stub_ids: &[u64], t: &Targets) 
                 // load's, runs the whole CALL in the interpreter and leaves), then the
                 // terminator jumps to the target in r11d.
                 if let Some(r) = resume {
-                    dynasm!(ops
-                        ; .arch x64
-                        ; mov r11d, DWORD [r13]
-                        ; mov DWORD [r12 + OFF_SCRATCH], r11d
-                        ; lea r13d, [r8 - 4]
-                    );
-                    let label = ops.new_dynamic_label();
-                    if flag_free {
-                        probe_flag_free(&mut ops, 4, true, t.tlb_set, label);
-                    } else {
-                        probe(&mut ops, 4, true, t.tlb_set, label);
-                    }
-                    slows.push(Slow {
-                        label,
-                        resume: r,
-                        eip,
-                        not_retired,
-                        flag_free,
-                        held: None,
-                    });
+                    probe_push_slot(&mut ops, t, flag_free, &mut slows, (r, eip, not_retired));
                     dynasm!(ops
                         ; .arch x64
                         ; mov DWORD [r13], *ret as i32
