@@ -1360,24 +1360,29 @@ fn largest_blocks_fit_and_run() {
     assert!(listing.contains("64 guest instructions"), "{listing}");
 }
 
-/// Golden listing ("expect" test, as v86 does): a change in code generation shows up
-/// here in review. Update `GOLDEN` when the change is intended.
-#[test]
-fn golden_listing() {
-    // inc ecx ; mov esp, eax ; add edx, [DATA] ; cmp ecx, 10 ; jne CODE
+/// The listing of the golden block (inc ecx ; mov esp, eax ; add edx, [DATA] ;
+/// cmp ecx, 10 ; jne CODE) translated with one of the two TLB probes.
+fn golden_block(flag_free_probe: bool) -> String {
     let mut c = vec![0x41, 0x89, 0xc4, 0x03, 0x15];
     c.extend_from_slice(&(DATA as u32).to_le_bytes());
     c.extend_from_slice(&[0x83, 0xf9, 0x0a, 0x75, 0xf2]);
     let mut jit = Jit::new(1 << 20).unwrap();
-    // The LAHF/SETO-saving probe (hosts without BMI2); golden_listing_flag_free has
-    // the other.
-    jit.flag_free_probe = false;
+    jit.flag_free_probe = flag_free_probe;
     let mut cpu = machine();
     cpu.mmu.phys.write(CODE, &c);
     cpu.s.rip = CODE;
     let key = (CODE, mode_bits(&cpu.s).unwrap(), CODE as u32);
     jit.translate(&mut cpu, key, CODE as u32);
-    let got = jit.dump_block(key.0, key.1, key.2).unwrap();
+    jit.dump_block(key.0, key.1, key.2).unwrap()
+}
+
+/// Golden listing ("expect" test, as v86 does): a change in code generation shows up
+/// here in review. Update `GOLDEN` when the change is intended.
+#[test]
+fn golden_listing() {
+    // The LAHF/SETO-saving probe (hosts without BMI2); golden_listing_flag_free has
+    // the other.
+    let got = golden_block(false);
     if got != GOLDEN {
         panic!("listing changed:\n{got}");
     }
@@ -1388,17 +1393,7 @@ fn golden_listing_flag_free() {
     // The block of golden_listing with the probe that leaves EFLAGS alone: no LAHF/SETO
     // before the access, guest ECX parked in r9 around the JRCXZ compare, and the slow
     // path gives ECX back instead of restoring flags. Assembling needs no BMI2.
-    let mut c = vec![0x41, 0x89, 0xc4, 0x03, 0x15];
-    c.extend_from_slice(&(DATA as u32).to_le_bytes());
-    c.extend_from_slice(&[0x83, 0xf9, 0x0a, 0x75, 0xf2]);
-    let mut jit = Jit::new(1 << 20).unwrap();
-    jit.flag_free_probe = true;
-    let mut cpu = machine();
-    cpu.mmu.phys.write(CODE, &c);
-    cpu.s.rip = CODE;
-    let key = (CODE, mode_bits(&cpu.s).unwrap(), CODE as u32);
-    jit.translate(&mut cpu, key, CODE as u32);
-    let got = jit.dump_block(key.0, key.1, key.2).unwrap();
+    let got = golden_block(true);
     if got != GOLDEN_FLAG_FREE {
         panic!("listing changed:\n{got}");
     }
