@@ -13,6 +13,9 @@ if ! bash "$SHARED/guests/make-guests.sh" >/tmp/morph86-guests.log 2>&1; then
   echo "warning: make-guests.sh failed (see /tmp/morph86-guests.log); the Linux tests will skip"
 fi
 
+# Where cargo puts the binaries (CARGO_TARGET_DIR is honoured, as cargo does).
+BIN=${CARGO_TARGET_DIR:-target}/release
+
 echo "== format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -q -- -D warnings
@@ -25,12 +28,12 @@ cargo test --workspace --release -q
 
 echo "== SingleStepTests 80286 real mode"
 # Every failure must be a documented 80286-vs-386 difference; 97.8% is today's floor.
-./target/release/singlestep "$SHARED/conformance/80286/real_mode" --verbose 5 --no-list \
+"$BIN/singlestep" "$SHARED/conformance/80286/real_mode" --verbose 5 --no-list \
   --no-unexplained --min-pass 97.8
 
 echo "== host-CPU differential fuzzer"
-./target/release/hostdiff --count "${HOSTDIFF_COUNT:-100000}" --seed "${HOSTDIFF_SEED:-20261121}"
+"$BIN/hostdiff" --count "${HOSTDIFF_COUNT:-100000}" --seed "${HOSTDIFF_SEED:-20261121}"
 
 echo "== host-CPU differential fuzzer through the JIT (one-instruction blocks)"
-./target/release/hostdiff --engine jit --count "${HOSTDIFF_JIT_COUNT:-100000}" \
+"$BIN/hostdiff" --engine jit --count "${HOSTDIFF_JIT_COUNT:-100000}" \
   --seed "${HOSTDIFF_SEED:-20261121}"
