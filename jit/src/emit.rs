@@ -861,6 +861,18 @@ fn probe_flag_free(ops: &mut Asm, size: u32, write: bool, tlb_set: i32, slow: Dy
     );
 }
 
+/// `lea dst, [base + rcx * size]`: where EDI/ESI stand after a host REP of ECX
+/// elements of `size` bytes (dynasm needs the scale as a literal).
+macro_rules! lea_after_rep {
+    ($ops:ident, $size:expr, $dst:tt, $base:tt) => {
+        match $size {
+            1 => dynasm!($ops ; .arch x64 ; lea $dst, [$base + rcx]),
+            2 => dynasm!($ops ; .arch x64 ; lea $dst, [$base + rcx * 2]),
+            _ => dynasm!($ops ; .arch x64 ; lea $dst, [$base + rcx * 4]),
+        }
+    };
+}
+
 /// Native REP STOS/MOVS (see [`Kind::Rep`]); `slow` runs the instruction in the
 /// interpreter, `done` follows it. One execution does exactly what one interpreter step
 /// does: min(ECX, [`REP_CHUNK`]) iterations, then, unless ECX is 0, leaves the block
@@ -992,21 +1004,13 @@ fn emit_rep(
             ; .arch x64
             ; mov DWORD [r12 + OFF_REP_ECX], r11d
         );
-        match size {
-            1 => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx]),
-            2 => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx * 2]),
-            _ => dynasm!(ops ; .arch x64 ; lea r11d, [rsi + rcx * 4]),
-        }
+        lea_after_rep!(ops, size, r11d, rsi);
         dynasm!(ops
             ; .arch x64
             ; mov DWORD [r12 + OFF_REP_ESI], r11d
             ; mov rsi, QWORD [r12 + OFF_REP_SRC]
         );
-        match size {
-            1 => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx]),
-            2 => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx * 2]),
-            _ => dynasm!(ops ; .arch x64 ; lea r11d, [rdi + rcx * 4]),
-        }
+        lea_after_rep!(ops, size, r11d, rdi);
         dynasm!(ops ; .arch x64 ; mov rdi, r13);
         match size {
             1 => dynasm!(ops ; .arch x64 ; rep movsb),
@@ -1021,11 +1025,7 @@ fn emit_rep(
             ; jmp =>top
         );
     } else {
-        match size {
-            1 => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx]),
-            2 => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx * 2]),
-            _ => dynasm!(ops ; .arch x64 ; lea r10d, [rdi + rcx * 4]),
-        }
+        lea_after_rep!(ops, size, r10d, rdi);
         dynasm!(ops ; .arch x64 ; mov rdi, r13);
         match size {
             1 => dynasm!(ops ; .arch x64 ; rep stosb),

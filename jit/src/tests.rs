@@ -1810,20 +1810,30 @@ fn in_block_interpreter_calls_fault_precisely() {
     assert_eq!(jcpu.s.gpr[4], icpu.s.gpr[4]);
 }
 
+/// REP STOS/MOVS of each element size (instruction bytes, element size).
+const REP_OPS: [(&[u8], u32); 6] = [
+    (&[0xf3, 0xaa], 1),
+    (&[0x66, 0xf3, 0xab], 2),
+    (&[0xf3, 0xab], 4),
+    (&[0xf3, 0xa4], 1),
+    (&[0x66, 0xf3, 0xa5], 2),
+    (&[0xf3, 0xa5], 4),
+];
+
+/// `cld` (or `std`) ; `op` ; `add eax, ecx` ; `hlt`.
+fn rep_case(op: &[u8], std: bool) -> Vec<u8> {
+    let mut code = vec![if std { 0xfd } else { 0xfc }];
+    code.extend_from_slice(op);
+    code.extend_from_slice(&[0x01, 0xc8, 0xf4]);
+    code
+}
+
 #[test]
 fn native_rep_stos_movs_match_the_interpreter() {
     // [cld|std] ; rep stos/movs (B/W/D) ; add eax, ecx ; hlt, from random EDI/ESI/ECX:
     // unaligned elements across page ends, overlapping copies, DF = 1, counts past the
     // per-execution page limit, and runs into the unmapped HOLE page (#PF midway, with
     // the finished iterations kept).
-    let ops: [(&[u8], u32); 6] = [
-        (&[0xf3, 0xaa], 1),
-        (&[0x66, 0xf3, 0xab], 2),
-        (&[0xf3, 0xab], 4),
-        (&[0xf3, 0xa4], 1),
-        (&[0x66, 0xf3, 0xa5], 2),
-        (&[0xf3, 0xa5], 4),
-    ];
     let mut r = Rng(0x7265_7073);
     let mut jit = Jit::new(1 << 20).unwrap();
     let mut jcpu = paged_machine();
@@ -1834,11 +1844,9 @@ fn native_rep_stos_movs_match_the_interpreter() {
         .collect();
     let (mut faults, mut long) = (0, 0);
     for case in 0..cases(300) {
-        let (op, size) = ops[r.below(6)];
+        let (op, size) = REP_OPS[r.below(6)];
         let std = r.below(8) == 0;
-        let mut code = vec![if std { 0xfd } else { 0xfc }];
-        code.extend_from_slice(op);
-        code.extend_from_slice(&[0x01, 0xc8, 0xf4]);
+        let code = rep_case(op, std);
         let near = |r: &mut Rng| region.start + 0x1000 + r.below(0x8000) as u64;
         let (mut edi, mut esi) = (near(&mut r), near(&mut r));
         if r.below(4) == 0 {
@@ -1891,22 +1899,12 @@ fn lockstep_accepts_native_rep_stos_movs() {
     // Each case runs twice (the second time with its pages in the TLB), in lock-step:
     // the native REP must stop where the interpreter's does (after REP_CHUNK
     // iterations, or at a fault) with the same state.
-    let ops: [(&[u8], u32); 6] = [
-        (&[0xf3, 0xaa], 1),
-        (&[0x66, 0xf3, 0xab], 2),
-        (&[0xf3, 0xab], 4),
-        (&[0xf3, 0xa4], 1),
-        (&[0x66, 0xf3, 0xa5], 2),
-        (&[0xf3, 0xa5], 4),
-    ];
     let mut r = Rng(0x6c6f_636b);
     let mut jit = Jit::new(1 << 20).unwrap();
     let mut cpu = paged_machine();
     for case in 0..cases(200) {
-        let (op, size) = ops[r.below(6)];
-        let mut code = vec![if r.below(8) == 0 { 0xfd } else { 0xfc }];
-        code.extend_from_slice(op);
-        code.extend_from_slice(&[0x01, 0xc8, 0xf4]);
+        let (op, size) = REP_OPS[r.below(6)];
+        let code = rep_case(op, r.below(8) == 0);
         let mut edi = 0x10_0000 + r.below(0x20000) as u64;
         let mut esi = 0x18_0000 + r.below(0x20000) as u64;
         if r.below(4) == 0 {
